@@ -1,0 +1,1 @@
+"""The MViT model family. Nothing in this package knows about Ray or FSDP."""
