@@ -1,0 +1,270 @@
+"""Checkpoint import and export between this project's MViT and the layouts people actually have.
+
+Formats understood:
+- ``native``: this project's own names (which are PySlowFast's names with a fused ``attn.qkv``).
+- ``slowfast``: PySlowFast files (``{"model_state": ..., "optimizer_state", "epoch", "cfg"}``), both the
+  fused ``attn.qkv`` and the older separate ``attn.q`` / ``attn.k`` / ``attn.v`` projections.
+- ``pytorchvideo``: ``create_multiscale_vision_transformers`` names (``patch_embed.patch_model``,
+  ``cls_positional_encoding.*``, ``norm_embed``, ``head.proj``).
+- ``torchvision``: ``torchvision.models.video.mvit_v1_b`` / ``mvit_v2_s`` names.
+
+Loading is strict on purpose: every key the model expects must be provided and every provided key
+must be used, with matching shapes, or a ``CheckpointMismatch`` names the offending keys. (PySlowFast
+loads with ``strict=False`` and silently keeps random weights for whatever did not match.) The only
+shape changes applied are the documented ones: position embeddings and relative-position tables are
+resized when the checkpoint was trained at another input size, and 2-D patch kernels of image
+checkpoints gain the temporal axis of length 1 this model uses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.mvit import MViT
+
+StateDict = dict[str, torch.Tensor]
+Format = Literal["native", "slowfast", "pytorchvideo", "torchvision"]
+FORMATS: tuple[str, ...] = ("native", "slowfast", "pytorchvideo", "torchvision")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the model; the message lists every offending key."""
+
+
+# Key correspondences as templates: ``{n}`` stands for a block index, ``{x}`` for one of q/k/v. A
+# template ending in "." maps a key prefix, any other one a whole key. Both directions of the
+# torchvision mapping are generated from this one table.
+_TORCHVISION_NAMES: list[tuple[str, str]] = [
+    ("patch_embed.proj.", "conv_proj."),
+    ("cls_token", "pos_encoding.class_token"),
+    ("pos_embed_spatial", "pos_encoding.spatial_pos"),
+    ("pos_embed_temporal", "pos_encoding.temporal_pos"),
+    ("pos_embed_class", "pos_encoding.class_pos"),
+    ("blocks.{n}.attn.proj.", "blocks.{n}.attn.project.0."),
+    ("blocks.{n}.attn.pool_{x}.", "blocks.{n}.attn.pool_{x}.pool."),
+    ("blocks.{n}.attn.norm_{x}.", "blocks.{n}.attn.pool_{x}.norm_act.0."),
+    ("blocks.{n}.mlp.fc1.", "blocks.{n}.mlp.0."),
+    ("blocks.{n}.mlp.fc2.", "blocks.{n}.mlp.3."),
+    ("blocks.{n}.proj.", "blocks.{n}.project."),
+    ("head.projection.", "head.1."),
+]
+
+# (pattern, replacement) pairs applied in order to each key; the first match wins.
+_Rules = list[tuple[str, str]]
+_PLACEHOLDERS = {"{n}": r"(\d+)", "{x}": "([qkv])"}
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """Turns a (source, target) template pair into a regex rule."""
+    pattern = re.escape(source)
+    for placeholder, group in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape(placeholder), group)
+    replacement, index = target, 0
+    for token in re.findall(r"\{[nx]\}", source):
+        index += 1
+        replacement = replacement.replace(token, f"\\{index}", 1)
+    return "^" + pattern + ("" if source.endswith(".") else "$"), replacement
+
+
+_TORCHVISION_TO_NATIVE: _Rules = [_rule(tv, ours) for ours, tv in _TORCHVISION_NAMES]
+_NATIVE_TO_TORCHVISION: _Rules = [_rule(ours, tv) for ours, tv in _TORCHVISION_NAMES]
+
+_PYTORCHVIDEO_TO_NATIVE: _Rules = [
+    (r"^patch_embed\.patch_model\.", "patch_embed.proj."),
+    (r"^cls_positional_encoding\.", ""),
+    (r"^norm_embed\.", "norm."),
+    (r"^head\.proj\.", "head.projection."),
+]
+
+# torchvision stores these without the leading singleton axes this model (and PySlowFast) use.
+_TORCHVISION_UNBATCHED = {
+    "cls_token": ("pos_encoding.class_token", 2),
+    "pos_embed_class": ("pos_encoding.class_pos", 2),
+    "pos_embed_spatial": ("pos_encoding.spatial_pos", 1),
+    "pos_embed_temporal": ("pos_encoding.temporal_pos", 1),
+}
+
+
+def _rename(state: Mapping[str, torch.Tensor], rules: _Rules) -> StateDict:
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out: StateDict = {}
+    for key, value in state.items():
+        new_key = key
+        for pattern, repl in compiled:
+            if pattern.search(key):
+                new_key = pattern.sub(repl, key)
+                break
+        if new_key in out:
+            raise CheckpointMismatch(f"two checkpoint keys map to {new_key!r} (second one: {key!r})")
+        out[new_key] = value
+    return out
+
+
+def _fuse_separate_qkv(state: StateDict) -> StateDict:
+    """Older PySlowFast / PyTorchVideo checkpoints keep Q, K, V as three Linear layers; we use one."""
+    out = dict(state)
+    pattern = re.compile(r"^(blocks\.\d+\.attn)\.q\.(weight|bias)$")
+    for key in [k for k in state if pattern.match(k)]:
+        prefix, kind = pattern.match(key).groups()  # type: ignore[union-attr]
+        parts = [f"{prefix}.{name}.{kind}" for name in ("q", "k", "v")]
+        missing = [p for p in parts if p not in state]
+        if missing:
+            raise CheckpointMismatch(f"separate q/k/v projection is incomplete: missing {missing}")
+        out[f"{prefix}.qkv.{kind}"] = torch.cat([state[p] for p in parts], dim=0)
+        for p in parts:
+            del out[p]
+    return out
+
+
+def unwrap_checkpoint(obj: object) -> StateDict:
+    """Finds the model weights inside a loaded checkpoint object (PySlowFast wraps them in ``model_state``)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatch(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    for wrapper in ("model_state", "model", "state_dict"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointMismatch("checkpoint contains no tensors")
+    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def detect_format(state: Mapping[str, torch.Tensor]) -> Format:
+    keys = set(state)
+    if "conv_proj.weight" in keys or "pos_encoding.class_token" in keys:
+        return "torchvision"
+    if "patch_embed.patch_model.weight" in keys or any(k.startswith("cls_positional_encoding.") for k in keys):
+        return "pytorchvideo"
+    if "patch_embed.proj.weight" in keys:
+        return "slowfast" if any(re.match(r"^blocks\.\d+\.attn\.q\.", k) for k in keys) else "native"
+    raise CheckpointMismatch(
+        "cannot tell the checkpoint format from its keys (first keys: " + ", ".join(sorted(keys)[:5]) + ")"
+    )
+
+
+def to_native(state: Mapping[str, torch.Tensor], source: Format | Literal["auto"] = "auto") -> StateDict:
+    """Renames (and reshapes) a foreign state dict into this project's layout."""
+    fmt = detect_format(state) if source == "auto" else source
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "torchvision":
+        out = _rename(state, _TORCHVISION_TO_NATIVE)
+        for key, (_, axes) in _TORCHVISION_UNBATCHED.items():
+            if key in out:
+                t = out[key]
+                out[key] = t.reshape((1,) * axes + tuple(t.shape))
+        return out
+    if fmt == "pytorchvideo":
+        return _fuse_separate_qkv(_rename(state, _PYTORCHVIDEO_TO_NATIVE))
+    return _fuse_separate_qkv(dict(state))
+
+
+def to_torchvision(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Exports a native state dict in torchvision's ``MViT`` layout (loadable by ``mvit_v1_b``/``mvit_v2_s``)."""
+    if "pos_embed" in state:
+        raise CheckpointMismatch("torchvision's MViT has no joint position embedding (image models cannot be exported)")
+    out = _rename(state, _NATIVE_TO_TORCHVISION)
+    for tv_key, axes in _TORCHVISION_UNBATCHED.values():
+        if tv_key in out:
+            out[tv_key] = out[tv_key].reshape(tuple(out[tv_key].shape[axes:]))
+    return out
+
+
+def _resize_spatial_pos(pos: torch.Tensor, hw: int) -> torch.Tensor:
+    """(1, h*w, C) -> (1, hw, C) by bicubic interpolation over a square grid."""
+    src, dst = math.isqrt(pos.shape[1]), math.isqrt(hw)
+    if src * src != pos.shape[1] or dst * dst != hw:
+        raise CheckpointMismatch(f"cannot resize a non-square spatial position embedding ({pos.shape[1]} -> {hw})")
+    grid = pos.reshape(1, src, src, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(dst, dst), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, hw, -1).to(pos.dtype)
+
+
+def _resize_1d(table: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Linear interpolation of a table along ``dim``."""
+    moved = table.movedim(dim, -1).float()
+    lead = moved.shape[:-1]
+    out = F.interpolate(moved.reshape(1, -1, moved.shape[-1]), size=length, mode="linear", align_corners=False)
+    return out.reshape(*lead, length).movedim(-1, dim).to(table.dtype)
+
+
+_Resizer = Callable[[torch.Tensor, torch.Size], torch.Tensor]
+
+
+def _resizer_for(key: str) -> _Resizer | None:
+    if key == "pos_embed_spatial":
+        return lambda t, shape: _resize_spatial_pos(t, shape[1])
+    if key == "pos_embed_temporal":
+        return lambda t, shape: _resize_1d(t, shape[1], dim=1)
+    if key == "pos_embed":  # joint (image) embedding: cls slot + square grid
+        return lambda t, shape: torch.cat((t[:, :1], _resize_spatial_pos(t[:, 1:], shape[1] - 1)), dim=1)
+    if re.search(r"\.attn\.rel_pos_[thw]$", key):
+        return lambda t, shape: _resize_1d(t, shape[0], dim=0)
+    return None
+
+
+def adapt_to_model(model: MViT, state: Mapping[str, torch.Tensor], drop_head: bool = False) -> StateDict:
+    """Checks a native state dict against ``model`` and resizes what may be resized.
+
+    ``drop_head=True`` leaves the classifier at its fresh initialisation (fine-tuning on other classes);
+    the checkpoint's head is then ignored by name, never by accident.
+    """
+    expected = model.state_dict()
+    state = dict(state)
+    if drop_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in expected.items() if k.startswith("head.")})
+    if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].ndim == 4:
+        state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].unsqueeze(2)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = []
+    for key in sorted(set(expected) & set(state)):
+        want, have = expected[key].shape, state[key].shape
+        if want == have:
+            continue
+        resize = _resizer_for(key)
+        if resize is not None and len(want) == len(have):
+            state[key] = resize(state[key], want)
+            if state[key].shape == want:
+                continue
+        mis_shaped.append(f"{key}: checkpoint {tuple(have)} vs model {tuple(want)}")
+    if missing or unexpected or mis_shaped:
+        lines = []
+        if missing:
+            lines.append(f"missing ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+        if mis_shaped:
+            lines.append(f"shape mismatch ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
+        raise CheckpointMismatch("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
+    return state
+
+
+def load_weights(
+    model: MViT,
+    source: str | os.PathLike[str] | Mapping[str, object],
+    fmt: Format | Literal["auto"] = "auto",
+    drop_head: bool = False,
+) -> Format:
+    """Loads a checkpoint file (or an already loaded object) into ``model``; returns the detected format.
+
+    Files are read with ``torch.load(weights_only=True)``: a checkpoint can carry tensors and plain
+    containers, never code.
+    """
+    obj = source if isinstance(source, Mapping) else torch.load(source, map_location="cpu", weights_only=True)
+    state = unwrap_checkpoint(obj)
+    detected = detect_format(state) if fmt == "auto" else fmt
+    native = adapt_to_model(model, to_native(state, detected), drop_head=drop_head)
+    model.load_state_dict(native, strict=True)
+    return detected

@@ -1,0 +1,1 @@
+"""Training components: parallelisation, optimisation, checkpointing, evaluation, the loop."""

@@ -1,0 +1,30 @@
+"""configs/model/*.yaml build exactly the presets they are named after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.models.presets import PRESETS, config_from_file, preset_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def test_there_is_one_config_file_per_preset():
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_file_equals_preset(name):
+    assert config_from_file(str(CONFIG_DIR / f"{name}.yaml")) == preset_config(name)
+
+
+def test_preset_reference_with_overrides_and_unknown_keys(tmp_path):
+    good = tmp_path / "k10.yaml"
+    good.write_text("preset: mvit_b_16x4\nnum_classes: 10\n")
+    assert config_from_file(str(good)) == preset_config("mvit_b_16x4", num_classes=10)
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("preset: mvit_b_16x4\nnum_clases: 10\n")
+    with pytest.raises(ValueError, match=r"typo\.yaml.*num_clases"):
+        config_from_file(str(bad))
