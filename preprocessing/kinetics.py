@@ -1,0 +1,151 @@
+"""Kinetics-400/600/700: annotation CSV + video folder -> work items.
+
+CSV columns: `label,youtube_id,time_start,time_end,split[,is_cc]` (the label column is absent from
+some test CSVs: those rows become unlabeled samples with class index -1). The DeepMind archive calls
+the validation CSV `validate.csv`; its split is named "val" here.
+
+Videos are found by file name anywhere below the given folder, so both real layouts work: flat
+`{youtube_id}_{start:06d}_{end:06d}.mp4` (CVDF: train/ val/ test/) and per-class folders. Files may be
+.mp4, .mkv or .webm. A full, uncut download named `{youtube_id}.{ext}` is also accepted and can be
+trimmed to the annotated segment (`trim`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from preprocessing.items import UNLABELED, Discovery, Reject, WorkItem, unique_keys
+from preprocessing.storage import exists, find_files, read_text
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
+_SPLIT_ALIASES = {"validate": "val", "validation": "val"}
+_REQUIRED = ("youtube_id", "time_start", "time_end")
+
+
+@dataclass(frozen=True)
+class KineticsSource:
+    """Where one split's annotations and videos are.
+
+    `classes_from`: a CSV whose sorted unique labels define class indices, or a text file with one
+    label per line in class-index order. Default: `train.csv` beside `csv` if present, else `csv`,
+    so that train and val get the same indices.
+    """
+
+    csv: str
+    videos: str
+    classes_from: str | None = None
+    trim: bool = False
+
+
+@dataclass(frozen=True)
+class Annotation:
+    label: str | None
+    youtube_id: str
+    start: float
+    end: float
+    split: str | None
+
+    @property
+    def clip_id(self) -> str:
+        return f"{self.youtube_id}_{int(self.start):06d}_{int(self.end):06d}"
+
+
+def read_annotations(url: str, storage_options: dict[str, Any] | None = None) -> list[Annotation]:
+    reader = csv.DictReader(io.StringIO(read_text(url, storage_options)))
+    missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{url}: missing column(s) {missing}; expected label,youtube_id,time_start,time_end,split")
+    return [
+        Annotation(
+            label=row.get("label") or None,
+            youtube_id=row["youtube_id"].strip(),
+            start=float(row["time_start"]),
+            end=float(row["time_end"]),
+            split=row.get("split") or None,
+        )
+        for row in reader
+    ]
+
+
+def default_split(annotations: list[Annotation], csv_url: str) -> str:
+    """The CSV's split column if it has one value, else the file name; "validate" -> "val"."""
+    splits = {a.split for a in annotations if a.split}
+    name = splits.pop() if len(splits) == 1 else posixpath.splitext(posixpath.basename(csv_url))[0]
+    return _SPLIT_ALIASES.get(name, name)
+
+
+def load_classes(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    if url.lower().endswith(".csv"):
+        return sorted({a.label for a in read_annotations(url, storage_options) if a.label})
+    return [line.strip() for line in read_text(url, storage_options).splitlines() if line.strip()]
+
+
+def discover(source: KineticsSource, storage_options: dict[str, Any] | None = None) -> Discovery:
+    annotations = read_annotations(source.csv, storage_options)
+    classes_url = source.classes_from or _default_classes_csv(source.csv, storage_options)
+    classes = load_classes(classes_url, storage_options)
+    log.info("kinetics: %d rows in %s, %d classes from %s", len(annotations), source.csv, len(classes), classes_url)
+    class_index = {name: i for i, name in enumerate(classes)}
+    videos = _index_videos(source.videos, storage_options)
+    keys = unique_keys(sorted({a.clip_id for a in annotations}))
+
+    found = Discovery(classes=classes, class_ids=list(classes))
+    seen: set[str] = set()
+    for row in annotations:
+        clip_id = row.clip_id
+        if clip_id in seen:
+            found.rejects.append(Reject(clip_id, "duplicate row: clip already listed in the CSV"))
+            continue
+        seen.add(clip_id)
+        if row.label is not None and row.label not in class_index:
+            found.rejects.append(Reject(clip_id, f"label {row.label!r} is not in the class list ({classes_url})"))
+            continue
+        if clip_id in videos:
+            (url, size), trim = videos[clip_id], False
+        elif row.youtube_id in videos:
+            (url, size), trim = videos[row.youtube_id], source.trim
+        else:
+            found.rejects.append(
+                Reject(clip_id, f"missing: no {clip_id} or {row.youtube_id} video (.mp4/.mkv/.webm) below {source.videos}")
+            )
+            continue
+        found.items.append(
+            WorkItem(
+                key=keys[clip_id],
+                source=url,
+                source_id=row.youtube_id,
+                label=row.label,
+                label_index=class_index[row.label] if row.label is not None else UNLABELED,
+                size=size,
+                segment=(row.start, row.end),
+                trim=trim,
+            )
+        )
+    return found
+
+
+def _default_classes_csv(csv_url: str, storage_options: dict[str, Any] | None) -> str:
+    sibling = posixpath.join(posixpath.dirname(csv_url), "train.csv")
+    return sibling if exists(sibling, storage_options) else csv_url
+
+
+def _index_videos(url: str, storage_options: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
+    """File stem -> (url, size). On duplicates (same clip in two folders) the first path wins."""
+    index: dict[str, tuple[str, int]] = {}
+    duplicates = 0
+    for file_url, relative, size in find_files(url, VIDEO_SUFFIXES, storage_options):
+        stem = posixpath.splitext(posixpath.basename(relative))[0]
+        if stem in index:
+            duplicates += 1
+            continue
+        index[stem] = (file_url, size)
+    if duplicates:
+        log.warning("kinetics: %d video files share a name with another; the first path (sorted) is used", duplicates)
+    return index

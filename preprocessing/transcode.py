@@ -1,0 +1,238 @@
+"""Turn one input file into the bytes stored in a shard: H.264/MP4 for video, JPEG for images.
+
+Video uses PyAV (libav* + libx264 in-process). We measured and chose it because this environment has
+no ffmpeg binary; it also avoids a subprocess per clip and keeps the encoded bytes in memory.
+
+Determinism: identical inputs and settings must give identical bytes, so that reruns and resumed
+runs reproduce shards exactly. For x264 that means a fixed thread count (threads=1: the output of
+x264 depends on its thread count, and "auto" would depend on the machine); the MP4 muxer writes no
+wall-clock time. Each process encodes one clip at a time on one core; parallelism comes from running
+many processes (parallel.py).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any, ClassVar, Iterator, Protocol
+
+import av
+import av.logging
+import PIL
+from PIL import Image
+
+from preprocessing.items import WorkItem
+from preprocessing.storage import open_input
+
+_MAX_FPS = 1000
+# Errors that mean "this input is bad", as opposed to bugs or storage failures, which must surface.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    av.error.FFmpegError,
+    OSError,  # also PIL's UnidentifiedImageError and truncated-file errors
+    SyntaxError,  # PIL raises it for some malformed headers
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+class RejectError(Exception):
+    """The input cannot become a sample; the message is the reason written to rejects.jsonl."""
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    data: bytes
+    meta: dict[str, Any]
+
+
+class Encoder(Protocol):
+    """What the shard writer needs from a modality: a file extension and an encode function."""
+
+    modality: ClassVar[str]
+    extension: ClassVar[str]
+
+    def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+
+def even_scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Output size with the short side = `short_side`, aspect kept, both even (needed by yuv420p)."""
+    scale = short_side / min(width, height)
+    return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
+
+
+@dataclass(frozen=True)
+class VideoEncoder:
+    """H.264 at a fixed short side, source frame rate kept, short GOP for cheap random access.
+
+    The output is constant-frame-rate at the source's average rate: every decoded frame (inside the
+    segment, when trimming) is kept exactly once. Audio is dropped: training reads frames only.
+    """
+
+    modality: ClassVar[str] = "video"
+    extension: ClassVar[str] = "mp4"
+
+    short_side: int = 320
+    gop: int = 16
+    crf: int = 23
+    preset: str = "veryfast"
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "codec": "libx264",
+            "pix_fmt": "yuv420p",
+            "interpolation": "bicubic",
+            "encoder_threads": 1,
+            "audio": "dropped",
+            "av_version": av.__version__,
+        }
+
+    def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample:
+        segment = item.segment if item.trim else None
+        try:
+            with open_input(item.source, storage_options) as src:
+                data, fps, frames, width, height = self.transcode(src, segment)
+        except _DECODE_ERRORS as exc:
+            raise RejectError(f"undecodable video: {type(exc).__name__}: {exc}") from exc
+        meta = {
+            "label": item.label,
+            "source_id": item.source_id,
+            "segment": list(item.segment) if item.segment is not None else None,
+            "fps": float(fps),
+            "frames": frames,
+            "width": width,
+            "height": height,
+            "duration": round(frames / float(fps), 6),
+        }
+        return EncodedSample(data, meta)
+
+    def transcode(
+        self, src: Any, segment: tuple[float, float] | None = None
+    ) -> tuple[bytes, Fraction, int, int, int]:
+        """(mp4 bytes, fps, frames, width, height) for a path or binary file object."""
+        av.logging.set_level(av.logging.FATAL)
+        with av.open(src, mode="r", metadata_errors="ignore") as inp:
+            if not inp.streams.video:
+                raise RejectError("no video stream")
+            stream = inp.streams.video[0]
+            stream.codec_context.thread_count = 1
+            fps = _frame_rate(stream)
+            frames = _decoded_frames(inp, stream, segment)
+            first = next(frames, None)
+            if first is None:
+                where = f" in segment {segment[0]:g}-{segment[1]:g}s" if segment else ""
+                raise RejectError(f"no frames decoded{where}")
+            width, height = even_scaled_size(first.width, first.height, self.short_side)
+            out = io.BytesIO()
+            count = 0
+            with av.open(out, mode="w", format="mp4") as container:
+                ost = container.add_stream("libx264", rate=fps)
+                ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
+                ost.codec_context.time_base = 1 / fps
+                ost.codec_context.gop_size = self.gop
+                ost.codec_context.thread_count = 1
+                ost.options = {"crf": str(self.crf), "preset": self.preset}
+                for frame in _chain(first, frames):
+                    scaled = frame.reformat(width, height, "yuv420p", interpolation="BICUBIC")
+                    scaled.pts, scaled.time_base = count, ost.codec_context.time_base
+                    container.mux(ost.encode(scaled))
+                    count += 1
+                container.mux(ost.encode(None))
+        return out.getvalue(), fps, count, width, height
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
+    rate = stream.average_rate or stream.guessed_rate
+    if rate is None or not 0 < rate <= _MAX_FPS:
+        raise RejectError(f"no usable frame rate ({rate})")
+    return Fraction(rate).limit_denominator(1001)
+
+
+def _decoded_frames(
+    inp: av.container.InputContainer, stream: av.video.stream.VideoStream, segment: tuple[float, float] | None
+) -> Iterator[av.VideoFrame]:
+    """Decoded frames, limited to start <= t < end (seconds from the stream start) if `segment`."""
+    if segment is None:
+        yield from inp.decode(stream)
+        return
+    start, end = segment
+    origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    if start > 0:
+        inp.seek(int((start + origin) / stream.time_base), stream=stream, backward=True)
+    for frame in inp.decode(stream):
+        if frame.time is None:
+            raise RejectError("frames have no timestamps, cannot trim to the segment")
+        t = frame.time - origin
+        if t >= end - 1e-6:
+            return
+        if t >= start - 1e-6:
+            yield frame
+
+
+def _chain(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+    yield first
+    yield from rest
+
+
+@dataclass(frozen=True)
+class ImageEncoder:
+    """RGB JPEG with the longer side bounded; CMYK, grayscale, palette and PNG inputs converted.
+
+    `max_pixels` is checked from the header, before decoding, to refuse decompression bombs.
+    EXIF orientation is not applied, matching how ImageNet is read by torchvision/timm.
+    """
+
+    modality: ClassVar[str] = "image"
+    extension: ClassVar[str] = "jpg"
+
+    max_side: int = 512
+    quality: int = 90
+    max_pixels: int = 89_478_485  # Pillow's own default limit
+
+    def settings(self) -> dict[str, Any]:
+        return {**asdict(self), "resample": "lanczos", "pillow_version": PIL.__version__}
+
+    def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample:
+        try:
+            with open_input(item.source, storage_options) as src:
+                data, width, height = self.reencode(src)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise RejectError(f"decompression-bomb guard (max_pixels={self.max_pixels}): {exc}") from exc
+        except _DECODE_ERRORS as exc:
+            raise RejectError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+        meta = {"label": item.label, "source_id": item.source_id, "width": width, "height": height}
+        return EncodedSample(data, meta)
+
+    def reencode(self, src: Any) -> tuple[bytes, int, int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
+            with Image.open(src) as image:
+                image.load()
+                rgb = _to_rgb(image)
+        if max(rgb.size) > self.max_side:
+            scale = self.max_side / max(rgb.size)
+            size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+            rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        rgb.save(out, format="JPEG", quality=self.quality)
+        return out.getvalue(), rgb.width, rgb.height
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any mode; transparent pixels are composited on white rather than turning black."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit gray -> 8-bit
+    return image.convert("RGB")

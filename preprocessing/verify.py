@@ -1,0 +1,208 @@
+"""Check a shard set against its manifest: totals, sizes, sha256, tar structure, decodable samples.
+
+Each shard is read once, as a stream: the bytes feed the sha256 and Python's tarfile reader at the
+same time, so verifying a remote set costs one download of it and no local copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import av
+from PIL import Image
+
+from preprocessing.manifest import Manifest, check_split, load_manifest, rejects_name
+from preprocessing.storage import Store
+
+_MEDIA = {"video": "mp4", "image": "jpg"}
+_META_FIELDS = {
+    "video": {"label", "source_id", "segment", "fps", "frames", "width", "height", "duration"},
+    "image": {"label", "source_id", "width", "height"},
+}
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    decoded: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_split(
+    url: str, split: str, storage_options: dict[str, Any] | None = None, decode_per_shard: int = 1
+) -> VerifyReport:
+    """All problems found in one split; `decode_per_shard` samples of each shard are decoded."""
+    report = VerifyReport()
+    store = Store(url, dict(storage_options or {}))
+    try:
+        manifest = load_manifest(url, check_split(split), storage_options)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        report.problems.append(f"manifest unreadable: {type(exc).__name__}: {exc}")
+        return report
+    _check_totals(manifest, report)
+    _check_rejects(store, manifest, report)
+    seen_keys: set[str] = set()
+    for shard in manifest.shards:
+        report.shards += 1
+        size = store.size(shard.name)
+        if size is None:
+            report.problems.append(f"{shard.name}: missing")
+            continue
+        if size != shard.bytes:
+            report.problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
+        _check_shard(store, manifest, shard.name, shard.samples, shard.sha256, seen_keys, decode_per_shard, report)
+    return report
+
+
+def _check_totals(m: Manifest, report: VerifyReport) -> None:
+    if m.num_inputs != m.num_samples + m.num_rejected:
+        report.problems.append(f"num_inputs {m.num_inputs} != num_samples {m.num_samples} + num_rejected {m.num_rejected}")
+    if sum(s.samples for s in m.shards) != m.num_samples:
+        report.problems.append("shard sample counts do not add up to num_samples")
+    if sum(s.bytes for s in m.shards) != m.total_bytes:
+        report.problems.append("shard sizes do not add up to total_bytes")
+    expected = [f"{m.split}-{i:06d}.tar" for i in range(len(m.shards))]
+    if [s.name for s in m.shards] != expected:
+        report.problems.append("shard names are not contiguous {split}-000000.tar ...")
+
+
+def _check_rejects(store: Store, m: Manifest, report: VerifyReport) -> None:
+    try:
+        lines = store.read_bytes(rejects_name(m.split)).decode("utf-8").splitlines()
+    except FileNotFoundError:
+        report.problems.append(f"{rejects_name(m.split)}: missing")
+        return
+    if len(lines) != m.num_rejected:
+        report.problems.append(f"{rejects_name(m.split)}: {len(lines)} lines, manifest says {m.num_rejected} rejected")
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+            assert isinstance(entry["source"], str) and isinstance(entry["reason"], str)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            report.problems.append(f"{rejects_name(m.split)}:{number}: not a {{source, reason}} object")
+
+
+def _check_shard(
+    store: Store,
+    m: Manifest,
+    name: str,
+    samples: int,
+    sha256: str,
+    seen_keys: set[str],
+    decode_budget: int,
+    report: VerifyReport,
+) -> None:
+    media = _MEDIA[m.modality]
+    groups: dict[str, dict[str, bytes]] = {}
+    with store.open_read(name) as raw:
+        reader = _HashingReader(raw)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    problem = _member_problem(member)
+                    if problem:
+                        report.problems.append(f"{name}: {problem}")
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    position = list(groups).index(key) if key in groups else len(groups)
+                    parts = groups.setdefault(key, {})
+                    # Media of samples that will not be decoded is skipped, not held in memory.
+                    keep = ext != media or position < decode_budget
+                    parts[ext] = tar.extractfile(member).read() if keep else b""
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            report.problems.append(f"{name}: unreadable tar: {type(exc).__name__}: {exc}")
+        reader.drain()
+    if reader.digest.hexdigest() != sha256:
+        report.problems.append(f"{name}: sha256 {reader.digest.hexdigest()} != manifest {sha256}")
+    if len(groups) != samples:
+        report.problems.append(f"{name}: {len(groups)} samples, manifest says {samples}")
+    for position, (key, parts) in enumerate(groups.items()):
+        report.samples += 1
+        if key in seen_keys:
+            report.problems.append(f"{name}: key {key!r} also in an earlier shard")
+        seen_keys.add(key)
+        problem = _sample_problem(m, parts, media, decode=position < decode_budget)
+        if problem:
+            report.problems.append(f"{name}/{key}: {problem}")
+        elif position < decode_budget:
+            report.decoded += 1
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    if not member.isreg():
+        return f"{member.name!r} is not a regular file"
+    if member.name.startswith("/") or "/" in member.name or ".." in member.name:
+        return f"unsafe member name {member.name!r}"
+    if member.name.count(".") != 1:
+        return f"member {member.name!r} is not {{key}}.{{ext}}"
+    return None
+
+
+def _sample_problem(m: Manifest, parts: dict[str, bytes], media: str, decode: bool) -> str | None:
+    if set(parts) != {media, "cls", "json"}:
+        return f"has {sorted(parts)}, expected {sorted({media, 'cls', 'json'})}"
+    try:
+        label_index = int(parts["cls"].decode("ascii"))
+        meta = json.loads(parts["json"].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"bad cls/json: {exc}"
+    if not -1 <= label_index < len(m.classes):
+        return f"class index {label_index} out of range"
+    if label_index >= 0 and meta.get("label") != m.classes[label_index]:
+        return f"label {meta.get('label')!r} does not match class {label_index} ({m.classes[label_index]!r})"
+    if set(meta) != _META_FIELDS[m.modality]:
+        return f"metadata fields {sorted(meta)} != {sorted(_META_FIELDS[m.modality])}"
+    if not decode:
+        return None
+    try:
+        size, frames = _decode(parts[media], m.modality)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        return f"does not decode: {type(exc).__name__}: {exc}"
+    if size != (meta["width"], meta["height"]):
+        return f"decoded size {size} != metadata {(meta['width'], meta['height'])}"
+    if m.modality == "video" and frames != meta["frames"]:
+        return f"decoded {frames} frames, metadata says {meta['frames']}"
+    return None
+
+
+def _decode(data: bytes, modality: str) -> tuple[tuple[int, int], int]:
+    """((width, height), frame count) of a fully decoded sample."""
+    if modality == "image":
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.size, 1
+    with av.open(io.BytesIO(data)) as container:
+        frames = [(f.width, f.height) for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError("no frames")
+    return frames[0], len(frames)
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, source: IO[bytes]) -> None:
+        super().__init__()
+        self._source = source
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Hash whatever the tar reader did not consume (end-of-archive padding, or garbage)."""
+        while self.read(8 << 20):
+            pass

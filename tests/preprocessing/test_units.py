@@ -1,0 +1,235 @@
+"""Unit tests of the pieces: keys, sizes, planning, tar headers, encoders, storage helpers, manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing.cli import parse_size
+from preprocessing.items import WorkItem, sanitize_key, unique_keys
+from preprocessing.manifest import Manifest, ShardInfo, list_shard_urls, load_manifest
+from preprocessing.shards import ShardingConfig, add_sample, plan_shards, seeded_order
+from preprocessing.storage import Store, redact, storage_options_for
+from preprocessing.synth import SynthKinetics, synth_kinetics
+from preprocessing.transcode import ImageEncoder, RejectError, VideoEncoder, even_scaled_size
+
+
+def _item(i: int, label_index: int = 0, size: int = 1000, segment: tuple[float, float] | None = None) -> WorkItem:
+    return WorkItem(f"k{i:04d}", f"/raw/{i}.mp4", f"id{i}", f"class{label_index}", label_index, size, segment)
+
+
+# ---- keys and sizes --------------------------------------------------------------------------
+
+
+def test_keys_are_webdataset_safe_and_unique() -> None:
+    assert sanitize_key("abc-_DEF123") == "abc-_DEF123"
+    assert sanitize_key("../etc/pass.wd") == "___etc_pass_wd"
+    long_key = sanitize_key("x" * 300)
+    assert len(long_key) == 64 and "." not in long_key
+    keys = unique_keys(["a.b", "a_b", "a/b", "plain"])
+    assert len(set(keys.values())) == 4
+    assert keys["plain"] == "plain"
+    assert all("." not in k and "/" not in k for k in keys.values())
+    # Independent of input order: the same id always gets the same key.
+    assert unique_keys(["a_b", "plain", "a/b", "a.b"]) == keys
+
+
+def test_parse_size() -> None:
+    assert parse_size("1GB") == 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("250k") == 250_000
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("0") is None
+
+
+# ---- planning --------------------------------------------------------------------------------
+
+
+def test_plan_is_seeded_order_independent_and_mixes_classes() -> None:
+    items = [_item(i, label_index=i // 10) for i in range(30)]  # grouped by class on input
+    config = ShardingConfig(seed=7, shard_samples=10)
+    plans = plan_shards(seeded_order(items, 7), "train", config, None)
+    shuffled_input = plans == plan_shards(seeded_order(list(reversed(items)), 7), "train", config, None)
+    assert shuffled_input, "the plan must not depend on listing order"
+    assert [p.name for p in plans] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert all(len({it.label_index for it in p.items}) > 1 for p in plans), "every shard mixes classes"
+    assert sorted(it.key for p in plans for it in p.items) == sorted(it.key for it in items)
+    other_seed = plan_shards(seeded_order(items, 8), "train", config, None)
+    assert [p.items for p in other_seed] != [p.items for p in plans]
+
+
+def test_plan_by_estimated_bytes() -> None:
+    # 10-second clips at an estimated 1000 bytes/second -> 10 kB each; 35 kB target -> 3 per shard.
+    items = [_item(i, segment=(0.0, 10.0)) for i in range(10)]
+    plans = plan_shards(items, "val", ShardingConfig(shard_bytes=35_000), bytes_per_weight=1000.0)
+    assert [len(p.items) for p in plans] == [3, 3, 3, 1]
+    both = plan_shards(items, "val", ShardingConfig(shard_bytes=35_000, shard_samples=2), 1000.0)
+    assert [len(p.items) for p in both] == [2, 2, 2, 2, 2]
+    # An input larger than the target still gets a shard of its own.
+    assert [len(p.items) for p in plan_shards(items[:2], "val", ShardingConfig(shard_bytes=5), 1000.0)] == [1, 1]
+
+
+def test_sharding_config_needs_a_bound() -> None:
+    with pytest.raises(ValueError):
+        ShardingConfig(shard_bytes=None, shard_samples=None)
+
+
+# ---- tar writing -----------------------------------------------------------------------------
+
+
+def test_tar_members_have_fixed_headers_and_safe_names() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        add_sample(tar, "clip_01", "mp4", b"\x00video", 3, {"label": "ä"})
+        with pytest.raises(ValueError):
+            add_sample(tar, "../evil", "mp4", b"", 0, {})
+        with pytest.raises(ValueError):
+            add_sample(tar, "a.b", "mp4", b"", 0, {})
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["clip_01.mp4", "clip_01.cls", "clip_01.json"]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+        assert tar.extractfile("clip_01.cls").read() == b"3"
+        assert json.loads(tar.extractfile("clip_01.json").read()) == {"label": "ä"}
+
+
+# ---- encoders --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("one_clip")
+    synth_kinetics(SynthKinetics(str(root), classes=1, per_class=1, val_per_class=0, seconds=3, fps=10, width=90, height=60))
+    return next((root / "train").iterdir())
+
+
+def test_even_scaled_size() -> None:
+    assert even_scaled_size(640, 360, 320) == (568, 320)
+    assert even_scaled_size(360, 640, 320) == (320, 568)
+    assert even_scaled_size(90, 60, 64) == (96, 64)
+
+
+def test_video_transcode_is_deterministic_with_short_gop(one_clip: Path) -> None:
+    encoder = VideoEncoder(short_side=48, gop=8)
+    first = encoder.transcode(str(one_clip))
+    second = encoder.transcode(str(one_clip))
+    assert first[0] == second[0], "two encodes of the same input must be byte-identical"
+    data, fps, frames, width, height = first
+    assert (fps, frames, width, height) == (10, 30, 72, 48)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        keyframes = [i for i, f in enumerate(container.decode(stream)) if f.key_frame]
+    assert keyframes[0] == 0 and all(b - a <= 8 for a, b in zip(keyframes, keyframes[1:] + [frames]))
+
+
+def test_video_trim_keeps_only_the_segment(one_clip: Path) -> None:
+    data, fps, frames, _, _ = VideoEncoder(short_side=48).transcode(str(one_clip), segment=(1.0, 2.5))
+    assert frames == 15  # frames at t = 1.0, 1.1, ..., 2.4
+    with pytest.raises(RejectError, match="no frames"):
+        VideoEncoder(short_side=48).transcode(str(one_clip), segment=(10.0, 12.0))
+
+
+def test_video_garbage_is_rejected(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 100)
+    with pytest.raises(RejectError, match="undecodable"):
+        VideoEncoder().encode(WorkItem("bad", str(bad), "bad", "x", 0, 1100), {})
+
+
+def _jpeg_bytes(mode: str) -> bytes:
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = (200, 30, 30)
+    pixels[:, 30:] = (20, 40, 220)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK", "L"])
+def test_image_modes_become_rgb_with_right_colours(mode: str) -> None:
+    data, width, height = ImageEncoder().reencode(io.BytesIO(_jpeg_bytes(mode)))
+    image = Image.open(io.BytesIO(data))
+    assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (width, height)) == ("JPEG", "RGB", (60, 40))
+    left, right = np.asarray(image)[20, 10].astype(int), np.asarray(image)[20, 50].astype(int)
+    if mode == "L":
+        assert left[0] == left[1] == left[2]
+    else:  # CMYK must not come back inverted or channel-swapped
+        assert left[0] > 150 > left[2] and right[2] > 150 > right[0]
+
+
+def test_image_png_transparency_and_bounded_side() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (300, 100), (0, 0, 0, 0)).save(buffer, format="PNG")
+    data, width, height = ImageEncoder(max_side=120).reencode(io.BytesIO(buffer.getvalue()))
+    image = Image.open(io.BytesIO(data))
+    assert (width, height) == image.size == (120, 40)
+    assert tuple(np.asarray(image)[20, 60]) == (255, 255, 255)
+
+
+def test_image_decompression_bomb_and_truncation_are_rejected(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.JPEG"
+    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 12 kB file, 100 Mpixel image
+    assert bomb.stat().st_size < 50_000
+    with pytest.raises(RejectError, match="decompression-bomb"):
+        ImageEncoder().encode(WorkItem("bomb", str(bomb), "bomb", "x", 0, 1), {})
+    truncated = tmp_path / "cut.JPEG"
+    truncated.write_bytes(_jpeg_bytes("RGB")[:300])
+    with pytest.raises(RejectError, match="undecodable image"):
+        ImageEncoder().encode(WorkItem("cut", str(truncated), "cut", "x", 0, 1), {})
+
+
+# ---- storage and manifest ----------------------------------------------------------------------
+
+
+def test_storage_options_take_endpoint_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:9000")
+    assert storage_options_for("s3://b/p") == {"endpoint_url": "http://env:9000"}
+    assert storage_options_for("s3://b/p", "http://flag:1") == {"endpoint_url": "http://flag:1"}
+    assert storage_options_for("/local/dir") == {}
+    assert redact("https://user:secret@host/x") == "https://***@host/x"
+
+
+def test_store_writes_atomically_and_leaves_no_temp(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "out"))
+    store.ensure_root()
+    with pytest.raises(RuntimeError):
+        with store.staged_file("a.tar") as f:
+            f.write(b"partial")
+            raise RuntimeError("worker died")
+    assert store.size("a.tar") is None, "a failed write must not publish anything"
+    store.write_bytes("a.tar", b"done")
+    assert store.read_bytes("a.tar") == b"done"
+    assert list((tmp_path / "out" / "_state" / "tmp").iterdir()) == []
+
+
+def test_manifest_round_trip_and_shard_urls(tmp_path: Path) -> None:
+    manifest = Manifest(
+        dataset="kinetics",
+        split="train",
+        modality="video",
+        classes=["a", "b"],
+        num_inputs=3,
+        num_samples=2,
+        num_rejected=1,
+        total_bytes=20,
+        shards=[ShardInfo("train-000000.tar", 2, 20, "ab" * 32)],
+        tool_version="0.1.0",
+        settings={"encoder": {"gop": 16}},
+        class_ids=["a", "b"],
+    )
+    (tmp_path / "train.manifest.json").write_text(manifest.to_json())
+    assert json.loads(manifest.to_json())["format"] == "mvit-shards/1"
+    assert load_manifest(str(tmp_path), "train") == manifest
+    assert list_shard_urls(str(tmp_path), "train") == [f"{tmp_path}/train-000000.tar"]
+    assert list_shard_urls(f"file://{tmp_path}/", "train") == [f"file://{tmp_path}/train-000000.tar"]
+    with pytest.raises(ValueError):
+        load_manifest(str(tmp_path), "../train")
