@@ -1,0 +1,176 @@
+"""MLflow tracking for a training job: one run per job, written by rank 0 only.
+
+The run id is stored in every checkpoint, so a job restarted by Ray (worker loss, ``max_failures``)
+or resubmitted under the same name reopens the same run and its step axis continues. Parameters are
+the flattened resolved config with secrets removed (see ``redact``); nothing that looks like a
+credential, a token or a password inside a URI ever reaches MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+
+REDACTED = "***"
+_SECRET_NAME = re.compile(r"(pass(word|wd)?|secret|token|credential|api[_-]?key|access[_-]?key|private[_-]?key)", re.I)
+_SECRET_ENV = re.compile(r"(PASS|SECRET|TOKEN|CREDENTIAL|KEY)", re.I)
+
+
+@dataclass
+class TrackingConfig:
+    """Where and how the job is tracked. ``tracking_uri`` empty means ``MLFLOW_TRACKING_URI`` from the
+    environment, else a local SQLite file ``sqlite:///<storage>/mlflow.db`` (see ``resolve_uri``)."""
+
+    tracking_uri: str = ""
+    experiment: str = "mvit"
+    run_name: str = ""  # defaults to the job name
+    log_system_metrics: bool = True
+    log_every_steps: int = 10
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_uri(cfg: TrackingConfig, default_dir: str) -> str:
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = Path(default_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def _secret_env_values() -> set[str]:
+    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6}
+
+
+def redact_value(value: Any, secrets: set[str] | None = None) -> Any:
+    """Removes passwords from URIs and any environment secret embedded in a string."""
+    if not isinstance(value, str):
+        return value
+    secrets = _secret_env_values() if secrets is None else secrets
+    out = value
+    if "://" in out:
+        try:
+            parts = urlsplit(out)
+            if parts.password:
+                netloc = parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@")
+                out = urlunsplit(parts._replace(netloc=netloc))
+        except ValueError:
+            pass
+    for secret in secrets:
+        if secret in out:
+            out = out.replace(secret, REDACTED)
+    return out
+
+
+def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a (nested) mapping with secret-named keys blanked and secret values scrubbed."""
+    secrets = _secret_env_values()
+
+    def walk(obj: Any, key: str = "") -> Any:
+        if isinstance(obj, Mapping):
+            return {k: (REDACTED if _SECRET_NAME.search(str(k)) else walk(v, str(k))) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, key) for v in obj]
+        return redact_value(obj, secrets)
+
+    return walk(mapping)
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their JSON text (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(resolved: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_commit(repo_dir: str | None = None) -> str:
+    """The commit the code runs from: git if available, else the RAY job working dir has none."""
+    env_commit = os.environ.get("MVIT_GIT_COMMIT")
+    if env_commit:
+        return env_commit
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir or os.getcwd(), capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """Thin rank-0 wrapper over the MLflow fluent API; on other ranks every call is a no-op."""
+
+    def __init__(self, cfg: TrackingConfig, uri: str, enabled: bool) -> None:
+        self.cfg = cfg
+        self.uri = uri
+        self.enabled = enabled
+        self.run_id: str | None = None
+
+    def start(self, run_name: str, resume_run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+        """Opens the job's run (reopening ``resume_run_id`` after a restart); logs params once."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.cfg.experiment)
+        if resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.cfg.log_system_metrics)
+            log.info("resumed MLflow run %s", resume_run_id)
+        else:
+            run = mlflow.start_run(run_name=run_name, log_system_metrics=self.cfg.log_system_metrics)
+            flat = flatten(redact(params))
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow caps a log_params batch at 100
+                mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.set_tags({**tags, **self.cfg.tags})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_artifact(path, artifact_path=artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_text(text, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status=status)

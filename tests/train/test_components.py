@@ -1,0 +1,82 @@
+"""Optimiser groups, LR schedule, evaluation metrics and secret redaction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.models.mvit import MViT
+from pipeline.tracking import REDACTED, flatten, redact
+from pipeline.train.evaluate import VideoAccumulator, topk_correct
+from pipeline.train.optim import LRSchedule, OptimConfig, WarmupCosine, build_optimizer, param_groups, scaled_lr
+from tests.models.helpers import tiny_config
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_cls():
+    model = MViT(tiny_config(1))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"} <= no_decay_names
+    assert all(n.endswith(".bias") or "norm" in n or n in model.no_weight_decay() for n in no_decay_names)
+    assert "blocks.0.attn.qkv.weight" in decay_names and "blocks.0.attn.pool_k.weight" in decay_names
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+
+def test_lr_scales_with_global_batch_and_follows_warmup_cosine():
+    cfg = OptimConfig(lr=1.6e-3, reference_batch_size=512, min_lr=1.6e-5, warmup_epochs=2)
+    assert scaled_lr(cfg, 64) == pytest.approx(2e-4)
+    curve = WarmupCosine(epochs=10, warmup_epochs=2, min_ratio=0.01)
+    assert curve(1.0) == pytest.approx(0.5)
+    assert curve(2.0) == pytest.approx(1.0)
+    assert curve(6.0) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert curve(10.0) == pytest.approx(0.01)
+    optimizer = build_optimizer(MViT(tiny_config(1)), cfg, 64)
+    schedule = LRSchedule(optimizer, cfg, 64, epochs=10)
+    assert schedule.set(2.0) == pytest.approx(2e-4)
+    assert all(g["lr"] == pytest.approx(2e-4) for g in optimizer.param_groups)
+
+
+def test_optim_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        OptimConfig(label_smoothing=1.0)
+
+
+def test_topk_and_video_level_accuracy_average_views():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]])
+    assert topk_correct(logits, torch.tensor([0, 2, 1]), ks=(1, 2)) == {1: 1, 2: 2}
+
+    acc = VideoAccumulator()
+    # video "a" (label 0): one view wrong, two confidently right -> video-level right
+    acc.add(torch.tensor([[0.0, 1.0], [5.0, 0.0]]), torch.tensor([0, 0]), ["a", "a"])
+    other = VideoAccumulator()
+    other.add(torch.tensor([[4.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]), ["a", "b"])
+    acc.merge(other)  # views of one video split across ranks
+    metrics = acc.metrics()
+    assert metrics["videos"] == 2 and metrics["views"] == 4
+    assert metrics["view_top1"] == pytest.approx(75.0)
+    assert metrics["video_top1"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="different labels"):
+        acc.add(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), ["a"])
+
+
+def test_redaction_removes_secret_keys_uri_passwords_and_planted_env_values(monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "planted-token-83741")
+    config = {
+        "tracking": {"tracking_uri": "postgresql://mlflow:hunter22@db:5432/mlflow"},
+        "storage": {"aws_secret_access_key": "abc", "path": "s3://bucket/x?sig=planted-token-83741"},
+        "name": "run",
+        "list": ["planted-token-83741", 3],
+    }
+    flat = flatten(redact(config))
+    text = repr(flat)
+    assert "hunter22" not in text and "planted-token-83741" not in text and "abc" not in text
+    assert flat["tracking.tracking_uri"] == f"postgresql://mlflow:{REDACTED}@db:5432/mlflow"
+    assert flat["storage.aws_secret_access_key"] == REDACTED
+    assert flat["name"] == "run"
