@@ -1,0 +1,203 @@
+"""Typed configuration of the data-loading service: the ``data:`` section of an experiment YAML.
+
+Every field is a plain value (int, float, str, bool, list), so OmegaConf can merge YAML and
+``data.sampling.num_frames=32`` style overrides onto it. Defaults follow the MViT-B 16x4 Kinetics
+recipe (PySlowFast); ``imagenet_defaults()`` gives the image recipe. Validation runs in
+``DataConfig.validate()`` (called by ``build_datasets``), so a bad value fails before any work starts.
+
+    data:
+      root: s3://bucket/k400-shards        # what `python -m preprocessing kinetics --out` wrote
+      s3_endpoint_url: http://minio:9000   # only for non-AWS stores; credentials come from the env
+      batch_size: 8                        # rows (clips) per batch per train worker
+      sampling: {num_frames: 16, stride: 4, eval_clips: 5, eval_crops: 1}
+      augment: {mode: rrc, rand_augment: true, repeated_aug: 2, mixup_alpha: 0.8, cutmix_alpha: 1.0}
+      decoder: {min_actors: 1, max_actors: 8, num_cpus: 1.0, device: auto}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+KINETICS_MEAN = [0.45, 0.45, 0.45]
+KINETICS_STD = [0.225, 0.225, 0.225]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ShuffleConfig:
+    """Training order. Evaluation always reads the manifest order, one shard per read task.
+
+    ``shards``: permute the shard order every epoch from (seed, epoch).
+    ``interleave``: shards one read task reads round-robin (mixes neighbouring shards).
+    ``buffer``: samples held by a read task's seeded shuffle buffer (0 = off). Memory per read
+    task is about ``buffer`` encoded samples.
+    """
+
+    shards: bool = True
+    interleave: int = 4
+    buffer: int = 16
+
+
+@dataclass
+class SamplingConfig:
+    """Which frames make a clip (video only).
+
+    Training takes one clip of ``num_frames`` frames, ``stride`` frames apart at ``target_fps``
+    (frame-rate aware: a 15 fps video is read at stride * 15 / target_fps source frames), at a random
+    start. Evaluation takes ``eval_clips`` clips uniformly spread over the video, each at
+    ``eval_crops`` spatial positions (1 = centre, 3 = both ends and the centre of the long side).
+    ``short_video``: "clamp" repeats the last frame, "loop" wraps around to the start, when the
+    clip is longer than the video. ``target_fps: 0`` counts the stride in source frames.
+    """
+
+    num_frames: int = 16
+    stride: int = 4
+    target_fps: float = 30.0
+    short_video: str = "clamp"
+    eval_clips: int = 5
+    eval_crops: int = 1
+
+
+@dataclass
+class AugmentConfig:
+    """Spatial augmentation (decoder actors) and batch mixing (training device).
+
+    ``mode``: "jitter" = short side resized to a random size in ``jitter_scales`` (done by the
+    decoder at decode time) then a random ``crop_size`` crop; "rrc" = RandomResizedCrop with
+    ``rrc_scale`` (area fraction) and ``rrc_ratio`` (aspect range). Evaluation resizes the short
+    side to ``eval_short_side`` (at decode time) and takes centre/edge crops of ``crop_size``.
+    ``rand_augment_*``: timm-style RandAugment (m, n, magnitude std, increasing ops), same ops on
+    every frame of a clip. ``random_erasing``: probability of erasing one box (the same box in
+    every frame). ``repeated_aug``: views per decoded training sample (decode once, augment k
+    times; the k views land in the same batch). Mixup/cutmix/label smoothing are applied on the
+    training device by ``pipeline.data.device.mix_batch``; set both alphas to 0 to turn mixing off.
+    """
+
+    crop_size: int = 224
+    mode: str = "rrc"
+    jitter_scales: list[int] = field(default_factory=lambda: [256, 320])
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    flip: bool = True
+    rand_augment: bool = True
+    rand_augment_magnitude: int = 7
+    rand_augment_ops: int = 4
+    rand_augment_mstd: float = 0.5
+    random_erasing: float = 0.25
+    repeated_aug: int = 2
+    eval_short_side: int = 224
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    mean: list[float] = field(default_factory=lambda: list(KINETICS_MEAN))
+    std: list[float] = field(default_factory=lambda: list(KINETICS_STD))
+
+
+@dataclass
+class DecoderPoolConfig:
+    """The Ray actor pool that decodes, samples and augments (``map_batches`` with a callable class).
+
+    ``device``: "auto" decodes on the GPU (``decord.gpu``) when Decord was built with CUDA and the
+    cluster has GPUs, on the CPU otherwise; "cpu" / "gpu" force it. ``num_gpus`` is the GPU share
+    each actor requests on the GPU path (actors share a GPU with the trainer). ``threads`` are
+    Decord's decoding threads per actor. ``tasks_in_flight``: batches queued per actor so it never
+    waits for its next input.
+    """
+
+    min_actors: int = 1
+    max_actors: int = 4
+    num_cpus: float = 1.0
+    device: str = "auto"
+    num_gpus: float = 0.2
+    threads: int = 1
+    tasks_in_flight: int = 2
+
+
+@dataclass
+class DataConfig:
+    """The data-loading service of one experiment.
+
+    ``root``: the shard set (local path, ``file://`` or ``s3://`` URL) holding
+    ``{split}.manifest.json`` and ``{split}-NNNNNN.tar``. ``batch_size`` / ``eval_batch_size``:
+    rows per batch per worker, where a row is one view (a training view, or one clip x crop in
+    evaluation); rounded down to a multiple of the views per sample (at least one sample per batch).
+    ``prefetch_batches``: batches each worker fetches ahead while the model steps.
+    ``read_num_cpus``: CPU share of each shard-reading task.
+    """
+
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    s3_endpoint_url: Optional[str] = None
+    batch_size: int = 8
+    eval_batch_size: int = 40
+    seed: int = 0
+    prefetch_batches: int = 2
+    read_num_cpus: float = 0.25
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    decoder: DecoderPoolConfig = field(default_factory=DecoderPoolConfig)
+
+    def storage_options(self) -> dict:
+        """fsspec options for ``root``: only a non-secret endpoint; credentials stay in the env."""
+        if self.s3_endpoint_url and self.root.startswith(("s3://", "s3a://")):
+            return {"endpoint_url": self.s3_endpoint_url}
+        return {}
+
+    def validate(self) -> DataConfig:
+        """Raise ValueError naming the first bad field; return self."""
+        s, a, d, sh = self.sampling, self.augment, self.decoder, self.shuffle
+        checks = [
+            (bool(self.root), "root", "must name the shard set (local path or URL)"),
+            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.prefetch_batches >= 0, "prefetch_batches", "must be >= 0"),
+            (s.num_frames >= 1 and s.stride >= 1, "sampling.num_frames/stride", "must be >= 1"),
+            (s.target_fps >= 0, "sampling.target_fps", "must be >= 0 (0 = stride in source frames)"),
+            (s.short_video in ("clamp", "loop"), "sampling.short_video", "must be 'clamp' or 'loop'"),
+            (s.eval_clips >= 1, "sampling.eval_clips", "must be >= 1"),
+            (s.eval_crops in (1, 3), "sampling.eval_crops", "must be 1 or 3"),
+            (a.mode in ("jitter", "rrc"), "augment.mode", "must be 'jitter' or 'rrc'"),
+            (len(a.jitter_scales) == 2 and 0 < a.jitter_scales[0] <= a.jitter_scales[1], "augment.jitter_scales",
+             "must be [min, max] with 0 < min <= max"),
+            (len(a.rrc_scale) == 2 and 0 < a.rrc_scale[0] <= a.rrc_scale[1] <= 1, "augment.rrc_scale",
+             "must be [min, max] within (0, 1]"),
+            (len(a.rrc_ratio) == 2 and 0 < a.rrc_ratio[0] <= a.rrc_ratio[1], "augment.rrc_ratio", "must be [min, max] > 0"),
+            (a.crop_size >= 1 and a.eval_short_side >= a.crop_size, "augment.eval_short_side", "must be >= crop_size"),
+            (0 <= a.rand_augment_magnitude <= 10 and a.rand_augment_ops >= 0, "augment.rand_augment_*",
+             "magnitude must be in [0, 10], ops >= 0"),
+            (0 <= a.random_erasing <= 1 and 0 <= a.mix_prob <= 1 and 0 <= a.switch_prob <= 1, "augment probabilities",
+             "must be in [0, 1]"),
+            (a.repeated_aug >= 1, "augment.repeated_aug", "must be >= 1"),
+            (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", "must be >= 0"),
+            (0 <= a.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)"),
+            (len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.mean/std", "must have 3 values, std > 0"),
+            (1 <= d.min_actors <= d.max_actors, "decoder.min_actors/max_actors", "must satisfy 1 <= min <= max"),
+            (d.num_cpus >= 0 and d.num_gpus >= 0 and d.threads >= 0, "decoder resources", "must be >= 0"),
+            (d.device in ("auto", "cpu", "gpu"), "decoder.device", "must be 'auto', 'cpu' or 'gpu'"),
+            (d.tasks_in_flight >= 1, "decoder.tasks_in_flight", "must be >= 1"),
+            (sh.interleave >= 1 and sh.buffer >= 0, "shuffle.interleave/buffer", "interleave >= 1, buffer >= 0"),
+            (self.read_num_cpus >= 0, "read_num_cpus", "must be >= 0"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"data config: {name} {rule}")
+        return self
+
+
+def imagenet_defaults(root: str = "", **overrides: object) -> DataConfig:
+    """The image recipe (MViT-B-16 on ImageNet-1K, timm/DeiT style): RandomResizedCrop 224, flip,
+    RandAugment m9 n2, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, one view per
+    image; evaluation resizes the short side to 256 and takes the centre 224 crop."""
+    augment = AugmentConfig(
+        mode="rrc", rand_augment_magnitude=9, rand_augment_ops=2, repeated_aug=1, eval_short_side=256,
+        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+    )  # fmt: skip
+    cfg = DataConfig(root=root, augment=augment, batch_size=32, eval_batch_size=32)
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg

@@ -1,0 +1,237 @@
+"""The decoder actor: encoded samples in, uint8 views out (``map_batches`` callable class).
+
+Each input row is one sample (or a pad / broken placeholder, see ``plan``); each output row is one
+view: a training view (``augment.repeated_aug`` per sample, decoded once) or an evaluation view
+(``eval_clips`` x ``eval_crops`` per video, decoded once). Video is decoded by Decord, images (JPEG)
+by Pillow; both resize at decode time where that saves work (Decord's scaler for the frame size the
+views need, Pillow's JPEG draft mode for DCT-domain downscaling by 2/4/8).
+
+Decode context: ``decord.gpu(i)`` (NVDEC) when Decord was built with CUDA and Ray gave the actor a
+GPU, ``decord.cpu(0)`` otherwise; chosen per actor at start-up and logged. A sample that fails to
+decode becomes ``views`` rows with status FAILED and the error text, never an exception.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.config import DataConfig, DecoderPoolConfig
+from pipeline.data.plan import BROKEN, FAILED, OK, PAD, stable_hash
+from pipeline.data.sampling import ViewSpec, eval_clips, eval_views, train_clip, train_view
+from pipeline.data.source import sample_meta
+from pipeline.data.transforms import render_view
+
+log = logging.getLogger(__name__)
+
+
+def load_decord() -> Any:
+    """Decord, imported after PyAV: decord's bundled libav otherwise breaks PyAV's libvpx."""
+    import av  # noqa: F401
+    import decord
+
+    return decord
+
+
+def decord_has_cuda() -> bool:
+    """Whether this Decord build has its CUDA (NVDEC) device API compiled in."""
+    from decord._ffi.function import list_global_func_names
+
+    load_decord()
+    return "device_api.gpu" in list_global_func_names()
+
+
+@dataclass(frozen=True)
+class DecodeDevice:
+    kind: str  # "cpu" | "gpu"
+    index: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.index})"
+
+
+def choose_decode_device(requested: str, decord_cuda: bool, gpu_ids: Sequence[Any]) -> DecodeDevice:
+    """The decode context of an actor: GPU when asked or allowed ("auto") and possible, else CPU."""
+    if requested == "cpu":
+        return DecodeDevice("cpu", 0, "decoder.device=cpu")
+    if decord_cuda and gpu_ids:
+        # Ray restricts CUDA_VISIBLE_DEVICES to the actor's GPU, so it is device 0 in this process.
+        return DecodeDevice("gpu", 0, f"Decord has CUDA and Ray assigned GPU {gpu_ids[0]}")
+    why = "Decord was built without CUDA" if not decord_cuda else "no GPU assigned to this actor"
+    if requested == "gpu":
+        raise RuntimeError(f"decoder.device=gpu but {why}")
+    return DecodeDevice("cpu", 0, why)
+
+
+def pool_gpus_per_actor(cfg: DecoderPoolConfig, decord_cuda: bool, cluster_gpus: float) -> float:
+    """GPU share each decoder actor requests from Ray (0 = CPU actors)."""
+    if cfg.device == "cpu":
+        return 0.0
+    if cfg.device == "gpu":
+        if cfg.num_gpus <= 0:
+            raise ValueError("decoder.device=gpu needs decoder.num_gpus > 0")
+        return cfg.num_gpus
+    return cfg.num_gpus if decord_cuda and cluster_gpus > 0 else 0.0
+
+
+def views_per_sample(cfg: DataConfig, modality: str, train: bool) -> int:
+    if train:
+        return cfg.augment.repeated_aug
+    return 1 if modality == "image" else cfg.sampling.eval_clips * cfg.sampling.eval_crops
+
+
+def view_rng(seed: int, epoch: int, key: str, view: int, stream: int = 0) -> np.random.Generator:
+    """A generator of one training view: a function of (seed, epoch, key, view) only. Stream 0 draws
+    the spatial parameters, stream 1 the clip position."""
+    return np.random.default_rng([seed, epoch, view, stable_hash("sample", key), stream])
+
+
+class _ScaledDecodeError(Exception):
+    """Decord returned frames of the wrong shape for a decode-time resize."""
+
+
+class Decoder:
+    """``map_batches`` callable: one batch = one unit (batch) of samples -> views x samples rows."""
+
+    def __init__(self, cfg: DataConfig, modality: str, train: bool) -> None:
+        if not logging.getLogger().handlers:  # a fresh actor process: make the start-up line visible
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        self.cfg, self.modality, self.train = cfg, modality, train
+        self.views = views_per_sample(cfg, modality, train)
+        self.frames = 1 if modality == "image" else cfg.sampling.num_frames
+        torch.set_num_threads(max(1, round(cfg.decoder.num_cpus)))
+        self.device = DecodeDevice("cpu", 0, "images decode with Pillow on the CPU")
+        self._ctx = None
+        if modality == "video":
+            decord = load_decord()
+            import ray
+
+            gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+            self.device = choose_decode_device(cfg.decoder.device, decord_has_cuda(), gpu_ids)
+            self._ctx = decord.gpu(self.device.index) if self.device.kind == "gpu" else decord.cpu(0)
+        log.info("decoder actor: %s %s views on %s (%s)", modality, "train" if train else "eval", self.device,
+                 self.device.reason)  # fmt: skip
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, views, crop = len(batch["kind"]), self.views, self.cfg.augment.crop_size
+        rows = n * views
+        video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
+        status = np.full(rows, OK, np.int8)
+        errors = [""] * rows
+        for i in range(n):
+            kind, key = int(batch["kind"][i]), str(batch["key"][i])
+            block = slice(i * views, (i + 1) * views)
+            if kind == PAD:
+                status[block] = PAD
+                continue
+            if kind == BROKEN:
+                status[block], errors[block] = FAILED, [str(batch["error"][i])] * views
+                continue
+            try:
+                video[block] = self.decode(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
+                                           int(batch["epoch"][i]))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - a bad sample is skipped and counted, never fatal
+                message = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("skipping sample %s: %s", key, message)
+                status[block], errors[block] = FAILED, [message] * views
+                video[block] = 0
+        repeat = lambda column: np.repeat(np.asarray(batch[column]), views)  # noqa: E731
+        return {
+            "video": video,
+            "label": np.where(status == OK, repeat("label"), -1).astype(np.int64),
+            "video_id": repeat("key"),
+            "view": np.tile(np.arange(views, dtype=np.int64), n),
+            "status": status,
+            "pos": repeat("pos"),
+            "unit": repeat("unit"),
+            "epoch": repeat("epoch"),
+            "error": np.asarray(errors, dtype=object),
+        }
+
+    # ---- one sample ---------------------------------------------------------------------------
+
+    def decode(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
+        """(views, 3, T, crop, crop) uint8 for one sample."""
+        if not data:
+            raise ValueError("empty media member")
+        if self.modality == "image":
+            return self._decode_image(data, key, epoch)
+        return self._decode_video(data, meta, key, epoch)
+
+    def _specs(self, width: int, height: int, key: str, epoch: int) -> list[ViewSpec]:
+        aug = self.cfg.augment
+        if not self.train:
+            crops = 1 if self.modality == "image" else self.cfg.sampling.eval_crops
+            return eval_views(width, height, aug, crops)
+        rngs = [view_rng(self.cfg.seed, epoch, key, v) for v in range(self.views)]
+        return [train_view(rng, width, height, aug) for rng in rngs]
+
+    def _decode_video(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
+        decord = load_decord()
+        width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
+        if width <= 0 or height <= 0:
+            raise ValueError("sample metadata has no width/height")
+        specs = self._specs(width, height, key, epoch)
+        scale = max(spec.scale for spec in specs)
+        out_w, out_h = max(2, round(width * scale)), max(2, round(height * scale))
+        resize = (out_w, out_h) != (width, height)
+        try:
+            frames, wanted, plan = self._read_clips(data, specs, key, epoch, (out_w, out_h) if resize else None)
+        except (decord.DECORDError, _ScaledDecodeError):
+            if not resize:
+                raise
+            # Decord 0.6 mis-sizes some small scaled outputs (dmlc/decord#336: 4-channel frames, e.g. at
+            # 72x48); decode at the stored size instead and let render_view resize.
+            frames, wanted, plan = self._read_clips(data, specs, key, epoch, None)
+        fx, fy = frames.shape[2] / width, frames.shape[1] / height
+        aug = self.cfg.augment
+        return np.stack(
+            [render_view(frames[np.searchsorted(wanted, clip)], fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy()
+             for clip, spec in plan]
+        )  # fmt: skip
+
+    def _read_clips(
+        self, data: bytes, specs: list[ViewSpec], key: str, epoch: int, size: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, np.ndarray, list[tuple[np.ndarray, ViewSpec]]]:
+        """Decode every frame the views need in one ``get_batch``: (frames, their indices, (clip, spec)
+        per view). ``size`` = (width, height) to scale to while decoding, None = stored size."""
+        decord = load_decord()
+        width, height = size or (-1, -1)
+        reader = decord.VideoReader(io.BytesIO(data), ctx=self._ctx, width=width, height=height,
+                                    num_threads=self.cfg.decoder.threads)  # fmt: skip
+        count, fps = len(reader), float(reader.get_avg_fps())
+        if count <= 0:
+            raise ValueError("video has no frames")
+        sampling = self.cfg.sampling
+        if self.train:
+            rngs = [view_rng(self.cfg.seed, epoch, key, view, stream=1) for view in range(len(specs))]
+            plan = [(train_clip(rng, count, fps, sampling), spec) for rng, spec in zip(rngs, specs)]
+        else:  # view = clip * crops + crop
+            plan = [(clip, spec) for clip in eval_clips(count, fps, sampling) for spec in specs]
+        wanted = np.unique(np.concatenate([clip for clip, _ in plan]))
+        frames = reader.get_batch(wanted.tolist()).asnumpy()
+        if size is not None and frames.shape[1:] != (size[1], size[0], 3):
+            raise _ScaledDecodeError(f"asked for {size[0]}x{size[1]}x3, got {frames.shape[1:]}")
+        return torch.from_numpy(frames), wanted, plan
+
+    def _decode_image(self, data: bytes, key: str, epoch: int) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            specs = self._specs(width, height, key, epoch)
+            scale = max(spec.scale for spec in specs)
+            if scale < 1.0:  # JPEG draft: decode at 1/2, 1/4 or 1/8 while staying >= the size needed
+                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+            rgb = np.asarray(image.convert("RGB"))
+        frames = torch.from_numpy(rgb.copy()).unsqueeze(0)  # T = 1
+        fx, fy = frames.shape[2] / width, frames.shape[1] / height
+        aug = self.cfg.augment
+        return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy() for spec in specs])

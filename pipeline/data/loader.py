@@ -1,0 +1,198 @@
+"""The worker side: one worker's shard of a dataset as an iterator of torch batches, epoch by epoch.
+
+    loader = ShardLoader.for_train_worker("train", device=device)      # inside the train function
+    for epoch in range(start_epoch, epochs):
+        for batch in loader.epoch(epoch, position=resume_position if epoch == start_epoch else 0):
+            x = normalize(batch["video"], mean, std)     # (B, C, T, H, W) float on the device
+            ...
+            checkpoint_state = loader.state()           # {"epoch": e, "position": p}
+        stats = loader.stats                            # EpochStats: samples, failed, fingerprint, ...
+
+A batch is a dict: ``video`` uint8 (B, 3, T, H, W) (T = 1 for images), ``label`` int64 (B,),
+``video_id`` list[str] (the sample key), ``view`` int64 (B,) (training view index, or clip * crops
++ crop in evaluation), ``mix_seed`` int (seed for ``device.mix_batch``), ``epoch`` and ``step``.
+Pad rows and samples that failed to decode are dropped, so B may be smaller than the configured
+batch size, usually by at most one sample's views. B can be 0 only at an epoch's end when a batch
+holds one sample (e.g. 30-view evaluation) or fewer than 2 x workers samples remain: every rank
+must still take that step (FSDP collectives) and skip the loss for it.
+
+Every worker gets the same number of batches per epoch (``Layout.batches_per_worker``), and the
+loader checks each batch is the unit the plan gives this rank, so a misconfigured split fails
+loudly instead of hanging a collective or silently repeating data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.data import DataIterator
+
+from pipeline.data.plan import FAILED, OK, PAD, Layout, get_cursor, stable_hash
+from pipeline.data.service import CONTEXT_KEY
+
+_MAX_LOGGED_FAILURES = 20
+
+
+@dataclass
+class EpochStats:
+    """What one worker received in one epoch. ``merge`` sums workers; then
+    ``samples + failed == expected`` and an unchanged ``fingerprint`` across epochs show that no sample
+    was lost or repeated (the fingerprint is a sum of per-sample key hashes, order-independent)."""
+
+    epoch: int
+    start: int = 0
+    expected: int = 0  # samples the whole job should see this epoch (after ``start``)
+    batches: int = 0
+    samples: int = 0  # decoded samples delivered
+    views: int = 0  # rows delivered (samples x views)
+    failed: int = 0  # samples skipped because they did not decode (or were missing from a shard)
+    pad_rows: int = 0
+    fingerprint: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
+        keys = ("batches", "samples", "views", "failed", "pad_rows")
+        return {f"{prefix}{k}": float(getattr(self, k)) for k in keys}
+
+    @staticmethod
+    def merge(parts: list[EpochStats]) -> EpochStats:
+        first = parts[0]
+        total = EpochStats(first.epoch, first.start, first.expected)
+        for part in parts:
+            if (part.epoch, part.start) != (first.epoch, first.start):
+                raise ValueError("merging stats of different epochs")
+            for name in ("batches", "samples", "views", "failed", "pad_rows"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.fingerprint = (total.fingerprint + part.fingerprint) % 2**64
+            total.failures += part.failures
+        return total
+
+    @property
+    def complete(self) -> bool:
+        """Every expected sample arrived once (delivered or counted as failed)."""
+        return self.samples + self.failed == self.expected
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ShardLoader:
+    """Iterates one worker's split of a dataset built by ``service.build_dataset``."""
+
+    def __init__(
+        self,
+        iterator: DataIterator,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+        prefetch_batches: int = 2,
+    ) -> None:
+        info = iterator.get_context().get_config(CONTEXT_KEY)
+        if info is None:
+            raise ValueError("this iterator does not come from pipeline.data.service.build_dataset")
+        self._iterator = iterator
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device) if device is not None else None
+        self.prefetch_batches = prefetch_batches
+        self.seed = info["seed"]
+        self.samples, self.per_unit, self.views = info["samples"], info["per_unit"], info["views"]
+        self._cursor = get_cursor(info["cursor"])
+        self.stats = EpochStats(-1)
+        self._layout: Layout | None = None
+        self._done = 0
+
+    @classmethod
+    def for_train_worker(cls, name: str = "train", device: torch.device | str | None = None,
+                         prefetch_batches: int = 2) -> ShardLoader:  # fmt: skip
+        """The loader of dataset ``name`` inside a Ray Train worker (``get_dataset_shard``)."""
+        context = ray.train.get_context()
+        return cls(
+            ray.train.get_dataset_shard(name), rank=context.get_world_rank(), world_size=context.get_world_size(),
+            device=device, prefetch_batches=prefetch_batches,
+        )  # fmt: skip
+
+    @property
+    def rows_per_batch(self) -> int:
+        return self.per_unit * self.views
+
+    def layout(self, position: int = 0) -> Layout:
+        return Layout(self.samples, position, self.world_size, self.per_unit)
+
+    def batches_per_epoch(self, position: int = 0) -> int:
+        """Batches this worker gets in an epoch started at ``position`` (the same on every worker)."""
+        return self.layout(position).batches_per_worker
+
+    def state(self) -> dict[str, int]:
+        """Where the job is once every worker has taken as many batches as this one: store it in the
+        checkpoint and pass it back as ``epoch(e, position)`` to resume."""
+        if self._layout is None:
+            return {"epoch": 0, "position": 0}
+        return {"epoch": self.stats.epoch, "position": self._layout.position_after(self._done)}
+
+    def epoch(self, epoch: int, position: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch`` for this worker, starting at sample ``position`` of the epoch."""
+        layout = self.layout(position)
+        ray.get(self._cursor.request.remote(self.rank, self.world_size, epoch, position))
+        self._layout, self._done = layout, 0
+        self.stats = stats = EpochStats(epoch, position, layout.remaining)
+        batches = self._iterator.iter_batches(
+            batch_size=self.rows_per_batch, batch_format="numpy", prefetch_batches=self.prefetch_batches
+        )
+        for step, rows in enumerate(batches):
+            self._check_unit(rows, epoch, layout, step)
+            batch = self._collect(rows, stats, epoch, step)
+            stats.batches += 1
+            self._done = step + 1
+            yield batch
+        if stats.batches != layout.batches_per_worker:
+            raise RuntimeError(
+                f"rank {self.rank} got {stats.batches} batches in epoch {epoch}, the plan has "
+                f"{layout.batches_per_worker}: was the dataset split into {self.world_size} parts?"
+            )
+
+    def _check_unit(self, rows: dict[str, np.ndarray], epoch: int, layout: Layout, step: int) -> None:
+        expected = step * self.world_size + self.rank
+        units, epochs = np.unique(rows["unit"]), np.unique(rows["epoch"])
+        if len(rows["unit"]) != self.rows_per_batch or units.tolist() != [expected] or epochs.tolist() != [epoch]:
+            raise RuntimeError(
+                f"rank {self.rank}, epoch {epoch}, step {step}: expected the {self.rows_per_batch} rows of unit "
+                f"{expected} of epoch {epoch}, got {len(rows['unit'])} rows of units {units.tolist()} of epochs "
+                f"{epochs.tolist()}. Split the dataset with order preserved "
+                "(TorchTrainer(dataset_config=pipeline.data.ray_train_data_config(cfg))) into world_size parts."
+            )
+
+    def _collect(self, rows: dict[str, np.ndarray], stats: EpochStats, epoch: int, step: int) -> dict[str, Any]:
+        status = rows["status"]
+        keep = status == OK
+        first_view = rows["view"] == 0
+        stats.pad_rows += int((status == PAD).sum())
+        stats.views += int(keep.sum())
+        for key, ok, bad, error in zip(rows["video_id"], keep & first_view, (status == FAILED) & first_view, rows["error"]):
+            if ok or bad:
+                stats.fingerprint = (stats.fingerprint + stable_hash("sample", key)) % 2**64
+            stats.samples += int(ok)
+            stats.failed += int(bad)
+            if bad and len(stats.failures) < _MAX_LOGGED_FAILURES:
+                stats.failures.append((str(key), str(error)))
+        video = rows["video"] if keep.all() else rows["video"][keep]
+        video = torch.from_numpy(np.ascontiguousarray(video) if video.flags.writeable else video.copy())
+        label = torch.from_numpy(rows["label"][keep].astype(np.int64))
+        view = torch.from_numpy(rows["view"][keep].astype(np.int64))
+        if self.device is not None and self.device.type != "cpu":
+            video = video.pin_memory().to(self.device, non_blocking=True)
+            label, view = label.to(self.device, non_blocking=True), view.to(self.device, non_blocking=True)
+        return {
+            "video": video,
+            "label": label,
+            "view": view,
+            "video_id": [str(k) for k in rows["video_id"][keep]],
+            "mix_seed": stable_hash("mix", self.seed, epoch, stats.start, step, self.rank) % 2**63,
+            "epoch": epoch,
+            "step": step,
+        }

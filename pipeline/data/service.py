@@ -1,0 +1,131 @@
+"""Assembling the Ray Datasets that feed training (driver side).
+
+    read (ShardSource: one task per read group, epoch order from the cursor)
+      -> repartition(target_num_rows_per_block=S, strict=True)    one block = one unit (batch)
+      -> map_batches(Decoder, batch_size=S, ActorPoolStrategy(min, max))   decode + sample + augment
+      -> [Ray Train: streaming_split(W, equal=True), order preserved]  unit u -> worker u mod W
+
+``build_datasets(cfg)`` returns ``{"train": ds, "val": ds}`` for ``TorchTrainer(datasets=...)``;
+``ray_train_data_config(cfg)`` is the matching ``ray.train.DataConfig`` (order preserved, so the
+split hands units out round-robin). Inside a worker, ``pipeline.data.loader.ShardLoader`` reads the
+shard Ray Train gives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions
+
+from pipeline.data.config import DataConfig
+from pipeline.data.decode import Decoder, decord_has_cuda, pool_gpus_per_actor, views_per_sample
+from pipeline.data.plan import ShardRef, create_cursor
+from pipeline.data.source import ShardSource
+from preprocessing.manifest import load_manifest, shard_urls
+
+log = logging.getLogger(__name__)
+
+CONTEXT_KEY = "mvit_data"
+"""DataContext config entry a dataset carries to the workers: cursor name, batch geometry, sizes."""
+
+_EXTENSIONS = {"video": "mp4", "image": "jpg"}
+
+
+def build_datasets(cfg: DataConfig, val: bool = True) -> dict[str, ray.data.Dataset]:
+    """``{"train": ..., "val": ...}`` (val only when ``val``) for ``TorchTrainer(datasets=...)``."""
+    datasets = {"train": build_dataset(cfg, cfg.train_split, train=True)}
+    if val:
+        datasets["val"] = build_dataset(cfg, cfg.val_split, train=False)
+    return datasets
+
+
+def ray_train_data_config(cfg: DataConfig) -> ray.train.DataConfig:
+    """``TorchTrainer(dataset_config=...)``: split every dataset with its order preserved.
+
+    Ray Train replaces each dataset's execution options with these, so preserve_order must be here.
+    """
+    del cfg  # the same options serve every configuration today
+    return ray.train.DataConfig(datasets_to_split="all", execution_options=ingest_options(), enable_shard_locality=False)
+
+
+def ingest_options() -> ExecutionOptions:
+    options = ExecutionOptions()
+    options.preserve_order = True
+    options.resource_limits = DataContext.get_current().execution_options.resource_limits
+    return options
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool) -> ray.data.Dataset:
+    """The Dataset of one split: training views (train=True) or evaluation views."""
+    cfg.validate()
+    storage = cfg.storage_options()
+    manifest = load_manifest(cfg.root, split, storage)
+    if manifest.modality not in _EXTENSIONS:
+        raise ValueError(f"{split}: unsupported modality {manifest.modality!r}")
+    if manifest.num_samples == 0:
+        raise ValueError(f"{split}: the manifest at {cfg.root} lists no samples")
+    shards = [ShardRef(url, info.samples) for url, info in zip(shard_urls(cfg.root, manifest), manifest.shards)]
+    views = views_per_sample(cfg, manifest.modality, train)
+    batch_rows = cfg.batch_size if train else cfg.eval_batch_size
+    per_unit = max(1, batch_rows // views)
+    cursor = f"{split}-{uuid.uuid4().hex[:12]}"
+    create_cursor(cursor)
+    source = ShardSource(
+        shards,
+        extension=_EXTENSIONS[manifest.modality],
+        storage_options=storage,
+        seed=cfg.seed,
+        per_unit=per_unit,
+        permute=train and cfg.shuffle.shards,
+        interleave=cfg.shuffle.interleave if train else 1,
+        buffer=cfg.shuffle.buffer if train else 0,
+        cursor=cursor,
+        total_bytes=manifest.total_bytes,
+    )
+    gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0))
+    log.info(
+        "%s: %d samples in %d shards, %d views/sample, %d samples (%d rows) per batch, decoder actors %d..%d on %s",
+        split, manifest.num_samples, len(shards), views, per_unit, per_unit * views, cfg.decoder.min_actors,
+        cfg.decoder.max_actors, f"GPU ({gpus} each)" if gpus else "CPU",
+    )  # fmt: skip
+    ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus)
+    ds = ds.repartition(target_num_rows_per_block=per_unit, strict=True)
+    ds = ds.map_batches(
+        Decoder,
+        fn_constructor_kwargs={"cfg": cfg, "modality": manifest.modality, "train": train},
+        batch_size=per_unit,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(
+            min_size=cfg.decoder.min_actors, max_size=cfg.decoder.max_actors,
+            max_tasks_in_flight_per_actor=cfg.decoder.tasks_in_flight,
+        ),
+        num_cpus=cfg.decoder.num_cpus,
+        num_gpus=gpus,
+    )  # fmt: skip
+    frames = 1 if manifest.modality == "image" else cfg.sampling.num_frames
+    batch_bytes = per_unit * views * 3 * frames * cfg.augment.crop_size**2
+    context = ds.context
+    context.execution_options.preserve_order = True
+    # A batch must stay one block: the split hands out whole blocks, one unit per worker in turn.
+    context.target_max_block_size = max(context.target_max_block_size or 0, 2 * batch_bytes + (1 << 20))
+    context.set_config(CONTEXT_KEY, dataset_info(manifest.num_samples, per_unit, views, cursor, manifest.modality, train, cfg.seed))
+    return ds
+
+
+def dataset_info(
+    samples: int, per_unit: int, views: int, cursor: str, modality: str, train: bool, seed: int
+) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "samples": samples,
+        "per_unit": per_unit,
+        "views": views,
+        "cursor": cursor,
+        "modality": modality,
+        "train": train,
+    }

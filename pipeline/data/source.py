@@ -1,0 +1,223 @@
+"""Reading a split's shards into Ray Data: a ``Datasource`` whose read plan follows the epoch plan.
+
+One read task per read group (``plan.ReadGroup``). A task opens its shards through fsspec (local
+paths, ``file://``, ``s3://`` with an endpoint override), iterates each tar with webdataset's
+``tar_file_iterator`` + ``group_by_keys``, interleaves the shards round-robin through a seeded
+shuffle buffer, and emits one row per sample: the encoded bytes, label and metadata, its epoch
+position and unit, plus the pad rows of the units it completes (see ``plan``).
+
+The manifest is the truth about what a shard holds. A shard that breaks off (damaged tar, dropped
+connection) or holds fewer samples than recorded yields BROKEN rows for the missing samples
+(counted as failed by the worker, never a crash); samples beyond the recorded count are ignored
+with a warning. A shard that cannot be opened at all fails the read: a wrong URL, endpoint or
+credentials must stop the job, not turn into an epoch of skipped samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline.data.plan import BROKEN, PAD, SAMPLE, Layout, ReadGroup, ShardRef, get_cursor, make_plan, stable_hash
+
+log = logging.getLogger(__name__)
+
+READ_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("data", pa.binary()),
+        ("label", pa.int64()),
+        ("meta", pa.string()),
+        ("kind", pa.int8()),
+        ("pos", pa.int64()),
+        ("unit", pa.int64()),
+        ("epoch", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+_READ_BLOCK_BYTES = 8 << 20
+
+
+class ShardSource(Datasource):
+    """The shards of one split, read in the order of the epoch the cursor names."""
+
+    def __init__(
+        self,
+        shards: list[ShardRef],
+        *,
+        extension: str,
+        storage_options: dict[str, Any],
+        seed: int,
+        per_unit: int,
+        permute: bool,
+        interleave: int,
+        buffer: int,
+        cursor: str,
+        total_bytes: int,
+    ) -> None:
+        super().__init__()
+        self.shards = shards
+        self.extension = extension
+        self.storage_options = dict(storage_options)
+        self.seed = seed
+        self.per_unit = per_unit
+        self.permute = permute
+        self.interleave = interleave
+        self.buffer = buffer
+        self.cursor = cursor
+        self.total_bytes = total_bytes
+
+    def get_name(self) -> str:
+        return "MViTShards"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return self.total_bytes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
+        epoch, position, world_size = ray.get(get_cursor(self.cursor).current.remote())
+        plan = make_plan(
+            self.shards, seed=self.seed, epoch=epoch, start=position, world_size=world_size, per_unit=self.per_unit,
+            permute=self.permute, interleave=self.interleave,
+        )  # fmt: skip
+        mean_bytes = self.total_bytes / max(1, plan.layout.total)
+        tasks = []
+        for group in plan.groups:
+            rows = plan.layout.group_rows(group)
+            meta = BlockMetadata(
+                num_rows=rows, size_bytes=int(rows * mean_bytes), input_files=[s.url for s in group.shards], exec_stats=None
+            )
+            reader = GroupReader(group, plan.layout, epoch, self)
+            tasks.append(ReadTask(reader, meta, schema=READ_SCHEMA, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+class GroupReader:
+    """The body of one read task (a picklable callable)."""
+
+    def __init__(self, group: ReadGroup, layout: Layout, epoch: int, source: ShardSource) -> None:
+        self.group, self.layout, self.epoch = group, layout, epoch
+        self.extension = source.extension
+        self.storage_options = source.storage_options
+        self.buffer = source.buffer
+        self.seed = source.seed
+
+    def __call__(self) -> Iterator[pa.Table]:
+        rows: list[dict[str, Any]] = []
+        size = 0
+        for offset, sample in enumerate(self._samples()):
+            index = self.group.first + offset - self.layout.start
+            if index < 0:  # consumed before the resume position: read past, never decoded
+                continue
+            rows.append({**sample, "pos": self.group.first + offset, "unit": self.layout.unit_of(index)})
+            size += len(sample["data"])
+            for unit, count in self.layout.pads_after(index):
+                rows.extend(_pad_row(unit) for _ in range(count))
+            if size >= _READ_BLOCK_BYTES:
+                yield self._table(rows)
+                rows, size = [], 0
+        if rows:
+            yield self._table(rows)
+
+    def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        for row in rows:
+            row["epoch"] = self.epoch
+        return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        """The group's samples in their epoch order: shards round-robin through a seeded buffer."""
+        rng = random.Random(stable_hash("buffer", self.seed, self.epoch, self.group.first))
+        streams = [_exactly(shard, self.extension, self.storage_options) for shard in self.group.shards]
+        held: list[dict[str, Any]] = []
+        while streams:
+            for stream in list(streams):
+                sample = next(stream, None)
+                if sample is None:
+                    streams.remove(stream)
+                    continue
+                held.append(sample)
+                if len(held) > self.buffer:
+                    yield _take(held, rng)
+        while held:
+            yield _take(held, rng)
+
+
+def _take(held: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
+    i = rng.randrange(len(held))
+    held[i], held[-1] = held[-1], held[i]
+    return held.pop()
+
+
+def _pad_row(unit: int) -> dict[str, Any]:
+    return {"key": "", "data": b"", "label": -1, "meta": "", "kind": PAD, "pos": -1, "unit": unit, "error": ""}
+
+
+def _broken(key: str, error: str) -> dict[str, Any]:
+    return {"key": key, "data": b"", "label": -1, "meta": "", "kind": BROKEN, "error": error[:300]}
+
+
+def _exactly(shard: ShardRef, extension: str, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The shard's samples cut or completed (with BROKEN rows) to the manifest's count."""
+    count, errors = 0, []
+    for sample in _shard_samples(shard, extension, storage_options, errors):
+        if count == shard.samples:
+            log.warning("%s holds more samples than its manifest entry (%d); ignoring the rest", shard.url, shard.samples)
+            return
+        count += 1
+        yield sample
+    why = f"reading the shard stopped: {errors[0]}" if errors else "the shard holds fewer samples than its manifest entry"
+    for missing in range(count, shard.samples):
+        yield _broken(f"{shard.url.rsplit('/', 1)[-1]}#{missing}", f"sample missing: {why}")
+
+
+def _shard_samples(
+    shard: ShardRef, extension: str, storage_options: dict[str, Any], errors: list[str]
+) -> Iterator[dict[str, Any]]:
+    """Rows for the samples of one tar, in tar order; stops at the first read error (in ``errors``).
+
+    A shard that cannot be opened at all (missing object, no access, wrong endpoint) raises: that is
+    a configuration or storage outage, which must stop the job rather than read as an empty epoch.
+    """
+    fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
+    stream = fs.open(path, "rb", block_size=_READ_BLOCK_BYTES)
+    try:
+        files = ({**entry, "__url__": shard.url} for entry in tar_file_iterator(stream))
+        for sample in group_by_keys(files):
+            yield _sample_row(sample, extension)
+    except Exception as exc:  # noqa: BLE001 - a damaged or cut-off shard ends here; its samples are counted
+        errors.append(f"{type(exc).__name__}: {exc}")
+        log.warning("reading %s stopped: %s", shard.url, errors[-1])
+    finally:
+        stream.close()
+
+
+def _sample_row(sample: dict[str, Any], extension: str) -> dict[str, Any]:
+    key = sample["__key__"]
+    data, cls = sample.get(extension), sample.get("cls")
+    if data is None or cls is None:
+        missing = [name for name, value in ((extension, data), ("cls", cls)) if value is None]
+        return _broken(key, f"sample has no .{' / .'.join(missing)} member")
+    try:
+        label = int(cls.decode("ascii").strip())
+    except ValueError:
+        return _broken(key, f"unreadable .cls member {cls[:20]!r}")
+    meta = sample.get("json", b"{}").decode("utf-8", errors="replace")
+    return {"key": key, "data": data, "label": label, "meta": meta, "kind": SAMPLE, "error": ""}
+
+
+def sample_meta(text: str) -> dict[str, Any]:
+    """The ``.json`` metadata of a row ({} when absent or unreadable)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

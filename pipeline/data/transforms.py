@@ -1,0 +1,96 @@
+"""Turning decoded frames and a ``ViewSpec`` into one uint8 view: crop, resize, flip, RandAugment,
+random erasing. Frames are (T, H, W, 3) uint8 tensors (an image is T = 1); the result is
+(3, T, crop, crop) uint8. Every op sees all T frames at once with the same parameters, so a clip
+stays temporally consistent. The ops are torchvision's functional ones on uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.data.sampling import RandAugmentOp, ViewSpec
+
+_FILL = [128.0, 128.0, 128.0]  # timm's fill for geometric ops
+
+
+def render_view(
+    frames: torch.Tensor, fx: float, fy: float, view: ViewSpec, crop: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
+    """``frames`` were decoded at (fx, fy) times the native size; ``view.box`` is in native pixels."""
+    height, width = frames.shape[1], frames.shape[2]
+    x, y, w, h = view.box.scaled(fx, fy)
+    x, y = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
+    w, h = min(w, width - x), min(h, height - y)
+    clip = frames[:, y : y + h, x : x + w, :].permute(0, 3, 1, 2)  # T, C, h, w
+    if (h, w) != (crop, crop):
+        clip = F.resize(clip, [crop, crop], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if view.flip:
+        clip = clip.flip(-1)
+    for op in view.ops:
+        clip = apply_rand_augment(clip, op)
+    if view.erase is not None:
+        clip = erase(clip, view.erase.x, view.erase.y, view.erase.w, view.erase.h, view.erase.seed, mean, std)
+    return clip.permute(1, 0, 2, 3).contiguous()
+
+
+def apply_rand_augment(clip: torch.Tensor, op: RandAugmentOp) -> torch.Tensor:
+    """One timm RandAugment op ("increasing" variants) on a (T, C, H, W) uint8 clip."""
+    level = op.magnitude / 10.0
+    name = op.name
+    if name == "AutoContrast":
+        return F.autocontrast(clip)
+    if name == "Equalize":
+        return F.equalize(clip)
+    if name == "Invert":
+        return F.invert(clip)
+    if name == "Rotate":
+        return F.rotate(clip, op.sign * 30.0 * level, interpolation=InterpolationMode.BILINEAR, fill=_FILL)
+    if name == "PosterizeIncreasing":
+        return F.posterize(clip, 4 - int(level * 4))
+    if name == "SolarizeIncreasing":
+        threshold = 256 - int(level * 256)
+        return F.solarize(clip, threshold) if threshold < 256 else clip
+    if name == "SolarizeAdd":
+        added = (clip.to(torch.int16) + int(level * 110)).clamp_(max=255).to(torch.uint8)
+        return torch.where(clip < 128, added, clip)
+    factor = 1.0 + op.sign * level * 0.9
+    if name == "ColorIncreasing":
+        return F.adjust_saturation(clip, factor)
+    if name == "ContrastIncreasing":
+        return F.adjust_contrast(clip, factor)
+    if name == "BrightnessIncreasing":
+        return F.adjust_brightness(clip, factor)
+    if name == "SharpnessIncreasing":
+        return F.adjust_sharpness(clip, factor)
+    if name in ("ShearX", "ShearY"):
+        degrees = math.degrees(math.atan(op.sign * 0.3 * level))
+        shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
+        return F.affine(clip, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=_FILL)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        height, width = clip.shape[-2:]
+        if name == "TranslateXRel":
+            shift = [int(round(op.sign * 0.45 * level * width)), 0]
+        else:
+            shift = [0, int(round(op.sign * 0.45 * level * height))]
+        return F.affine(clip, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], fill=_FILL)
+    raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def erase(
+    clip: torch.Tensor, x: int, y: int, w: int, h: int, seed: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
+    """Fill the same box of every frame with per-pixel noise ~ N(mean, std) (in 0..255 units), which
+    is N(0, 1) after normalisation, as timm's RandomErasing(mode="pixel") draws it."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = clip.shape[1]
+    noise = torch.randn((channels, h, w), generator=generator)
+    mean_t = torch.tensor(mean).view(-1, 1, 1) * 255.0
+    std_t = torch.tensor(std).view(-1, 1, 1) * 255.0
+    patch = (noise * std_t + mean_t).round_().clamp_(0, 255).to(torch.uint8)
+    out = clip.clone()
+    out[:, :, y : y + h, x : x + w] = patch
+    return out

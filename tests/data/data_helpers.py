@@ -1,0 +1,92 @@
+"""Helpers for the data-service tests: a small config, W loaders driven in threads, shard contents."""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from pipeline.data.config import AugmentConfig, DataConfig, DecoderPoolConfig, SamplingConfig
+from pipeline.data.loader import EpochStats, ShardLoader
+
+
+def small_config(root: str, **overrides: Any) -> DataConfig:
+    """The recipe's switches all on, at test size: 8 frames x 48 px, 2 views, batches of 4 rows."""
+    cfg = DataConfig(
+        root=root,
+        batch_size=4,
+        eval_batch_size=6,
+        seed=7,
+        prefetch_batches=1,
+        sampling=SamplingConfig(num_frames=8, stride=2, eval_clips=3, eval_crops=1),
+        augment=AugmentConfig(crop_size=48, eval_short_side=48, jitter_scales=[56, 72], repeated_aug=2),
+        decoder=DecoderPoolConfig(min_actors=1, max_actors=2, num_cpus=1.0),
+    )
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def run_epoch(
+    ds: ray.data.Dataset, world_size: int, epoch: int, position: int = 0, stop_after: int | None = None
+) -> tuple[list[list[dict[str, Any]]], list[EpochStats], list[dict[str, int]]]:
+    """Split ``ds`` into ``world_size`` order-preserving parts and read one epoch on each in a thread,
+    as Ray Train workers would. Returns per rank: batches (numpy copies), stats, and the resume state
+    after ``stop_after`` batches (None = the whole epoch)."""
+    iterators = ds.streaming_split(world_size, equal=True) if world_size > 1 else [ds.iterator()]
+    batches: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
+    stats: list[Any] = [None] * world_size
+    states: list[Any] = [None] * world_size
+    errors: list[BaseException] = []
+
+    def work(rank: int) -> None:
+        try:
+            loader = ShardLoader(iterators[rank], rank=rank, world_size=world_size, prefetch_batches=1)
+            for batch in loader.epoch(epoch, position):
+                batches[rank].append({k: (v.numpy().copy() if hasattr(v, "numpy") else v) for k, v in batch.items()})
+                if stop_after is not None and len(batches[rank]) == stop_after:
+                    states[rank] = loader.state()
+            stats[rank] = loader.stats
+            states[rank] = states[rank] or loader.state()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    if errors:
+        raise errors[0]
+    return batches, stats, states
+
+
+def shard_keys(root: Path, split: str) -> list[str]:
+    """Sample keys of a split read straight from its tars (independent of the service)."""
+    keys = []
+    for path in sorted(root.glob(f"{split}-*.tar")):
+        with tarfile.open(path) as tar:
+            keys += [m.name[: -len(".cls")] for m in tar.getmembers() if m.name.endswith(".cls")]
+    return keys
+
+
+def shard_video(root: Path, split: str, key: str) -> bytes:
+    for path in sorted(root.glob(f"{split}-*.tar")):
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            if f"{key}.mp4" in names:
+                return tar.extractfile(f"{key}.mp4").read()
+    raise KeyError(key)
+
+
+def delivered(batches: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(video_id, view) of every row delivered, in order."""
+    return [(vid, int(view)) for b in batches for vid, view in zip(b["video_id"], b["view"])]
+
+
+def rows_by_id(batches: list[dict[str, Any]]) -> dict[tuple[str, int], np.ndarray]:
+    return {(vid, int(view)): video for b in batches for vid, view, video in zip(b["video_id"], b["view"], b["video"])}

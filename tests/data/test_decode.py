@@ -1,0 +1,116 @@
+"""The decoder actor class run in-process on real shard samples: frames equal PyAV's, bad samples
+become FAILED rows, the decode context is chosen (CPU here) and logged."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from data_helpers import small_config
+
+from pipeline.data.decode import (
+    Decoder,
+    choose_decode_device,
+    decord_has_cuda,
+    pool_gpus_per_actor,
+    views_per_sample,
+)
+from pipeline.data.plan import BROKEN, FAILED, OK, PAD
+from pipeline.data.sampling import eval_clips
+
+
+def _first_sample(root: Path, split: str = "train") -> tuple[str, bytes, dict]:
+    with tarfile.open(root / f"{split}-000000.tar") as tar:
+        names = tar.getnames()
+        key = names[0].rsplit(".", 1)[0]
+        return key, tar.extractfile(f"{key}.mp4").read(), json.loads(tar.extractfile(f"{key}.json").read())
+
+
+def _pyav_frames(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    columns = ("key", "data", "label", "meta", "kind", "pos", "unit", "epoch", "error")
+    return {c: np.array([r[c] for r in rows], dtype=object) for c in columns}
+
+
+def _row(key: str, data: bytes, meta: dict, kind: int = 0, label: int = 1) -> dict:
+    return {"key": key, "data": data, "label": label, "meta": json.dumps(meta), "kind": kind, "pos": 0, "unit": 0,
+            "epoch": 0, "error": "lost" if kind == BROKEN else ""}  # fmt: skip
+
+
+def test_eval_views_are_the_frames_pyav_decodes_at_the_same_indices(kinetics_shards: Path) -> None:
+    key, data, meta = _first_sample(kinetics_shards)
+    assert (meta["width"], meta["height"]) == (96, 64)
+    cfg = small_config(str(kinetics_shards))
+    cfg.augment.crop_size = cfg.augment.eval_short_side = 64  # no resize: views are plain centre crops
+    decoder = Decoder(cfg, "video", train=False)
+    out = decoder(_batch([_row(key, data, meta)]))
+    reference = _pyav_frames(data)
+    clips = eval_clips(len(reference), meta["fps"], cfg.sampling)
+    assert out["video"].shape == (3, 3, 8, 64, 64) and out["status"].tolist() == [OK] * 3
+    assert out["view"].tolist() == [0, 1, 2] and out["video_id"].tolist() == [key] * 3
+    for view, indices in enumerate(clips):
+        expected = reference[indices][:, :, 16:80].transpose(3, 0, 1, 2)  # (C, T, H, W), centre of 96 px
+        np.testing.assert_array_equal(out["video"][view], expected)
+
+
+def test_training_views_are_deterministic_and_differ_per_view_and_epoch(kinetics_shards: Path) -> None:
+    key, data, meta = _first_sample(kinetics_shards)
+    cfg = small_config(str(kinetics_shards))
+    decoder = Decoder(cfg, "video", train=True)
+    first = decoder(_batch([_row(key, data, meta)]))
+    again = Decoder(cfg, "video", train=True)(_batch([_row(key, data, meta)]))
+    assert first["video"].shape == (2, 3, 8, 48, 48)
+    np.testing.assert_array_equal(first["video"], again["video"])
+    assert not np.array_equal(first["video"][0], first["video"][1])  # repeated augmentation: 2 views
+    next_epoch = decoder(_batch([{**_row(key, data, meta), "epoch": 1}]))
+    assert not np.array_equal(first["video"], next_epoch["video"])
+
+
+def test_bad_samples_become_failed_rows_never_exceptions(kinetics_shards: Path) -> None:
+    key, data, meta = _first_sample(kinetics_shards)
+    cfg = small_config(str(kinetics_shards))
+    decoder = Decoder(cfg, "video", train=True)
+    rows = [_row("good", data, meta), _row("cut", data[:300], meta), _row("noise", bytes(range(256)) * 40, meta),
+            _row("", b"", {}, kind=PAD, label=-1), _row("gone", b"", {}, kind=BROKEN, label=-1),
+            _row("nometa", data, {})]  # fmt: skip
+    out = decoder(_batch(rows))
+    assert out["status"].tolist() == [OK] * 2 + [FAILED] * 4 + [PAD] * 2 + [FAILED] * 4
+    assert out["label"].tolist() == [1, 1] + [-1] * 10
+    assert all(out["error"][i] for i in range(2, 6)) and out["error"][8] == "lost"
+    assert not out["video"][2:].any()
+
+
+def test_decode_device_choice_is_automatic_and_logged(kinetics_shards: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cuda = decord_has_cuda()
+    assert cuda is False  # the CPU build installed here
+    assert choose_decode_device("auto", True, [3]).kind == "gpu"
+    assert choose_decode_device("auto", True, []).reason == "no GPU assigned to this actor"
+    assert choose_decode_device("auto", False, [0]).kind == "cpu"
+    assert choose_decode_device("cpu", True, [0]).kind == "cpu"
+    with pytest.raises(RuntimeError, match="without CUDA"):
+        choose_decode_device("gpu", False, [0])
+    cfg = small_config(str(kinetics_shards))
+    assert pool_gpus_per_actor(cfg.decoder, cuda, cluster_gpus=0) == 0.0
+    assert pool_gpus_per_actor(cfg.decoder, True, cluster_gpus=4) == cfg.decoder.num_gpus
+    with caplog.at_level(logging.INFO, logger="pipeline.data.decode"):
+        decoder = Decoder(cfg, "video", train=True)
+    assert str(decoder.device) == "cpu(0)"
+    assert "video train views on cpu(0) (Decord was built without CUDA)" in caplog.text
+
+
+def test_views_per_sample() -> None:
+    cfg = small_config("x")
+    cfg.sampling.eval_clips, cfg.sampling.eval_crops = 10, 3
+    assert views_per_sample(cfg, "video", train=False) == 30
+    assert views_per_sample(cfg, "video", train=True) == cfg.augment.repeated_aug
+    assert views_per_sample(cfg, "image", train=False) == 1

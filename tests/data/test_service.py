@@ -1,0 +1,151 @@
+"""The service end to end on a local Ray instance, with real shards from the preprocessing CLI:
+worker splits, evaluation views, S3, corrupt samples, determinism and mid-epoch resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from data_helpers import delivered, rows_by_id, run_epoch, shard_keys, small_config
+
+from pipeline.data.config import imagenet_defaults
+from pipeline.data.loader import EpochStats
+from pipeline.data.service import build_dataset
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def train_epoch0(kinetics_shards: Path, ray_cluster: None) -> tuple[list, list]:
+    """Epoch 0 of the training split read by two workers (seed 7), shared by several tests."""
+    batches, stats, _ = run_epoch(build_dataset(small_config(str(kinetics_shards)), "train", train=True), 2, epoch=0)
+    return batches, stats
+
+
+def _labels(root: Path, split: str) -> dict[str, int]:
+    import tarfile
+
+    labels = {}
+    for path in sorted(root.glob(f"{split}-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".cls"):
+                    labels[m.name[:-4]] = int(tar.extractfile(m).read())
+    return labels
+
+
+def _check_disjoint_halves(batches: list, stats: list, keys: list[str], views: int) -> None:
+    per_rank = [delivered(b) for b in batches]
+    assert len(batches[0]) == len(batches[1]) == stats[0].batches == stats[1].batches  # equal batch counts
+    assert {k for k, _ in per_rank[0]}.isdisjoint({k for k, _ in per_rank[1]})
+    assert sorted(per_rank[0] + per_rank[1]) == sorted((k, v) for k in keys for v in range(views))
+    total = EpochStats.merge(stats)
+    assert total.complete and total.samples == len(keys) and total.failed == 0
+
+
+def test_two_workers_receive_disjoint_halves_whose_union_is_the_split(
+    kinetics_shards: Path, train_epoch0: tuple[list, list]
+) -> None:
+    batches, stats = train_epoch0
+    keys = shard_keys(kinetics_shards, "train")
+    assert len(keys) == 12
+    _check_disjoint_halves(batches, stats, keys, views=2)
+    labels = _labels(kinetics_shards, "train")
+    for batch in batches[0] + batches[1]:
+        assert batch["video"].dtype == np.uint8 and batch["video"].shape[1:] == (3, 8, 48, 48)
+        assert [labels[k] for k in batch["video_id"]] == batch["label"].tolist()
+        assert batch["video_id"][0::2] == batch["video_id"][1::2]  # both views of a sample in one batch
+    # The next epoch reads the same samples in another order (a new shard order), same fingerprint.
+    ds = build_dataset(small_config(str(kinetics_shards)), "train", train=True)
+    next_batches, next_stats, _ = run_epoch(ds, 2, epoch=1)
+    _check_disjoint_halves(next_batches, next_stats, keys, views=2)
+    assert EpochStats.merge(next_stats).fingerprint == EpochStats.merge(stats).fingerprint
+    assert delivered(next_batches[0]) != delivered(batches[0])
+
+
+def test_shards_on_s3_with_an_endpoint_override(kinetics_shards: Path, s3_bucket: Any) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_bucket.storage_options)
+    for path in kinetics_shards.glob("train*"):
+        fs.put_file(str(path), f"{s3_bucket.url}/{path.name}")
+    cfg = small_config(s3_bucket.url, s3_endpoint_url=s3_bucket.endpoint_url)
+    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0)
+    _check_disjoint_halves(batches, stats, shard_keys(kinetics_shards, "train"), views=2)
+
+
+def test_evaluation_views_count_and_video_ids(kinetics_shards: Path) -> None:
+    cfg = small_config(str(kinetics_shards))  # 3 clips x 1 crop, 2 videos (6 rows) per batch
+    batches, stats, _ = run_epoch(build_dataset(cfg, "val", train=False), 2, epoch=0)
+    labels = _labels(kinetics_shards, "val")
+    rows = delivered(batches[0]) + delivered(batches[1])
+    assert sorted(rows) == sorted((k, v) for k in labels for v in range(3))  # 6 videos x 3 views, once each
+    assert len(batches[0]) == len(batches[1])
+    for batch in batches[0] + batches[1]:
+        assert [labels[k] for k in batch["video_id"]] == batch["label"].tolist()
+        assert batch["video"].shape[1:] == (3, 8, 48, 48)
+    assert EpochStats.merge(stats).complete
+
+
+def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: tuple[Path, list[str]]) -> None:
+    root, damaged = corrupt_shards
+    batches, stats, _ = run_epoch(build_dataset(small_config(str(root)), "train", train=True), 2, epoch=0)
+    total = EpochStats.merge(stats)
+    assert total.failed == 2 and total.samples == 10 and total.complete
+    assert sorted(key for key, _ in total.failures) == sorted(damaged)
+    ids = {k for k, _ in delivered(batches[0]) + delivered(batches[1])}
+    assert ids == set(shard_keys(root, "train")) - set(damaged)
+    assert len(batches[0]) == len(batches[1])
+
+
+def test_the_same_seed_reproduces_the_same_batches(kinetics_shards: Path, train_epoch0: tuple[list, list]) -> None:
+    batches, _ = train_epoch0
+    again, _, _ = run_epoch(build_dataset(small_config(str(kinetics_shards)), "train", train=True), 2, epoch=0)
+    for rank in range(2):
+        assert len(again[rank]) == len(batches[rank])
+        for a, b in zip(again[rank], batches[rank]):
+            assert a["video_id"] == b["video_id"] and a["mix_seed"] == b["mix_seed"]
+            np.testing.assert_array_equal(a["video"], b["video"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+    other, _, _ = run_epoch(build_dataset(small_config(str(kinetics_shards), seed=8), "train", train=True), 2, 0)
+    first = rows_by_id(batches[0] + batches[1])
+    second = rows_by_id(other[0] + other[1])
+    assert first.keys() == second.keys()
+    assert all(not np.array_equal(first[k], second[k]) for k in first)  # other clips and crops
+
+
+def test_an_epoch_resumes_from_a_position_on_any_world_size(
+    kinetics_shards: Path, train_epoch0: tuple[list, list]
+) -> None:
+    batches, _ = train_epoch0
+    cfg = small_config(str(kinetics_shards))
+    _, _, states = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0, stop_after=1)
+    assert states[0] == states[1] and states[0]["epoch"] == 0
+    position = states[0]["position"]
+    assert position == sum(len(set(b["video_id"])) for b in (batches[0][0], batches[1][0]))
+    rest = rows_by_id(batches[0][1:] + batches[1][1:])  # what the uninterrupted epoch delivered later
+    for world_size in (2, 1):
+        resumed, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), world_size, epoch=0, position=position)
+        got = rows_by_id([b for rank in resumed for b in rank])
+        assert got.keys() == rest.keys()
+        assert all(np.array_equal(got[k], rest[k]) for k in rest)  # same clips and crops as before
+        total = EpochStats.merge(stats)
+        assert total.complete and total.start == position and total.expected == 12 - position
+
+
+def test_images_go_through_the_same_service(tmp_path_factory: pytest.TempPathFactory) -> None:
+    raw, out = tmp_path_factory.mktemp("in_raw"), tmp_path_factory.mktemp("in_shards")
+    run_cli("synth", "imagenet", "--out", str(raw), "--classes", "3", "--per-class", "3", "--val-per-class", "1")
+    run_cli("imagenet", "--root", str(raw), "--split", "train", "--out", str(out), "--shard-samples", "4",
+            "--workers", "1", "--no-progress")  # fmt: skip
+    cfg = imagenet_defaults(str(out), batch_size=4)
+    cfg.augment.crop_size, cfg.augment.eval_short_side = 32, 36
+    cfg.decoder.max_actors = 1
+    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
+    total = EpochStats.merge(stats)
+    assert total.complete and total.failed == 0
+    assert {k for k, _ in delivered(batches[0])} == set(shard_keys(out, "train"))
+    assert all(b["video"].shape[1:] == (3, 1, 32, 32) and b["video"].dtype == np.uint8 for b in batches[0])
