@@ -149,8 +149,9 @@ def _add_output_args(p: argparse.ArgumentParser, default_shard_bytes: str) -> No
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="run shards as Ray tasks; without ADDRESS uses RAY_ADDRESS or starts a local Ray "
-        "(output must then be S3 or a shared filesystem)",
+        help="run shards as Ray tasks. ADDRESS: ray://head:10001, host:port, 'auto' (an existing cluster), "
+        "'local' (a new private instance); none = Ray's default (RAY_ADDRESS, else the latest cluster "
+        "started on this machine, else a new one). On a multi-node cluster --out must be S3 or a shared filesystem",
     )
     g.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL(_S3) env, else AWS)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -37,8 +37,9 @@ def available_cpus() -> int:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """`ray_address`: None = local processes; "" = Ray's default (RAY_ADDRESS or a local
-    instance); anything else = that cluster address ("auto", "ray://head:10001", ...)."""
+    """`ray_address`: None = local processes; "" = Ray's default resolution (RAY_ADDRESS, else the
+    latest cluster started on this machine, else a new local instance); anything else is passed to
+    `ray.init` ("local" = a new private instance, "auto", "ray://head:10001", ...)."""
 
     workers: int = field(default_factory=available_cpus)
     ray_address: str | None = None

@@ -4,10 +4,15 @@ Video uses PyAV (libav* + libx264 in-process). We measured and chose it because 
 no ffmpeg binary; it also avoids a subprocess per clip and keeps the encoded bytes in memory.
 
 Determinism: identical inputs and settings must give identical bytes, so that reruns and resumed
-runs reproduce shards exactly. For x264 that means a fixed thread count (threads=1: the output of
-x264 depends on its thread count, and "auto" would depend on the machine); the MP4 muxer writes no
-wall-clock time. Each process encodes one clip at a time on one core; parallelism comes from running
-many processes (parallel.py).
+runs reproduce shards exactly. Measured requirements (regression tests in tests/preprocessing/test_units.py):
+- x264 and swscale run with one thread (x264's output depends on its thread count, and "auto" would
+  depend on the machine); each process encodes one clip on one core, parallelism comes from running
+  many processes (parallel.py).
+- x264's macroblock-tree rate control is off (`mbtree=0`): its SIMD code in the bundled libx264
+  (core 165) reads uninitialised stack memory (found with valgrind; clean with `no-asm`), which made
+  about 1 encode in 50 differ under memory churn. The cost is some compression efficiency at a
+  given CRF.
+- the MP4 muxer writes no wall-clock time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from PIL import Image
 from preprocessing.items import WorkItem
 from preprocessing.storage import open_input
 
+X264_PARAMS = "mbtree=0"
 _MAX_FPS = 1000
 # Errors that mean "this input is bad", as opposed to bugs or storage failures, which must surface.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -86,9 +92,10 @@ class VideoEncoder:
         return {
             **asdict(self),
             "codec": "libx264",
+            "x264_params": X264_PARAMS,
             "pix_fmt": "yuv420p",
             "interpolation": "bicubic",
-            "encoder_threads": 1,
+            "threads": 1,
             "audio": "dropped",
             "av_version": av.__version__,
         }
@@ -137,9 +144,9 @@ class VideoEncoder:
                 ost.codec_context.time_base = 1 / fps
                 ost.codec_context.gop_size = self.gop
                 ost.codec_context.thread_count = 1
-                ost.options = {"crf": str(self.crf), "preset": self.preset}
+                ost.options = {"crf": str(self.crf), "preset": self.preset, "x264-params": X264_PARAMS}
                 for frame in _chain(first, frames):
-                    scaled = frame.reformat(width, height, "yuv420p", interpolation="BICUBIC")
+                    scaled = frame.reformat(width, height, "yuv420p", interpolation="BICUBIC", threads=1)
                     scaled.pts, scaled.time_base = count, ost.codec_context.time_base
                     container.mux(ost.encode(scaled))
                     count += 1
