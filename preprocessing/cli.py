@@ -170,23 +170,23 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", choices=["kinetics", "imagenet"])
     p.add_argument("--out", required=True, help="local folder to create")
-    p.add_argument("--classes", type=_positive_int, default=3)
-    p.add_argument("--per-class", type=_positive_int, default=3, help="train inputs per class")
-    p.add_argument("--val-per-class", type=int, default=1, help="val inputs per class")
-    p.add_argument("--corrupt", type=int, default=0, help="extra/replaced train files that do not decode")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=_positive_int, default=3, help="number of classes (default 3)")
+    p.add_argument("--per-class", type=_positive_int, default=3, help="train inputs per class (default 3)")
+    p.add_argument("--val-per-class", type=int, default=1, help="val inputs per class (default 1)")
+    p.add_argument("--corrupt", type=int, default=0, help="train files that do not decode (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
     v = p.add_argument_group("kinetics only")
     v.add_argument("--seconds", type=_positive_int, default=2, help="clip length (default 2)")
-    v.add_argument("--fps", type=_positive_int, default=25)
+    v.add_argument("--fps", type=_positive_int, default=25, help="frame rate (default 25)")
     v.add_argument("--size", default="128x96", help="WIDTHxHEIGHT of the videos (default 128x96)")
-    v.add_argument("--layout", choices=["flat", "per-class"], default="flat")
+    v.add_argument("--layout", choices=["flat", "per-class"], default="flat", help="video folders (default flat)")
     v.add_argument("--full-videos", action="store_true", help="uncut {youtube_id}.mp4 files (use with kinetics --trim)")
     v.add_argument("--containers", default="mp4", help="comma list cycled over clips: mp4,mkv,webm (default mp4)")
     v.add_argument("--missing", type=int, default=0, help="extra train CSV rows with no video file")
     i = p.add_argument_group("imagenet only")
     i.add_argument("--image-size", type=_positive_int, default=96, help="typical image side (default 96)")
     i.add_argument("--no-quirks", action="store_true", help="leave out the CMYK / grayscale / PNG-named-.JPEG files")
-    i.add_argument("--val-layout", choices=["flat", "class-folders"], default="flat")
+    i.add_argument("--val-layout", choices=["flat", "class-folders"], default="flat", help="val folder (default flat)")
 
 
 def _add_verify(commands: argparse._SubParsersAction) -> None:
@@ -206,8 +206,13 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
 
 def _run_dataset(args: argparse.Namespace) -> int:
     options = storage_options_for(args.out, args.s3_endpoint_url)
-    input_url = args.csv if args.command == "kinetics" else args.root
-    input_options = storage_options_for(input_url, args.s3_endpoint_url)
+    # One endpoint for all inputs (CSVs, label files, media): set if any of them is on S3; non-S3
+    # filesystems ignore it.
+    inputs = [args.csv, args.videos, args.classes_from] if args.command == "kinetics" else [
+        args.root, args.synsets, args.val_labels, args.devkit]  # fmt: skip
+    input_options: dict = {}
+    for url in filter(None, inputs):
+        input_options.update(storage_options_for(url, args.s3_endpoint_url))
     if args.command == "kinetics":
         source = kinetics.KineticsSource(args.csv, args.videos, args.classes_from, args.trim)
         discovery = kinetics.discover(source, input_options)
@@ -256,7 +261,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         )  # fmt: skip
         report = synth_imagenet(cfg)
         follow_up = f"python -m preprocessing imagenet --root {args.out} --split train --out {args.out}-shards"
-    print(f"wrote {report.files} {args.dataset} files to {report.root}\nnext: {follow_up}")
+    print(f"wrote {report.files} {args.dataset} files and {report.labelled_rows} label rows to {report.root}")
+    print(f"next: {follow_up}")
     return 0
 
 

@@ -12,7 +12,7 @@ AWS config files. Only a non-secret endpoint URL may be passed in `storage_optio
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import os
 import re
 import tempfile
@@ -26,7 +26,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _USERINFO = re.compile(r"(?<=://)[^/@]*@")
-_CHUNK = 8 << 20
 _TMP_DIR = "_state/tmp"
 
 
@@ -52,15 +51,15 @@ def is_local(url: str) -> bool:
     return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
-@contextlib.contextmanager
-def open_input(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[str | IO[bytes]]:
-    """A local path (fast path for decoders) or an open binary file object for remote inputs."""
+def read_input(url: str, storage_options: dict[str, Any] | None = None) -> str | io.BytesIO:
+    """A local path (decoders read it directly) or, for a remote input, its whole content in memory,
+    so that storage errors surface here and not in the middle of decoding."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if isinstance(fs, LocalFileSystem):
-        yield path
-    else:
-        with fs.open(path, "rb") as f:
-            yield f
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return path
+    return io.BytesIO(fs.cat_file(path))
 
 
 def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -90,15 +89,6 @@ def find_files(
     return sorted(found, key=lambda entry: entry[1])
 
 
-def sha256_of(f: IO[bytes]) -> tuple[str, int]:
-    """(hex digest, byte count) of a binary stream read to its end."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := f.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
 @dataclass(frozen=True)
 class Store:
     """A directory-like output location (`/dir`, `file:///dir`, `s3://bucket/prefix`, ...)."""
@@ -113,9 +103,6 @@ class Store:
     def path(self, name: str) -> str:
         root = fsspec.core.url_to_fs(self.url, **self.storage_options)[1]
         return root.rstrip("/") + "/" + name
-
-    def url_of(self, name: str) -> str:
-        return join(self.url, name)
 
     def size(self, name: str) -> int | None:
         """Size of an existing object, or None. Never answered from a stale listing cache."""

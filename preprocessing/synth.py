@@ -18,7 +18,7 @@ import csv
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -31,10 +31,11 @@ _CONTAINERS = {"mp4": ("mp4", "libx264"), "mkv": ("matroska", "libx264"), "webm"
 
 @dataclass(frozen=True)
 class SynthReport:
+    """`labelled_rows`: annotation CSV rows (Kinetics) or validation labels (ImageNet) written."""
+
     root: str
     files: int
-    csv_rows: int = 0
-    notes: list[str] = field(default_factory=list)
+    labelled_rows: int
 
 
 # ---- shared drawing --------------------------------------------------------------------------

@@ -29,14 +29,14 @@ import PIL
 from PIL import Image
 
 from preprocessing.items import WorkItem
-from preprocessing.storage import open_input
+from preprocessing.storage import read_input
 
 X264_PARAMS = "mbtree=0"
 _MAX_FPS = 1000
 # Errors that mean "this input is bad", as opposed to bugs or storage failures, which must surface.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     av.error.FFmpegError,
-    OSError,  # also PIL's UnidentifiedImageError and truncated-file errors
+    OSError,  # decoders only (inputs are read before decoding): PIL's UnidentifiedImageError, truncation
     SyntaxError,  # PIL raises it for some malformed headers
     ValueError,
     EOFError,
@@ -64,6 +64,15 @@ class Encoder(Protocol):
     def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample: ...
 
     def settings(self) -> dict[str, Any]: ...
+
+
+def _load(item: WorkItem, storage_options: dict[str, Any]) -> str | io.BytesIO:
+    """The input as a local path, or its bytes when remote. Read errors are storage failures and
+    propagate (the shard fails and a rerun redoes it); only a vanished file becomes a reject."""
+    try:
+        return read_input(item.source, storage_options)
+    except FileNotFoundError as exc:
+        raise RejectError(f"missing: {exc}") from exc
 
 
 def even_scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -102,9 +111,9 @@ class VideoEncoder:
 
     def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample:
         segment = item.segment if item.trim else None
+        src = _load(item, storage_options)
         try:
-            with open_input(item.source, storage_options) as src:
-                data, fps, frames, width, height = self.transcode(src, segment)
+            data, fps, frames, width, height = self.transcode(src, segment)
         except _DECODE_ERRORS as exc:
             raise RejectError(f"undecodable video: {type(exc).__name__}: {exc}") from exc
         meta = {
@@ -206,9 +215,9 @@ class ImageEncoder:
         return {**asdict(self), "resample": "lanczos", "pillow_version": PIL.__version__}
 
     def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample:
+        src = _load(item, storage_options)
         try:
-            with open_input(item.source, storage_options) as src:
-                data, width, height = self.reencode(src)
+            data, width, height = self.reencode(src)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise RejectError(f"decompression-bomb guard (max_pixels={self.max_pixels}): {exc}") from exc
         except _DECODE_ERRORS as exc:

@@ -162,6 +162,21 @@ def test_video_garbage_is_rejected(tmp_path: Path) -> None:
         VideoEncoder().encode(WorkItem("bad", str(bad), "bad", "x", 0, 1100), {})
 
 
+def test_storage_errors_fail_the_shard_but_vanished_inputs_are_rejects(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A flaky read must not silently drop a sample (a rerun would then differ); a missing file is data."""
+    item = WorkItem("x", "s3://bucket/x.JPEG", "x", "x", 0, 1)
+
+    def unreachable(url: str, options: dict) -> None:
+        raise ConnectionError("endpoint unreachable")
+
+    monkeypatch.setattr("preprocessing.transcode.read_input", unreachable)
+    with pytest.raises(ConnectionError):
+        ImageEncoder().encode(item, {})
+    monkeypatch.undo()
+    with pytest.raises(RejectError, match="missing"):
+        ImageEncoder().encode(WorkItem("x", str(tmp_path / "gone.JPEG"), "x", "x", 0, 1), {})
+
+
 def _jpeg_bytes(mode: str) -> bytes:
     pixels = np.zeros((40, 60, 3), np.uint8)
     pixels[:, :30] = (200, 30, 30)
