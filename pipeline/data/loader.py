@@ -32,7 +32,7 @@ import ray
 import torch
 from ray.data import DataIterator
 
-from pipeline.data.plan import FAILED, OK, PAD, Layout, get_cursor, stable_hash
+from pipeline.data.plan import FAILED, OK, PAD, Layout, stable_hash
 from pipeline.data.service import CONTEXT_KEY
 
 _MAX_LOGGED_FAILURES = 20
@@ -102,7 +102,7 @@ class ShardLoader:
         self.prefetch_batches = prefetch_batches
         self.seed = info["seed"]
         self.samples, self.per_unit, self.views = info["samples"], info["per_unit"], info["views"]
-        self._cursor = get_cursor(info["cursor"])
+        self._cursor = info["cursor"]
         self.stats = EpochStats(-1)
         self._layout: Layout | None = None
         self._done = 0
@@ -138,7 +138,7 @@ class ShardLoader:
     def epoch(self, epoch: int, position: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch`` for this worker, starting at sample ``position`` of the epoch."""
         layout = self.layout(position)
-        ray.get(self._cursor.request.remote(self.rank, self.world_size, epoch, position))
+        self._cursor.request(self.rank, self.world_size, epoch, position)
         self._layout, self._done = layout, 0
         self.stats = stats = EpochStats(epoch, position, layout.remaining)
         batches = self._iterator.iter_batches(

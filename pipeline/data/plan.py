@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -175,44 +176,68 @@ def make_plan(shards: list[ShardRef], *, seed: int, epoch: int, start: int, worl
 
 @ray.remote(num_cpus=0)
 class EpochCursor:
-    """Where the next execution of a dataset starts: (epoch, position, world size).
+    """Where the next execution of each dataset starts: (epoch, position, world size).
 
     Ray Data runs a dataset again for every epoch (streaming_split re-executes it when all workers
     ask for the next epoch) and plans the read at that moment; the plan asks this actor. Each worker
     announces the epoch it is about to read, like ``DistributedSampler.set_epoch``, before it starts
     iterating, so the announcements are all in when the split's barrier lets the execution start.
-    Without announcements a dataset reads epoch 0 from its start, for one reader.
+    Without announcements a dataset reads epoch 0 from its start, for one reader. One actor per
+    driver serves all its datasets.
     """
 
     def __init__(self) -> None:
-        self._requests: dict[int, tuple[int, int, int]] = {}
+        self._requests: dict[str, dict[int, tuple[int, int, int]]] = {}
 
-    def request(self, rank: int, world_size: int, epoch: int, position: int) -> None:
+    def request(self, dataset: str, rank: int, world_size: int, epoch: int, position: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self._requests = {r: v for r, v in self._requests.items() if r < world_size and v[0] == world_size}
-        self._requests[rank] = (world_size, epoch, position)
+        known = self._requests.get(dataset, {})
+        known = {r: v for r, v in known.items() if r < world_size and v[0] == world_size}
+        known[rank] = (world_size, epoch, position)
+        self._requests[dataset] = known
 
-    def current(self) -> tuple[int, int, int]:
-        """(epoch, position, world_size) all workers agree on."""
-        values = set(self._requests.values())
+    def current(self, dataset: str) -> tuple[int, int, int]:
+        """(epoch, position, world_size) all workers of ``dataset`` agree on."""
+        requests = self._requests.get(dataset, {})
+        values = set(requests.values())
         if not values:
             return 0, 0, 1
         if len(values) > 1:
-            raise ValueError(f"workers disagree on the epoch to read: {sorted(self._requests.items())}")
+            raise ValueError(f"workers disagree on the epoch to read: {sorted(requests.items())}")
         world_size, epoch, position = values.pop()
         return epoch, position, world_size
 
 
-_LIVE_CURSORS: dict[str, ray.actor.ActorHandle] = {}
+@dataclass(frozen=True)
+class CursorRef:
+    """A dataset's entry in an ``EpochCursor`` actor (picklable: travels in the dataset's context)."""
+
+    actor: str
+    dataset: str
+
+    def request(self, rank: int, world_size: int, epoch: int, position: int) -> None:
+        ray.get(_actor(self.actor).request.remote(self.dataset, rank, world_size, epoch, position))
+
+    def current(self) -> tuple[int, int, int]:
+        return ray.get(_actor(self.actor).current.remote(self.dataset))
 
 
-def create_cursor(name: str) -> ray.actor.ActorHandle:
-    """A new cursor actor owned by this process (kept alive here for the life of the driver)."""
-    handle = EpochCursor.options(name=name, namespace=CURSOR_NAMESPACE).remote()
-    _LIVE_CURSORS[name] = handle
-    return handle
+_HANDLES: dict[str, ray.actor.ActorHandle] = {}
+_DRIVER_CURSOR: dict[str, str] = {}  # Ray job id -> this driver's cursor actor name
 
 
-def get_cursor(name: str) -> ray.actor.ActorHandle:
-    return _LIVE_CURSORS.get(name) or ray.get_actor(name, namespace=CURSOR_NAMESPACE)
+def new_cursor() -> CursorRef:
+    """An entry for a new dataset in this driver's cursor actor (created on first use)."""
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _DRIVER_CURSOR:
+        name = f"epoch-cursor-{uuid.uuid4().hex[:12]}"
+        _HANDLES[name] = EpochCursor.options(name=name, namespace=CURSOR_NAMESPACE).remote()
+        _DRIVER_CURSOR[job] = name
+    return CursorRef(_DRIVER_CURSOR[job], uuid.uuid4().hex[:12])
+
+
+def _actor(name: str) -> ray.actor.ActorHandle:
+    if name not in _HANDLES:
+        _HANDLES[name] = ray.get_actor(name, namespace=CURSOR_NAMESPACE)
+    return _HANDLES[name]

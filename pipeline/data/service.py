@@ -14,7 +14,6 @@ shard Ray Train gives it.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 import ray
@@ -24,7 +23,7 @@ from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions
 
 from pipeline.data.config import DataConfig
 from pipeline.data.decode import Decoder, decord_has_cuda, pool_gpus_per_actor, views_per_sample
-from pipeline.data.plan import ShardRef, create_cursor
+from pipeline.data.plan import CursorRef, ShardRef, new_cursor
 from pipeline.data.source import ShardSource
 from preprocessing.manifest import load_manifest, shard_urls
 
@@ -73,8 +72,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ray.data.Dataset:
     views = views_per_sample(cfg, manifest.modality, train)
     batch_rows = cfg.batch_size if train else cfg.eval_batch_size
     per_unit = max(1, batch_rows // views)
-    cursor = f"{split}-{uuid.uuid4().hex[:12]}"
-    create_cursor(cursor)
+    cursor = new_cursor()
     source = ShardSource(
         shards,
         extension=_EXTENSIONS[manifest.modality],
@@ -118,7 +116,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ray.data.Dataset:
 
 
 def dataset_info(
-    samples: int, per_unit: int, views: int, cursor: str, modality: str, train: bool, seed: int
+    samples: int, per_unit: int, views: int, cursor: CursorRef, modality: str, train: bool, seed: int
 ) -> dict[str, Any]:
     return {
         "seed": seed,

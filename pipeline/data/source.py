@@ -23,12 +23,11 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.data.plan import BROKEN, PAD, SAMPLE, Layout, ReadGroup, ShardRef, get_cursor, make_plan, stable_hash
+from pipeline.data.plan import BROKEN, PAD, SAMPLE, CursorRef, Layout, ReadGroup, ShardRef, make_plan, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class ShardSource(Datasource):
         permute: bool,
         interleave: int,
         buffer: int,
-        cursor: str,
+        cursor: CursorRef,
         total_bytes: int,
     ) -> None:
         super().__init__()
@@ -84,7 +83,7 @@ class ShardSource(Datasource):
         return self.total_bytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
-        epoch, position, world_size = ray.get(get_cursor(self.cursor).current.remote())
+        epoch, position, world_size = self.cursor.current()
         plan = make_plan(
             self.shards, seed=self.seed, epoch=epoch, start=position, world_size=world_size, per_unit=self.per_unit,
             permute=self.permute, interleave=self.interleave,
