@@ -8,27 +8,14 @@ videos and 3 x 2 validation videos of 2 s at 15 fps, 64 px short side, 3 samples
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from data_helpers import run_cli
 
-REPO = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS, VAL_PER_CLASS = 3, 4, 2
-
-
-def run_cli(*args: str) -> str:
-    """``python -m preprocessing ARGS`` in a subprocess (the tool as users run it)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "preprocessing", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"preprocessing {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
 
 
 def make_kinetics_shards(raw: Path, out: str, *extra: str) -> None:

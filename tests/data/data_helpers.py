@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -12,6 +15,18 @@ import ray.data
 
 from pipeline.data.config import AugmentConfig, DataConfig, DecoderPoolConfig, SamplingConfig
 from pipeline.data.loader import EpochStats, ShardLoader
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> str:
+    """``python -m preprocessing ARGS`` in a subprocess (the tool as users run it)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "preprocessing", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"preprocessing {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
 
 
 def small_config(root: str, **overrides: Any) -> DataConfig:

@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from data_helpers import delivered, rows_by_id, run_epoch, shard_keys, small_config
+from data_helpers import delivered, rows_by_id, run_cli, run_epoch, shard_keys, small_config
 
 from pipeline.data.config import imagenet_defaults
 from pipeline.data.loader import EpochStats
