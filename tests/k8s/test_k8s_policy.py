@@ -3,6 +3,7 @@ from Secrets, non-root pods with resource limits, network isolation of MLflow an
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +49,20 @@ def test_worker_groups_autoscale_between_min_and_max(docs: list[dict[str, Any]])
         for group in spec["workerGroupSpecs"]:
             assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], group["groupName"]
             assert group["maxReplicas"] >= 1
+
+
+def test_job_drivers_can_be_placed(docs: list[dict[str, Any]]) -> None:
+    """A driver that asks for resources no node group advertises would wait forever."""
+    for job in of_kind(docs, "RayJob"):
+        groups = cluster_spec(job).get("workerGroupSpecs", [])
+        advertised: set[str] = set()
+        for group in groups:
+            if "resources" in group["rayStartParams"]:  # KubeRay's format: a quoted JSON object
+                advertised |= set(json.loads(json.loads(group["rayStartParams"]["resources"])))
+        wanted = set(json.loads(job["spec"].get("entrypointResources", "{}")))
+        assert wanted <= advertised, f"{job['metadata']['name']}: no worker group offers {wanted - advertised}"
+        if job["spec"].get("entrypointNumCpus", 0) > 0:
+            assert groups, f"{job['metadata']['name']}: the driver needs CPUs and the head has none"
 
 
 def test_rayjobs_delete_their_cluster_after_a_ttl(docs: list[dict[str, Any]]) -> None:

@@ -50,6 +50,8 @@ def test_training_entrypoint_runs_the_train_script_on_a_preset_that_exists(
         gpus = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
         needed = resolved["trainer"]["num_workers"] * resolved["trainer"]["gpus_per_worker"]
         assert needed <= gpus * gpu_group["maxReplicas"], "more GPU workers than the GPU group can hold"
+        # GPU decoder actors share each trainer's GPU
+        assert resolved["trainer"]["gpus_per_worker"] + resolved["data"]["decoder"]["num_gpus"] <= 1.0
     else:
         assert resolved["trainer"]["use_gpu"] is False
         endpoint = named(docs, "ConfigMap", "mvit-env")["data"]["AWS_ENDPOINT_URL"]
