@@ -19,7 +19,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = ("dev", "prod")
-# Core resources are validated against this Kubernetes version's OpenAPI schemas (kubernetes-validate).
+# Core resources are validated against this Kubernetes version's OpenAPI schemas (kubernetes-validate,
+# whose 1.37 release ships the schemas of Kubernetes 1.25 to 1.37).
 KUBERNETES_VERSION = "1.32.0"
 PROJECT_IMAGES = ("mvit-cpu", "mvit-gpu", "mvit-mlflow")
 # Secrets every Ray node container must receive (env name -> where from), never via runtimeEnvYAML.
