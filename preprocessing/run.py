@@ -62,7 +62,8 @@ class SplitReport:
         m = self.manifest
         return (
             f"{m.dataset}/{m.split}: {m.num_inputs} inputs = {m.num_samples} written + {m.num_rejected} rejected; "
-            f"{len(m.shards)} shards ({self.shards_reused} already complete), {m.total_bytes / 1e6:.1f} MB, "
+            f"{len(m.shards)} shard{'s' if len(m.shards) != 1 else ''} ({self.shards_reused} already complete), "
+            f"{m.total_bytes / 1e6:.1f} MB, "
             f"{self.seconds:.1f}s -> {out} (rejects: {rejects_name(m.split)})"
         )
 
