@@ -45,10 +45,6 @@ class ParallelConfig:
     ray_address: str | None = None
     progress: bool = True
 
-    @property
-    def backend(self) -> str:
-        return "ray" if self.ray_address is not None else "processes"
-
 
 def run_jobs(
     fn: JobFn, jobs: Sequence[Job], total_units: int, unit: str, config: ParallelConfig
