@@ -50,6 +50,15 @@ def resolve_uri(cfg: TrackingConfig, default_dir: str) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside the database file, not into the current directory
+    (which for a Ray job is a temporary copy of the working dir). Servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
 def _secret_env_values() -> set[str]:
     return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6}
 
@@ -129,14 +138,30 @@ class Tracker:
         self.enabled = enabled
         self.run_id: str | None = None
 
-    def start(self, run_name: str, resume_run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
-        """Opens the job's run (reopening ``resume_run_id`` after a restart); logs params once."""
+    def start(self, run_name: str, resume_run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str],
+              job_key: str = "") -> str | None:
+        """Opens the job's run and returns its id; logs params once.
+
+        The run to continue is ``resume_run_id`` (from the checkpoint) or, for a job that failed before
+        its first checkpoint, the unfinished run tagged with the same ``job_key``.
+        """
         if not self.enabled:
             return None
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.cfg.experiment)
+        experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            mlflow.create_experiment(self.cfg.experiment, artifact_location=default_artifact_location(self.uri))
+        experiment = mlflow.set_experiment(self.cfg.experiment)
+        if not resume_run_id and job_key:
+            found = mlflow.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`mvit.job_key` = '{job_key}' and attributes.status != 'FINISHED'",
+                order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+            )
+            resume_run_id = found[0].info.run_id if found else None
+        tags = {**tags, "mvit.job_key": job_key} if job_key else dict(tags)
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.cfg.log_system_metrics)
             log.info("resumed MLflow run %s", resume_run_id)

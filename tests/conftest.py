@@ -71,3 +71,23 @@ def s3_bucket(s3_server: str) -> S3Location:
     fs.mkdir(bucket)
     fs.invalidate_cache()
     return S3Location(f"s3://{bucket}/shards", options, s3_server)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: str) -> Iterator[None]:
+    """A private local Ray instance on 127.0.0.1 (never an existing cluster), small object store.
+
+    Started after the S3 test server so its workers inherit the fake credentials in the environment.
+    """
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
+             object_store_memory=300 * 2**20, log_to_driver=False, configure_logging=False)  # fmt: skip
+    try:
+        yield
+    finally:
+        ray.shutdown()

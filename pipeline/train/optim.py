@@ -25,7 +25,6 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_epochs: float = 30.0
     clip_grad_norm: float | None = 1.0  # None disables clipping
-    label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -34,8 +33,6 @@ class OptimConfig:
             raise ValueError(f"reference_batch_size must be >= 1, got {self.reference_batch_size}")
         if self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ValueError("warmup_epochs and weight_decay must be >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:

@@ -44,8 +44,8 @@ def test_lr_scales_with_global_batch_and_follows_warmup_cosine():
 def test_optim_config_rejects_bad_values():
     with pytest.raises(ValueError, match="min_lr"):
         OptimConfig(lr=1e-3, min_lr=1e-2)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        OptimConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="reference_batch_size"):
+        OptimConfig(reference_batch_size=0)
 
 
 def test_topk_and_video_level_accuracy_average_views():

@@ -1,0 +1,197 @@
+"""A local Ray cluster for the demo and the end-to-end tests, with Ray's token authentication on.
+
+Ray 2.59+ turns token auth on for ``ray start --head``. Rather than switching it off, the local flow
+keeps it: a random token is generated once into a file readable only by its owner (``.ray_token`` in
+the checkout, ignored by git), and every Ray process and client started from here gets
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` in its environment. The head binds its node
+address and dashboard to 127.0.0.1.
+
+    python -m pipeline.local_cluster start [--num-cpus 2]   # prints the dashboard address
+    python -m pipeline.local_cluster submit -- python pipeline/train.py --config configs/experiment/demo.yaml
+    python -m pipeline.local_cluster stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOKEN_FILE = REPO_ROOT / ".ray_token"
+STATE_FILE_NAME = ".ray_local_cluster.json"
+
+
+def ensure_token(path: Path = DEFAULT_TOKEN_FILE) -> Path:
+    """Creates a random token file (mode 0600) if there is none; never prints the token."""
+    if not path.exists() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def auth_env(token_file: Path = DEFAULT_TOKEN_FILE) -> dict[str, str]:
+    """Environment variables every Ray process and client of this cluster needs."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
+
+
+@dataclass
+class LocalCluster:
+    gcs_port: int
+    dashboard_port: int
+    token_file: Path
+    pgid: int  # process group of the blocking `ray start`: stopping kills this cluster and nothing else
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **auth_env(self.token_file), "RAY_ADDRESS": self.dashboard_url}
+
+    def submit(self, entrypoint: list[str], working_dir: Path = REPO_ROOT, runtime_env: dict | None = None,
+               submission_id: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """``ray job submit`` (waits for the job and streams its logs); returns the finished process."""
+        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir)]
+        if runtime_env:
+            cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+        if submission_id:
+            cmd += ["--submission-id", submission_id]
+        cmd += ["--", *entrypoint]
+        return subprocess.run(cmd, env=self.env(), timeout=timeout)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stops this cluster only (``ray stop`` would stop every Ray on the machine)."""
+        try:
+            self._signal_group(grace_s)
+        finally:
+            # Ray records the last head it started here; a stale record makes a later `ray.init()`
+            # try to join this dead cluster instead of starting its own.
+            current = Path("/tmp/ray/ray_current_cluster")
+            if current.exists() and current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink(missing_ok=True)
+
+    def _signal_group(self, grace_s: float) -> None:
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self.pgid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.2)
+
+
+def start(num_cpus: int = 2, token_file: Path = DEFAULT_TOKEN_FILE, object_store_mb: int = 1024,
+          temp_dir: str | None = None, timeout_s: float = 120.0) -> LocalCluster:
+    """Starts a single-node head bound to 127.0.0.1 with token auth and waits until jobs can be submitted.
+
+    ``ray start --block`` runs in a new process group that owns every process of the cluster, so the
+    cluster can be stopped without touching any other Ray on the machine.
+    """
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    token_file = ensure_token(token_file)
+    cmd = [
+        _ray_bin(), "start", "--head",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs_port),
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard_port),
+        "--num-cpus", str(num_cpus),
+        "--object-store-memory", str(object_store_mb * 2**20),
+        "--disable-usage-stats",
+        "--block",
+    ]
+    if temp_dir:
+        cmd += ["--temp-dir", temp_dir]
+    env = {**os.environ, **auth_env(token_file)}
+    log_path = Path(temp_dir or "/tmp") / f"ray-local-{gcs_port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = LocalCluster(gcs_port, dashboard_port, token_file, pgid=proc.pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}; log: {log_path}\n{log_path.read_text()[-3000:]}")
+        try:  # the job API answers (401 without a token) once the dashboard head is up
+            urllib.request.urlopen(f"{cluster.dashboard_url}/api/version", timeout=2)
+            return cluster
+        except urllib.error.HTTPError:
+            return cluster
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    cluster.stop()
+    raise TimeoutError(f"Ray head did not come up within {timeout_s}s; log: {log_path}")
+
+
+def _state_path() -> Path:
+    return REPO_ROOT / STATE_FILE_NAME
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.local_cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    start_p = sub.add_parser("start", help="start a local head node with token auth")
+    start_p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    start_p.add_argument("--object-store-mb", type=int, default=1024)
+    sub.add_parser("stop", help="stop the local cluster")
+    submit_p = sub.add_parser("submit", help="ray job submit to the local cluster (args after --)")
+    submit_p.add_argument("entrypoint", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+
+    if args.command == "start":
+        cluster = start(args.num_cpus, object_store_mb=args.object_store_mb)
+        _state_path().write_text(json.dumps({"gcs_port": cluster.gcs_port, "dashboard_port": cluster.dashboard_port,
+                                             "token_file": str(cluster.token_file), "pgid": cluster.pgid}))
+        print(f"Ray head at {cluster.address}, dashboard {cluster.dashboard_url} (token auth on, loopback only)")
+        return 0
+    if not _state_path().exists():
+        print("no local cluster started from this checkout (python -m pipeline.local_cluster start)", file=sys.stderr)
+        return 1
+    state = json.loads(_state_path().read_text())
+    cluster = LocalCluster(state["gcs_port"], state["dashboard_port"], Path(state["token_file"]), state["pgid"])
+    if args.command == "stop":
+        cluster.stop()
+        _state_path().unlink(missing_ok=True)
+        return 0
+    entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    if not entry:
+        parser.error("submit needs an entrypoint after --")
+    return cluster.submit(entry).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
