@@ -54,7 +54,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_bin() -> str:
+def ray_executable() -> str:
     candidate = Path(sys.executable).with_name("ray")
     return str(candidate) if candidate.exists() else "ray"
 
@@ -80,7 +80,7 @@ class LocalCluster:
     def submit(self, entrypoint: list[str], working_dir: Path = REPO_ROOT, runtime_env: dict | None = None,
                submission_id: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
         """``ray job submit`` (waits for the job and streams its logs); returns the finished process."""
-        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir)]
+        cmd = [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir)]
         if runtime_env:
             cmd += ["--runtime-env-json", json.dumps(runtime_env)]
         if submission_id:
@@ -124,7 +124,7 @@ def start(num_cpus: int = 2, token_file: Path = DEFAULT_TOKEN_FILE, object_store
     gcs_port, dashboard_port = _free_port(), _free_port()
     token_file = ensure_token(token_file)
     cmd = [
-        _ray_bin(), "start", "--head",
+        ray_executable(), "start", "--head",
         "--node-ip-address", "127.0.0.1",
         "--port", str(gcs_port),
         "--dashboard-host", "127.0.0.1",
