@@ -52,7 +52,7 @@ def test_ray_job_submit_of_the_demo_learns_and_leaves_a_complete_mlflow_run(tmp_
     (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert params["model.preset"] == "mvit_b_16x4" and params["trainer.epochs"] == "8"
+    assert params["model.preset"] == "mvit_b_16x4" and params["trainer.epochs"] == "10"
     assert params["model.num_classes"] == "4" and params["data.root"] == str(shards)
     assert {"git_commit", "config_hash", "dataset_manifest_hash", "world_size", "ray_version",
             "torch_version"} <= tags.keys()
