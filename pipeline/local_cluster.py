@@ -30,6 +30,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKEN_FILE = REPO_ROOT / ".ray_token"
 STATE_FILE_NAME = ".ray_local_cluster.json"
+_AGENT_NOT_READY = "No available agent to submit job"
 
 
 def ensure_token(path: Path = DEFAULT_TOKEN_FILE) -> Path:
@@ -78,15 +79,34 @@ class LocalCluster:
         return {**os.environ, **auth_env(self.token_file), "RAY_ADDRESS": self.dashboard_url}
 
     def submit(self, entrypoint: list[str], working_dir: Path = REPO_ROOT, runtime_env: dict | None = None,
-               submission_id: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-        """``ray job submit`` (waits for the job and streams its logs); returns the finished process."""
+               submission_id: str | None = None, timeout: float | None = None,
+               attempts: int = 20) -> subprocess.CompletedProcess:
+        """``ray job submit`` (waits for the job and streams its logs); returns the finished process.
+
+        Right after the head starts, its job agent may not be registered yet and the dashboard answers
+        "No available agent to submit job, please try again later": then no job was created, so the
+        submission is retried (a few seconds apart).
+        """
         cmd = [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir)]
         if runtime_env:
             cmd += ["--runtime-env-json", json.dumps(runtime_env)]
         if submission_id:
             cmd += ["--submission-id", submission_id]
         cmd += ["--", *entrypoint]
-        return subprocess.run(cmd, env=self.env(), timeout=timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            tail: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                tail = (tail + [line])[-20:]
+            returncode = proc.wait(timeout=timeout)
+            if returncode != 0 and any(_AGENT_NOT_READY in line for line in tail) and attempt < attempts:
+                time.sleep(3)
+                continue
+            return subprocess.CompletedProcess(cmd, returncode)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Stops this cluster only (``ray stop`` would stop every Ray on the machine)."""

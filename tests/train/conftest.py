@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "preprocessing", *args], check=True, capture_output=True, text=True)
+from tests.train.helpers import synthetic_kinetics_shards
 
 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    raw = tmp_path_factory.mktemp("train_raw")
-    out = tmp_path_factory.mktemp("train_shards")
-    _cli("synth", "kinetics", "--out", str(raw), "--classes", "3", "--per-class", "4", "--val-per-class", "2",
-         "--seconds", "2", "--fps", "15", "--size", "96x72")
-    for csv in ("train.csv", "validate.csv"):
-        _cli("kinetics", "--csv", str(raw / "annotations" / csv), "--videos", str(raw), "--out", str(out),
-             "--short-side", "72", "--shard-samples", "4", "--workers", "1", "--no-progress")
-    return out
+    return synthetic_kinetics_shards(tmp_path_factory.mktemp("train_data"), classes=3, per_class=4, val_per_class=2,
+                                     shard_samples=4, fps=15)

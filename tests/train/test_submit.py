@@ -4,29 +4,22 @@ auth, on a synthetic Kinetics dataset, ending in an MLflow run that learned (wel
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import local_cluster
+from tests.train.helpers import synthetic_kinetics_shards
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "preprocessing", *args], check=True, capture_output=True, text=True)
-
-
 @pytest.mark.slow
 def test_ray_job_submit_of_the_demo_learns_and_leaves_a_complete_mlflow_run(tmp_path):
-    raw, shards, runs = tmp_path / "raw", tmp_path / "shards", tmp_path / "runs"
-    _cli("synth", "kinetics", "--out", str(raw), "--classes", "4", "--per-class", "40", "--val-per-class", "8",
-         "--seconds", "2", "--size", "96x72")
-    for csv in ("train", "validate"):
-        _cli("kinetics", "--csv", str(raw / "annotations" / f"{csv}.csv"), "--videos", str(raw), "--out",
-             str(shards), "--short-side", "72", "--shard-samples", "20", "--no-progress")
+    # the same data as scripts/demo.sh
+    shards = synthetic_kinetics_shards(tmp_path, classes=4, per_class=40, val_per_class=8, shard_samples=20)
+    runs = tmp_path / "runs"
 
     cluster = local_cluster.start(num_cpus=4, token_file=tmp_path / "ray_token")
     try:
