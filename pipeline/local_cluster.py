@@ -149,6 +149,13 @@ def start(num_cpus: int = 2, token_file: Path = DEFAULT_TOKEN_FILE, object_store
         "--port", str(gcs_port),
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dashboard_port),
+        # Free ports for the per-node agents too: their defaults (e.g. 52365) are taken by any other Ray
+        # on the machine, and a head whose job agent cannot bind never accepts a job submission.
+        "--dashboard-agent-listen-port", str(_free_port()),
+        "--dashboard-agent-grpc-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()),
+        "--metrics-export-port", str(_free_port()),
+        "--ray-client-server-port", str(_free_port()),
         "--num-cpus", str(num_cpus),
         "--object-store-memory", str(object_store_mb * 2**20),
         "--disable-usage-stats",
