@@ -163,7 +163,9 @@ def start(num_cpus: int = 2, token_file: Path = DEFAULT_TOKEN_FILE, object_store
     ]
     if temp_dir:
         cmd += ["--temp-dir", temp_dir]
-    env = {**os.environ, **auth_env(token_file)}
+    # Job entrypoints say `python`: make that this interpreter (the venv) on the cluster's PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **auth_env(token_file), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     log_path = Path(temp_dir or "/tmp") / f"ray-local-{gcs_port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
