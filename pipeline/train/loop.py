@@ -117,12 +117,15 @@ class Trainer:
     def _reseed(self, step: int, micro: int) -> None:
         torch.manual_seed(stable_hash("torch", self.cfg.seed, step, micro, self.ctx.rank) % 2**63)
 
+    def _placeholder_clip(self) -> torch.Tensor:
+        """One zero clip: an empty batch still has to run the forward (FSDP all-gathers on every rank)."""
+        return torch.zeros((1,) + self.model_cfg.input_shape, device=self.ctx.device)
+
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         x = normalize(batch["video"], self.mean, self.std)
         rows = int(x.shape[0])
-        if rows == 0:  # every rank must still run the block all-gathers: use a zero clip, weight 0
-            x = torch.zeros((1,) + self.model_cfg.input_shape, device=self.ctx.device)
-            return self.model(x).sum() * 0.0, 0
+        if rows == 0:  # weight 0: the step only keeps the ranks' collectives in step
+            return self.model(self._placeholder_clip()).sum() * 0.0, 0
         x, targets = mix_batch(x, batch["label"], self.model_cfg.num_classes, self.cfg.data.augment, batch["mix_seed"])
         return soft_cross_entropy(self.model(x), targets), rows
 
@@ -190,7 +193,7 @@ class Trainer:
             for batch in self.val_data.epoch(epoch, 0):
                 x = normalize(batch["video"], self.mean, self.std)
                 if x.shape[0] == 0:
-                    self.model(torch.zeros((1,) + self.model_cfg.input_shape, device=self.ctx.device))
+                    self.model(self._placeholder_clip())
                     continue
                 acc.add(self.model(x), batch["label"], batch["video_id"])
         stats = EpochStats.merge(_gather(self.val_data.stats, self.ctx))
