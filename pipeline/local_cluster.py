@@ -49,10 +49,20 @@ def auth_env(token_file: Path = DEFAULT_TOKEN_FILE) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports.
+
+    All sockets stay bound until every port is chosen: closing each before asking for the next lets the
+    kernel hand out the same port twice, and Ray refuses to start when two components share one.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def ray_executable() -> str:
@@ -141,7 +151,7 @@ def start(num_cpus: int = 2, token_file: Path = DEFAULT_TOKEN_FILE, object_store
     ``ray start --block`` runs in a new process group that owns every process of the cluster, so the
     cluster can be stopped without touching any other Ray on the machine.
     """
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, agent_http, agent_grpc, runtime_env, metrics, client = _free_ports(7)
     token_file = ensure_token(token_file)
     cmd = [
         ray_executable(), "start", "--head",
@@ -151,11 +161,11 @@ def start(num_cpus: int = 2, token_file: Path = DEFAULT_TOKEN_FILE, object_store
         "--dashboard-port", str(dashboard_port),
         # Free ports for the per-node agents too: their defaults (e.g. 52365) are taken by any other Ray
         # on the machine, and a head whose job agent cannot bind never accepts a job submission.
-        "--dashboard-agent-listen-port", str(_free_port()),
-        "--dashboard-agent-grpc-port", str(_free_port()),
-        "--runtime-env-agent-port", str(_free_port()),
-        "--metrics-export-port", str(_free_port()),
-        "--ray-client-server-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(agent_http),
+        "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(runtime_env),
+        "--metrics-export-port", str(metrics),
+        "--ray-client-server-port", str(client),
         "--num-cpus", str(num_cpus),
         "--object-store-memory", str(object_store_mb * 2**20),
         "--disable-usage-stats",
