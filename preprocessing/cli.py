@@ -9,7 +9,7 @@ import argparse
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from preprocessing import __version__, imagenet, kinetics
 from preprocessing.parallel import ParallelConfig
@@ -54,11 +54,37 @@ def parse_size(text: str) -> int | None:
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]. Out-of-range flags are refused while parsing, before
+    any input is read (an x264 CRF of 99 would otherwise reject every video one by one)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+_positive_int = _int_in(1)
+_non_negative_int = _int_in(0)
+_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                 "placebo")
+
+
+def _dimensions(text: str) -> tuple[int, int]:
+    """'128x96' -> (128, 96); both sides must be positive even numbers (H.264 with yuv420p)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) < 2 or int(height) < 2 \
+            or int(width) % 2 or int(height) % 2:
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT with even sides >= 2, got {text!r}")
+    return int(width), int(height)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +113,8 @@ def _add_kinetics(commands: argparse._SubParsersAction) -> None:
         "Kinetics-400/600/700 videos -> H.264 MP4 shards (one split per run).",
         "Videos are found by name anywhere below --videos: {youtube_id}_{start:06d}_{end:06d}.mp4|.mkv|.webm\n"
         "(flat train/ val/ test/ folders or per-class folders), or uncut {youtube_id}.* downloads.\n"
-        "CSV rows without a video and videos that do not decode go to {split}.rejects.jsonl.\n"
+        "CSV rows without a video, with an unknown label or malformed times, and videos that do not decode\n"
+        "go to {split}.rejects.jsonl. A display-matrix rotation is applied (output stored upright).\n"
         "Transcoding uses PyAV (libx264, in-process; no ffmpeg binary needed).\n\n"
         "example:\n  python -m preprocessing kinetics --csv k400/annotations/train.csv --videos k400/train \\\n"
         "      --out s3://bucket/k400-shards --workers 16\n\n" + _STORAGE_HELP,
@@ -103,8 +130,9 @@ def _add_kinetics(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--trim", action="store_true", help="cut uncut {youtube_id}.* downloads to the annotated segment")
     p.add_argument("--short-side", type=_positive_int, default=320, help="output short side in pixels (default 320)")
     p.add_argument("--gop", type=_positive_int, default=16, help="max frames between keyframes (default 16)")
-    p.add_argument("--crf", type=int, default=23, help="x264 constant rate factor, lower = better (default 23)")
-    p.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    p.add_argument("--crf", type=_int_in(0, 51), default=23,
+                   help="x264 constant rate factor 0-51, lower = better (default 23)")
+    p.add_argument("--preset", choices=_X264_PRESETS, default="veryfast", help="x264 preset (default veryfast)")
     _add_output_args(p, default_shard_bytes="1GB")
 
 
@@ -125,7 +153,7 @@ def _add_imagenet(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--val-labels", help=f"{imagenet.VAL_SOLUTION_FILE} (default: ROOT/{imagenet.VAL_SOLUTION_FILE} if present)")
     p.add_argument("--devkit", help=f"{imagenet.DEVKIT_DIR} folder (default: ROOT/{imagenet.DEVKIT_DIR} if present)")
     p.add_argument("--max-side", type=_positive_int, default=512, help="longer side bound in pixels (default 512)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-95 (default 90)")
+    p.add_argument("--quality", type=_int_in(1, 95), default=90, help="JPEG quality 1-95 (default 90)")
     p.add_argument(
         "--max-pixels", type=_positive_int, default=89_478_485, help="reject images with more pixels (decompression bombs)"
     )
@@ -172,17 +200,17 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="local folder to create")
     p.add_argument("--classes", type=_positive_int, default=3, help="number of classes (default 3)")
     p.add_argument("--per-class", type=_positive_int, default=3, help="train inputs per class (default 3)")
-    p.add_argument("--val-per-class", type=int, default=1, help="val inputs per class (default 1)")
-    p.add_argument("--corrupt", type=int, default=0, help="train files that do not decode (default 0)")
+    p.add_argument("--val-per-class", type=_non_negative_int, default=1, help="val inputs per class (default 1)")
+    p.add_argument("--corrupt", type=_non_negative_int, default=0, help="train files that do not decode (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
     v = p.add_argument_group("kinetics only")
     v.add_argument("--seconds", type=_positive_int, default=2, help="clip length (default 2)")
     v.add_argument("--fps", type=_positive_int, default=25, help="frame rate (default 25)")
-    v.add_argument("--size", default="128x96", help="WIDTHxHEIGHT of the videos (default 128x96)")
+    v.add_argument("--size", type=_dimensions, default="128x96", help="WIDTHxHEIGHT of the videos (default 128x96)")
     v.add_argument("--layout", choices=["flat", "per-class"], default="flat", help="video folders (default flat)")
     v.add_argument("--full-videos", action="store_true", help="uncut {youtube_id}.mp4 files (use with kinetics --trim)")
     v.add_argument("--containers", default="mp4", help="comma list cycled over clips: mp4,mkv,webm (default mp4)")
-    v.add_argument("--missing", type=int, default=0, help="extra train CSV rows with no video file")
+    v.add_argument("--missing", type=_non_negative_int, default=0, help="extra train CSV rows with no video file")
     i = p.add_argument_group("imagenet only")
     i.add_argument("--image-size", type=_positive_int, default=96, help="typical image side (default 96)")
     i.add_argument("--no-quirks", action="store_true", help="leave out the CMYK / grayscale / PNG-named-.JPEG files")
@@ -200,11 +228,14 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("url", help="output folder or URL given as --out when the shards were written")
     p.add_argument("--split", required=True, action="append", help="split to check (repeatable)")
-    p.add_argument("--decode", type=int, default=1, metavar="N", help="samples decoded per shard (default 1)")
+    p.add_argument("--decode", type=_non_negative_int, default=1, metavar="N",
+                   help="samples decoded per shard (default 1)")
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL(_S3) env)")
 
 
 def _run_dataset(args: argparse.Namespace) -> int:
+    if args.shard_bytes is None and args.shard_samples is None:  # before any input is read
+        raise ValueError("--shard-bytes 0 means no byte bound: give --shard-samples N as well")
     options = storage_options_for(args.out, args.s3_endpoint_url)
     # One endpoint for all inputs (CSVs, label files, media): set if any of them is on S3; non-S3
     # filesystems ignore it.
@@ -243,9 +274,9 @@ def _run_dataset(args: argparse.Namespace) -> int:
 
 def _run_synth(args: argparse.Namespace) -> int:
     if args.dataset == "kinetics":
-        width, _, height = args.size.partition("x")
+        width, height = args.size
         cfg = SynthKinetics(
-            args.out, args.classes, args.per_class, args.val_per_class, args.seconds, args.fps, int(width), int(height),
+            args.out, args.classes, args.per_class, args.val_per_class, args.seconds, args.fps, width, height,
             args.layout, args.full_videos, tuple(args.containers.split(",")), args.missing, args.corrupt, args.seed,
         )  # fmt: skip
         report = synth_kinetics(cfg)
@@ -287,3 +318,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:  # bad paths, layouts or CSVs: say what, not where
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _storage_errors() as exc:
+        # The store failed even after the retries (storage.s3_client_options), or cannot be used at all
+        # (credentials, endpoint). One line, not a traceback from deep inside botocore (that is logged at
+        # DEBUG); published shards are complete, so the same command resumes the work.
+        logging.getLogger(__name__).debug("storage failure", exc_info=True)
+        resume = "; shards already written are complete, rerun the same command to resume"
+        print(f"error: storage failure ({type(exc).__name__}: {_one_line(exc)})"
+              f"{resume if args.command in ('kinetics', 'imagenet') else ''}", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the store or the network failed" (not a bug in this tool)."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:  # no S3 support installed
+        pass
+    return tuple(errors)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -57,21 +58,66 @@ class Annotation:
         return f"{self.youtube_id}_{int(self.start):06d}_{int(self.end):06d}"
 
 
-def read_annotations(url: str, storage_options: dict[str, Any] | None = None) -> list[Annotation]:
+@dataclass(frozen=True)
+class AnnotationTable:
+    """The rows of an annotation CSV that can be used, the rows that cannot (as rejects, one per row,
+    named `{csv}:{line}`), and the label of every row (usable or not, for the class list)."""
+
+    rows: list[Annotation]
+    malformed: list[Reject]
+    labels: set[str]
+
+
+def read_annotation_table(url: str, storage_options: dict[str, Any] | None = None) -> AnnotationTable:
+    """Parse an annotation CSV. A bad row (times that are not finite numbers, end before start, no
+    youtube_id) becomes a reject instead of stopping the whole split: real CSVs are hand-edited."""
     reader = csv.DictReader(io.StringIO(read_text(url, storage_options)))
     missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
     if missing:
         raise ValueError(f"{url}: missing column(s) {missing}; expected label,youtube_id,time_start,time_end,split")
-    return [
-        Annotation(
-            label=row.get("label") or None,
-            youtube_id=row["youtube_id"].strip(),
-            start=float(row["time_start"]),
-            end=float(row["time_end"]),
-            split=row.get("split") or None,
+    table = AnnotationTable([], [], set())
+    for row in reader:
+        label = row.get("label") or None
+        if label is not None:
+            table.labels.add(label)
+        problem = _row_problem(row)
+        if problem:
+            table.malformed.append(Reject(f"{url}:{reader.line_num}", f"malformed CSV row: {problem}"))
+            continue
+        table.rows.append(
+            Annotation(
+                label=label,
+                youtube_id=row["youtube_id"].strip(),
+                start=float(row["time_start"]),
+                end=float(row["time_end"]),
+                split=row.get("split") or None,
+            )
         )
-        for row in reader
-    ]
+    return table
+
+
+def _row_problem(row: dict[str, str | None]) -> str | None:
+    """Why a CSV row cannot name a clip, or None."""
+    if not (row.get("youtube_id") or "").strip():
+        return "empty youtube_id"
+    times = []
+    for column in ("time_start", "time_end"):
+        text = (row.get(column) or "").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            return f"{column} {text!r} is not a number"
+        if not math.isfinite(value) or value < 0:
+            return f"{column} {text!r} is not a finite time >= 0"
+        times.append(value)
+    if times[1] < times[0]:
+        return f"time_end {times[1]:g} is before time_start {times[0]:g}"
+    return None
+
+
+def read_annotations(url: str, storage_options: dict[str, Any] | None = None) -> list[Annotation]:
+    """The usable rows of an annotation CSV (see `read_annotation_table`)."""
+    return read_annotation_table(url, storage_options).rows
 
 
 def default_split(annotations: list[Annotation], csv_url: str) -> str:
@@ -83,20 +129,22 @@ def default_split(annotations: list[Annotation], csv_url: str) -> str:
 
 def load_classes(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     if url.lower().endswith(".csv"):
-        return sorted({a.label for a in read_annotations(url, storage_options) if a.label})
+        return sorted(read_annotation_table(url, storage_options).labels)
     return [line.strip() for line in read_text(url, storage_options).splitlines() if line.strip()]
 
 
 def discover(source: KineticsSource, storage_options: dict[str, Any] | None = None) -> Discovery:
-    annotations = read_annotations(source.csv, storage_options)
+    table = read_annotation_table(source.csv, storage_options)
+    annotations = table.rows
     classes_url = source.classes_from or _default_classes_csv(source.csv, storage_options)
     classes = load_classes(classes_url, storage_options)
-    log.info("kinetics: %d rows in %s, %d classes from %s", len(annotations), source.csv, len(classes), classes_url)
+    log.info("kinetics: %d rows in %s (%d malformed), %d classes from %s", len(annotations) + len(table.malformed),
+             source.csv, len(table.malformed), len(classes), classes_url)  # fmt: skip
     class_index = {name: i for i, name in enumerate(classes)}
     videos = _index_videos(source.videos, storage_options)
     keys = unique_keys(sorted({a.clip_id for a in annotations}))
 
-    found = Discovery(classes=classes, class_ids=list(classes))
+    found = Discovery(classes=classes, class_ids=list(classes), rejects=list(table.malformed))
     seen: set[str] = set()
     for row in annotations:
         clip_id = row.clip_id

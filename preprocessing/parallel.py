@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -92,9 +92,20 @@ def _run_processes(fn: JobFn, jobs: Sequence[Any], workers: int, bar: tqdm) -> I
     drainer.start()
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
-            pending = {pool.submit(_call_in_worker, fn, job) for job in jobs}
+            # At most `workers` jobs are submitted at a time. The executor would otherwise queue extra
+            # jobs that can no longer be cancelled, and after a failure (e.g. a storage outage) the
+            # run would wait for them to fail one after another instead of stopping after the
+            # jobs already running.
+            todo = iter(jobs)
+            pending: set[Future] = set()
             try:
-                while pending:
+                while True:
+                    for job in todo:
+                        pending.add(pool.submit(_call_in_worker, fn, job))
+                        if len(pending) >= workers:
+                            break
+                    if not pending:
+                        break
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         yield future.result()
@@ -120,6 +131,10 @@ def _run_ray(fn: JobFn, jobs: Sequence[Any], address: str, bar: tqdm) -> Iterato
     if started_here:
         # Ship this package to the workers so every node runs the driver's exact code.
         package_dir = os.path.dirname(os.path.abspath(preprocessing.__file__))
+        if address == "local":  # a private instance: every port on 127.0.0.1 (see pipeline.local_cluster)
+            from pipeline.local_cluster import keep_ray_on_loopback
+
+            keep_ray_on_loopback()
         ray.init(address=address or None, runtime_env={"py_modules": [package_dir]}, log_to_driver=False)
     try:
         counter = ray.remote(num_cpus=0)(_Counter).remote()

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Iterator, Protocol
 
 import av
 import av.logging
+import numpy as np
 import PIL
 from PIL import Image
 
@@ -86,7 +87,14 @@ class VideoEncoder:
     """H.264 at a fixed short side, source frame rate kept, short GOP for cheap random access.
 
     The output is constant-frame-rate at the source's average rate: every decoded frame (inside the
-    segment, when trimming) is kept exactly once. Audio is dropped: training reads frames only.
+    segment, when trimming) is kept exactly once, so a variable-frame-rate source keeps all its frames
+    and its total duration. Audio is dropped: training reads frames only.
+
+    Rotation: phone videos are often stored sideways with a display matrix saying how to turn them.
+    Decord (the training-time decoder) ignores display matrices, so the rotation (a multiple of 90
+    degrees, read from the decoded frames) is applied here and the output is stored upright with no
+    display matrix; "short side" refers to the upright picture. Mirroring in a display matrix is not
+    applied (PyAV exposes only its rotation).
     """
 
     modality: ClassVar[str] = "video"
@@ -106,6 +114,7 @@ class VideoEncoder:
             "interpolation": "bicubic",
             "threads": 1,
             "audio": "dropped",
+            "rotation": "applied",
             "av_version": av.__version__,
         }
 
@@ -135,7 +144,8 @@ class VideoEncoder:
         av.logging.set_level(av.logging.FATAL)
         with av.open(src, mode="r", metadata_errors="ignore") as inp:
             if not inp.streams.video:
-                raise RejectError("no video stream")
+                found = ", ".join(sorted({st.type for st in inp.streams})) or "no streams at all: truncated or not a media file"
+                raise RejectError(f"no video stream ({found})")
             stream = inp.streams.video[0]
             stream.codec_context.thread_count = 1
             fps = _frame_rate(stream)
@@ -144,7 +154,9 @@ class VideoEncoder:
             if first is None:
                 where = f" in segment {segment[0]:g}-{segment[1]:g}s" if segment else ""
                 raise RejectError(f"no frames decoded{where}")
-            width, height = even_scaled_size(first.width, first.height, self.short_side)
+            turns = _quarter_turns(first)
+            upright = (first.height, first.width) if turns % 2 else (first.width, first.height)
+            width, height = even_scaled_size(*upright, self.short_side)
             out = io.BytesIO()
             count = 0
             with av.open(out, mode="w", format="mp4") as container:
@@ -155,7 +167,7 @@ class VideoEncoder:
                 ost.codec_context.thread_count = 1
                 ost.options = {"crf": str(self.crf), "preset": self.preset, "x264-params": X264_PARAMS}
                 for frame in _chain(first, frames):
-                    scaled = frame.reformat(width, height, "yuv420p", interpolation="BICUBIC", threads=1)
+                    scaled = _scaled_upright(frame, width, height, turns)
                     scaled.pts, scaled.time_base = count, ost.codec_context.time_base
                     container.mux(ost.encode(scaled))
                     count += 1
@@ -189,6 +201,25 @@ def _decoded_frames(
             return
         if t >= start - 1e-6:
             yield frame
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counterclockwise quarter turns (0-3) that make `frame` display upright (its display matrix)."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _scaled_upright(frame: av.VideoFrame, width: int, height: int, turns: int) -> av.VideoFrame:
+    """`frame` as yuv420p of `width` x `height` after `turns` counterclockwise quarter turns.
+
+    Scaling happens before the turn (on the stored orientation), so a rotated 4K source is turned
+    at the output size; the turn goes through RGB, as swscale cannot rotate.
+    """
+    if turns == 0:
+        return frame.reformat(width, height, "yuv420p", interpolation="BICUBIC", threads=1)
+    stored_w, stored_h = (height, width) if turns % 2 else (width, height)
+    rgb = frame.reformat(stored_w, stored_h, "rgb24", interpolation="BICUBIC", threads=1).to_ndarray()
+    turned = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(rgb, turns)), format="rgb24")
+    return turned.reformat(format="yuv420p", threads=1)
 
 
 def _chain(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:

@@ -17,7 +17,7 @@ import av
 from PIL import Image
 
 from preprocessing.manifest import Manifest, check_split, load_manifest, rejects_name
-from preprocessing.storage import Store
+from preprocessing.storage import Store, credentials_hint, is_client_error, redact
 
 _MEDIA = {"video": "mp4", "image": "jpg"}
 _META_FIELDS = {
@@ -48,6 +48,12 @@ def verify_split(
         manifest = load_manifest(url, check_split(split), storage_options)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         report.problems.append(f"manifest unreadable: {type(exc).__name__}: {exc}")
+        return report
+    except Exception as exc:  # noqa: BLE001 - storage unusable (no credentials, endpoint down): name the URL
+        if not (isinstance(exc, OSError) or is_client_error(exc)):
+            raise
+        report.problems.append(f"manifest unreadable at {redact(url)}: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())}{credentials_hint(exc)}")
         return report
     _check_totals(manifest, report)
     _check_rejects(store, manifest, report)

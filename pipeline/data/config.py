@@ -16,6 +16,7 @@ recipe (PySlowFast); ``imagenet_defaults()`` gives the image recipe. Validation 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,6 +24,7 @@ KINETICS_MEAN = [0.45, 0.45, 0.45]
 KINETICS_STD = [0.225, 0.225, 0.225]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+_SPLIT = re.compile(r"^[A-Za-z0-9_-]+$")  # split names are file-name prefixes (preprocessing.manifest)
 
 
 @dataclass
@@ -144,49 +146,82 @@ class DataConfig:
     decoder: DecoderPoolConfig = field(default_factory=DecoderPoolConfig)
 
     def storage_options(self) -> dict:
-        """fsspec options for ``root``: only a non-secret endpoint; credentials stay in the env."""
-        if self.s3_endpoint_url and self.root.startswith(("s3://", "s3a://")):
-            return {"endpoint_url": self.s3_endpoint_url}
-        return {}
+        """fsspec options for ``root``: for S3, a non-secret endpoint and the retry policy (read here,
+        on the driver, from ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE``, so every read task retries the
+        same way; see ``preprocessing.storage.s3_client_options``). Credentials stay in the env."""
+        if not self.root.startswith(("s3://", "s3a://")):
+            return {}
+        from preprocessing.storage import s3_client_options
+
+        endpoint = {"endpoint_url": self.s3_endpoint_url} if self.s3_endpoint_url else {}
+        return {**endpoint, **s3_client_options()}
 
     def validate(self) -> DataConfig:
-        """Raise ValueError naming the first bad field; return self."""
+        """Raise ValueError naming the first bad field by its full key (``data.batch_size must be >= 1,
+        got 0``); return self. ``pipeline.config.load_config`` traces the key to the file or command line
+        that set it."""
         s, a, d, sh = self.sampling, self.augment, self.decoder, self.shuffle
+
+        def pair(values: list, low: float, high: float | None = None) -> bool:
+            return len(values) == 2 and low < values[0] <= values[1] and (high is None or values[1] <= high)
+
         checks = [
-            (bool(self.root), "root", "must name the shard set (local path or URL)"),
-            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch_size", "must be >= 1"),
-            (self.prefetch_batches >= 0, "prefetch_batches", "must be >= 0"),
-            (s.num_frames >= 1 and s.stride >= 1, "sampling.num_frames/stride", "must be >= 1"),
-            (s.target_fps >= 0, "sampling.target_fps", "must be >= 0 (0 = stride in source frames)"),
-            (s.short_video in ("clamp", "loop"), "sampling.short_video", "must be 'clamp' or 'loop'"),
-            (s.eval_clips >= 1, "sampling.eval_clips", "must be >= 1"),
-            (s.eval_crops in (1, 3), "sampling.eval_crops", "must be 1 or 3"),
-            (a.mode in ("jitter", "rrc"), "augment.mode", "must be 'jitter' or 'rrc'"),
-            (len(a.jitter_scales) == 2 and 0 < a.jitter_scales[0] <= a.jitter_scales[1], "augment.jitter_scales",
-             "must be [min, max] with 0 < min <= max"),
-            (len(a.rrc_scale) == 2 and 0 < a.rrc_scale[0] <= a.rrc_scale[1] <= 1, "augment.rrc_scale",
-             "must be [min, max] within (0, 1]"),
-            (len(a.rrc_ratio) == 2 and 0 < a.rrc_ratio[0] <= a.rrc_ratio[1], "augment.rrc_ratio", "must be [min, max] > 0"),
-            (a.crop_size >= 1 and a.eval_short_side >= a.crop_size, "augment.eval_short_side", "must be >= crop_size"),
-            (0 <= a.rand_augment_magnitude <= 10 and a.rand_augment_ops >= 0, "augment.rand_augment_*",
-             "magnitude must be in [0, 10], ops >= 0"),
-            (0 <= a.random_erasing <= 1 and 0 <= a.mix_prob <= 1 and 0 <= a.switch_prob <= 1, "augment probabilities",
-             "must be in [0, 1]"),
-            (a.repeated_aug >= 1, "augment.repeated_aug", "must be >= 1"),
-            (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha", "must be >= 0"),
-            (0 <= a.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)"),
-            (len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.mean/std", "must have 3 values, std > 0"),
-            (1 <= d.min_actors <= d.max_actors, "decoder.min_actors/max_actors", "must satisfy 1 <= min <= max"),
-            (d.num_cpus >= 0 and d.num_gpus >= 0 and d.threads >= 0, "decoder resources", "must be >= 0"),
-            (d.device in ("auto", "cpu", "gpu"), "decoder.device", "must be 'auto', 'cpu' or 'gpu'"),
-            (d.tasks_in_flight >= 1, "decoder.tasks_in_flight", "must be >= 1"),
-            (sh.interleave >= 1 and sh.buffer >= 0, "shuffle.interleave/buffer", "interleave >= 1, buffer >= 0"),
-            (self.read_num_cpus >= 0, "read_num_cpus", "must be >= 0"),
+            (bool(self.root.strip()), "root", "must name the shard set (local path or URL)", self.root),
+            (all(_SPLIT.match(x) for x in (self.train_split, self.val_split)), "train_split / data.val_split",
+             "must match [A-Za-z0-9_-]+", [self.train_split, self.val_split]),
+            (not self.s3_endpoint_url or self.s3_endpoint_url.startswith(("http://", "https://")), "s3_endpoint_url",
+             "must be an http:// or https:// URL", _no_userinfo(self.s3_endpoint_url or "")),
+            (self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size),
+            (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1", self.eval_batch_size),
+            (self.seed >= 0, "seed", "must be >= 0", self.seed),
+            (self.prefetch_batches >= 0, "prefetch_batches", "must be >= 0", self.prefetch_batches),
+            (self.read_num_cpus >= 0, "read_num_cpus", "must be >= 0", self.read_num_cpus),
+            (sh.interleave >= 1, "shuffle.interleave", "must be >= 1", sh.interleave),
+            (sh.buffer >= 0, "shuffle.buffer", "must be >= 0", sh.buffer),
+            (s.num_frames >= 1, "sampling.num_frames", "must be >= 1", s.num_frames),
+            (s.stride >= 1, "sampling.stride", "must be >= 1", s.stride),
+            (s.target_fps >= 0, "sampling.target_fps", "must be >= 0 (0 = stride in source frames)", s.target_fps),
+            (s.short_video in ("clamp", "loop"), "sampling.short_video", "must be 'clamp' or 'loop'", s.short_video),
+            (s.eval_clips >= 1, "sampling.eval_clips", "must be >= 1", s.eval_clips),
+            (s.eval_crops in (1, 3), "sampling.eval_crops", "must be 1 or 3", s.eval_crops),
+            (a.crop_size >= 1, "augment.crop_size", "must be >= 1", a.crop_size),
+            (a.eval_short_side >= a.crop_size, "augment.eval_short_side", "must be >= data.augment.crop_size",
+             a.eval_short_side),
+            (a.mode in ("jitter", "rrc"), "augment.mode", "must be 'jitter' or 'rrc'", a.mode),
+            (pair(a.jitter_scales, 0), "augment.jitter_scales", "must be [min, max] with 0 < min <= max",
+             a.jitter_scales),
+            (pair(a.rrc_scale, 0, 1), "augment.rrc_scale", "must be [min, max] with 0 < min <= max <= 1", a.rrc_scale),
+            (pair(a.rrc_ratio, 0), "augment.rrc_ratio", "must be [min, max] with 0 < min <= max", a.rrc_ratio),
+            (0 <= a.rand_augment_magnitude <= 10, "augment.rand_augment_magnitude", "must be in [0, 10]",
+             a.rand_augment_magnitude),
+            (a.rand_augment_ops >= 0, "augment.rand_augment_ops", "must be >= 0", a.rand_augment_ops),
+            (a.rand_augment_mstd >= 0, "augment.rand_augment_mstd", "must be >= 0", a.rand_augment_mstd),
+            (0 <= a.random_erasing <= 1, "augment.random_erasing", "must be in [0, 1]", a.random_erasing),
+            (0 <= a.mix_prob <= 1, "augment.mix_prob", "must be in [0, 1]", a.mix_prob),
+            (0 <= a.switch_prob <= 1, "augment.switch_prob", "must be in [0, 1]", a.switch_prob),
+            (a.repeated_aug >= 1, "augment.repeated_aug", "must be >= 1", a.repeated_aug),
+            (a.mixup_alpha >= 0, "augment.mixup_alpha", "must be >= 0", a.mixup_alpha),
+            (a.cutmix_alpha >= 0, "augment.cutmix_alpha", "must be >= 0", a.cutmix_alpha),
+            (0 <= a.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)", a.label_smoothing),
+            (len(a.mean) == 3, "augment.mean", "must have 3 values", a.mean),
+            (len(a.std) == 3 and min(a.std) > 0, "augment.std", "must have 3 values > 0", a.std),
+            (d.min_actors >= 1, "decoder.min_actors", "must be >= 1", d.min_actors),
+            (d.max_actors >= d.min_actors, "decoder.max_actors", "must be >= data.decoder.min_actors", d.max_actors),
+            (d.num_cpus >= 0, "decoder.num_cpus", "must be >= 0", d.num_cpus),
+            (d.num_gpus >= 0, "decoder.num_gpus", "must be >= 0", d.num_gpus),
+            (d.threads >= 0, "decoder.threads", "must be >= 0", d.threads),
+            (d.device in ("auto", "cpu", "gpu"), "decoder.device", "must be 'auto', 'cpu' or 'gpu'", d.device),
+            (d.tasks_in_flight >= 1, "decoder.tasks_in_flight", "must be >= 1", d.tasks_in_flight),
         ]
-        for ok, name, rule in checks:
+        for ok, name, rule, value in checks:
             if not ok:
-                raise ValueError(f"data config: {name} {rule}")
+                raise ValueError(f"data.{name} {rule}, got {value!r}")
         return self
+
+
+def _no_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for error messages."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", url)
 
 
 def imagenet_defaults(root: str = "", **overrides: object) -> DataConfig:

@@ -7,10 +7,15 @@ shuffle buffer, and emits one row per sample: the encoded bytes, label and metad
 position and unit, plus the pad rows of the units it completes (see ``plan``).
 
 The manifest is the truth about what a shard holds. A shard that breaks off (damaged tar, dropped
-connection) or holds fewer samples than recorded yields BROKEN rows for the missing samples
-(counted as failed by the worker, never a crash); samples beyond the recorded count are ignored
-with a warning. A shard that cannot be opened at all fails the read: a wrong URL, endpoint or
-credentials must stop the job, not turn into an epoch of skipped samples.
+connection after s3fs's retries) or holds fewer samples than recorded yields BROKEN rows for the
+missing samples (counted as failed by the worker, never a crash); samples beyond the recorded count
+are ignored with a warning. A shard that cannot be opened at all fails the read with
+``ShardUnavailableError`` naming it: a wrong URL, endpoint or credentials, or a storage outage that
+outlasts the retries, must stop the job, not turn into an epoch of skipped samples.
+
+Shards are not hashed while reading: a shard's hash is known only after its samples have been
+handed on, and every epoch would pay for it. The manifest's sha256 is what ``python -m
+preprocessing verify`` checks; a shard whose bytes changed but still parse is read as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import fsspec
 import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline.data.plan import BROKEN, PAD, SAMPLE, CursorRef, Layout, ReadGroup, ShardRef, make_plan, stable_hash
 
@@ -187,10 +192,12 @@ def _shard_samples(
     a configuration or storage outage, which must stop the job rather than read as an empty epoch.
     """
     fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
-    stream = fs.open(path, "rb", block_size=_READ_BLOCK_BYTES)
     try:
-        files = ({**entry, "__url__": shard.url} for entry in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
+        stream = fs.open(path, "rb", block_size=_READ_BLOCK_BYTES)
+    except Exception as exc:  # noqa: BLE001 - named and re-raised: the job must stop with a clear reason
+        raise ShardUnavailableError(f"cannot open shard {shard.url}: {type(exc).__name__}: {exc}") from exc
+    try:
+        for sample in _grouped(tar_file_iterator(stream), shard.url):
             yield _sample_row(sample, extension)
     except Exception as exc:  # noqa: BLE001 - a damaged or cut-off shard ends here; its samples are counted
         errors.append(f"{type(exc).__name__}: {exc}")
@@ -199,8 +206,52 @@ def _shard_samples(
         stream.close()
 
 
+class ShardUnavailableError(OSError):
+    """A shard could not be opened at all (missing object, no access, storage outage after retries)."""
+
+
+def _grouped(files: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """Tar members grouped into samples by key (webdataset's rule: the name up to the first dot).
+
+    Unlike webdataset's ``group_by_keys``, a sample read in full before the stream breaks is still
+    yielded (then the error is raised): a shard cut off inside one member loses that sample and the
+    ones after it, not the complete sample before it.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        for entry in files:
+            key, suffix = base_plus_ext(entry["fname"])
+            if key is None:
+                continue
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in current:
+                raise ValueError(f"{url}: member {entry['fname']!r} appears twice")
+            current[suffix] = entry["data"]
+    except Exception:
+        if current is not None:
+            yield current
+        raise
+    if current is not None:
+        yield current
+
+
+def _unsafe_key(key: str) -> bool:
+    """A key that is a path (``../../x``, ``/abs/x``, ``dir/x``) or holds control characters. Shards made
+    by ``preprocessing`` only hold plain ``{key}.{ext}`` members; anything else was crafted or damaged.
+    Nothing here is ever written to disk, but such a sample is refused (and counted) rather than trusted.
+    Non-regular members (symlinks, hard links, devices) never get here: the tar iterator skips them, so
+    a sample whose media is a link reads as a sample without media."""
+    return "/" in key or "\\" in key or key.startswith("..") or any(ord(c) < 32 or ord(c) == 127 for c in key)
+
+
 def _sample_row(sample: dict[str, Any], extension: str) -> dict[str, Any]:
     key = sample["__key__"]
+    if _unsafe_key(key):
+        return _broken(key, f"unsafe member name {key!r}: members must be plain {{key}}.{{ext}} names")
     data, cls = sample.get(extension), sample.get("cls")
     if data is None or cls is None:
         missing = [name for name, value in ((extension, data), ("cls", cls)) if value is None]

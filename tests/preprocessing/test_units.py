@@ -225,9 +225,12 @@ def test_image_decompression_bomb_and_truncation_are_rejected(tmp_path: Path) ->
 def test_storage_options_take_endpoint_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:9000")
-    assert storage_options_for("s3://b/p") == {"endpoint_url": "http://env:9000"}
-    assert storage_options_for("s3://b/p", "http://flag:1") == {"endpoint_url": "http://flag:1"}
+    assert storage_options_for("s3://b/p")["endpoint_url"] == "http://env:9000"
+    assert storage_options_for("s3://b/p", "http://flag:1")["endpoint_url"] == "http://flag:1"
     assert storage_options_for("/local/dir") == {}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # the retry policy travels with the options
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    assert storage_options_for("s3://b/p")["config_kwargs"] == {"retries": {"total_max_attempts": 7, "mode": "standard"}}
     assert redact("https://user:secret@host/x") == "https://***@host/x"
 
 
