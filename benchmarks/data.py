@@ -221,6 +221,9 @@ def main() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    from pipeline.local_cluster import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
              object_store_memory=1 << 30, log_to_driver=False)  # fmt: skip
     try:

@@ -84,8 +84,10 @@ def main() -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.config import load_config, to_container
+    from pipeline.local_cluster import keep_ray_on_loopback
     from pipeline.train.job import run
 
+    keep_ray_on_loopback()
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="mvit-bench-train-") as tmp:

@@ -2,8 +2,8 @@
 
 One dataclass per concern (model, data, optim, trainer, tracking), composed in ``ExperimentConfig``.
 OmegaConf merges ``configs/experiment/*.yaml`` and ``key.path=value`` overrides onto the schema and
-refuses unknown keys and values of the wrong type before any work starts; the error names the key and
-the file it came from.
+refuses YAML syntax errors, unknown keys, values of the wrong type and out-of-range values before any
+work starts; the one-line error names the key and where it was set (the file or the command line).
 
     cfg = load_config("configs/experiment/demo.yaml", ["trainer.epochs=3", "model.num_classes=5"])
 """
@@ -11,18 +11,20 @@ the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.data.config import DataConfig
 from pipeline.models.mvit import MViTConfig
 from pipeline.models.presets import preset_config
-from pipeline.tracking import TrackingConfig
+from pipeline.tracking import TrackingConfig, redact
 from pipeline.train.optim import OptimConfig
 
 
@@ -72,7 +74,17 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"trainer.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"trainer.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.use_gpu and not self.gpus_per_worker > 0:
+            raise ValueError(f"trainer.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+        if not self.storage_path.strip():
+            raise ValueError("trainer.storage_path must name a folder or s3:// URL, got ''")
 
+
+# The job name becomes a directory under trainer.storage_path (checkpoints, final model): one plain
+# path component, so a config can never write outside the storage path.
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -85,6 +97,12 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        if not _JOB_NAME.match(self.name) or ".." in self.name:
+            raise ValueError(f"name must be a plain folder name ([A-Za-z0-9_.-], no '..'), got {self.name!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
     @property
     def global_batch_size(self) -> int:
         """Rows (views) per optimiser step over all workers; the LR is scaled by it."""
@@ -95,36 +113,150 @@ class ConfigError(ValueError):
     """A configuration problem found before any work started."""
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Schema <- YAML file <- ``a.b=value`` overrides, validated into an ``ExperimentConfig``."""
-    schema = OmegaConf.structured(ExperimentConfig)
-    source = "the schema"
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(MViTConfig)}
+# A validation message starts with (or names) the dotted keys it is about, e.g. "data.batch_size must be
+# >= 1"; that is how a problem found after merging is traced back to the file or the command line.
+_KEY_IN_MESSAGE = re.compile(r"(?<![\w.])(?:model|data|optim|trainer|tracking)(?:\.\w+)+")
+_TOP_KEY_AT_START = re.compile(r"^(name|seed)\b")
+
+
+_UNSET = object()
+
+
+def _set_in(cfg: DictConfig | None, key: str) -> bool:
+    return cfg is not None and OmegaConf.select(cfg, key, default=_UNSET, throw_on_missing=False) is not _UNSET
+
+
+def _origin(message: str, path: str | Path | None, file_cfg: DictConfig | None, cli_cfg: DictConfig | None) -> str:
+    """Where the value a validation message is about came from: the command line, the file, or defaults."""
+    keys = _TOP_KEY_AT_START.findall(message) + _KEY_IN_MESSAGE.findall(message)
+    if any(_set_in(cli_cfg, key) for key in keys):
+        return "the command line"
+    if any(_set_in(file_cfg, key) for key in keys):
+        return str(path)
+    if not keys:  # no key named: say every source that was given
+        return " with ".join(filter(None, [str(path) if path else "", "command-line overrides" if cli_cfg else ""])) \
+            or "the schema defaults"
+    return f"{path} (where {keys[0]} is not set: the default applies)" if path else "the schema defaults"
+
+
+def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        node = cfg._get_node(key)  # noqa: SLF001 - reading a node never resolves or converts it
+        keys += _leaf_keys(node, f"{name}.") if isinstance(node, DictConfig) and len(node) else [name]
+    return keys
+
+
+def _offending_key(schema: DictConfig, source: DictConfig) -> str:
+    """The first key of ``source`` that does not merge onto ``schema`` on its own (for errors OmegaConf
+    reports without a key, e.g. a section given as a scalar or a tuple of the wrong length)."""
+    for key in _leaf_keys(source):
+        single = OmegaConf.create()
+        OmegaConf.update(single, key, OmegaConf.select(source, key), force_add=True)
+        try:
+            OmegaConf.merge(schema, single)
+        except OmegaConfBaseException:
+            return key
+    return "?"
+
+
+def _merge_error(err: OmegaConfBaseException, source: str, schema: DictConfig, cfg: DictConfig) -> ConfigError:
+    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    if not key or key == "None":
+        key = _offending_key(schema, cfg)
+    return ConfigError(f"invalid config from {source}: key '{key}': {message}")
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
     try:
-        merged = schema
-        if path is not None:
-            source = str(path)
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            source = "the command line"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        source = str(path) + (" with command-line overrides" if overrides else "") if path else source
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"invalid config from {path}: not valid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config from {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"invalid config from {path}: the file must be a mapping of config sections, "
+                          f"got a {type(loaded).__name__}")
+    return loaded
+
+
+def _read_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid config from the command line: {item!r} is not a key.path=value override")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config from the command line: {str(err).splitlines()[0]}") from None
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    """Checks that need the whole merged config (the sections' own checks ran when they were built)."""
+    try:
+        build_model_config(cfg.model)  # the preset with its overrides: unknown preset, bad sizes
+    except KeyError as err:
+        raise ValueError(f"model.preset: {err.args[0]}") from None
+    except (ValueError, TypeError) as err:
+        text = str(err)
+        field_name = text.split(" ", 1)[0]
+        raise ValueError(f"model.{text}" if field_name in _MODEL_FIELDS else
+                         f"model (model.num_frames / model.crop_size / model.*): {text}") from None
+    cfg.data.validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Schema <- YAML file <- ``a.b=value`` overrides, validated into an ``ExperimentConfig``.
+
+    Raises ``ConfigError`` (one line, naming the key and whether the file or the command line set it) for
+    YAML syntax errors, unknown keys, wrong types and out-of-range values, before any work starts.
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    file_cfg = cli_cfg = None
+    merged = schema
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        file_cfg = _read_yaml(path)
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as err:
+            raise _merge_error(err, str(path), schema, file_cfg) from None
+    if overrides:
+        cli_cfg = _read_overrides(list(overrides))
+        try:
+            merged = OmegaConf.merge(merged, cli_cfg)
+        except OmegaConfBaseException as err:
+            raise _merge_error(err, "the command line", schema, cli_cfg) from None
+    try:
         cfg = OmegaConf.to_object(merged)
-        build_model_config(cfg.model)  # validates the model section (unknown preset, bad values)
-        cfg.data.validate()
+        _validate(cfg)  # type: ignore[arg-type]
     except OmegaConfBaseException as err:
         message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-        raise ConfigError(f"invalid config from {source}: key '{getattr(err, 'full_key', '?')}': {message}") from None
-    except ConfigError:
-        raise
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"invalid config from {_origin(str(key), path, file_cfg, cli_cfg)}: key '{key}': "
+                          f"{message}") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"invalid config from {source}: {err}") from None
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err).splitlines()[0]
+        raise ConfigError(f"invalid config from {_origin(message, path, file_cfg, cli_cfg)}: {message}") from None
     return cfg  # type: ignore[return-value]
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_redacted_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML for people and artifacts (``--print-config``, MLflow's
+    ``config/resolved_config.yaml``): keys named like secrets blanked, passwords in URIs and values of
+    secret environment variables replaced by ``***`` (``pipeline.tracking.redact``)."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg))))
 
 
 def to_container(cfg: ExperimentConfig) -> dict[str, Any]:

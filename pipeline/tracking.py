@@ -39,6 +39,12 @@ class TrackingConfig:
     log_every_steps: int = 10
     tags: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.log_every_steps < 1:
+            raise ValueError(f"tracking.log_every_steps must be >= 1, got {self.log_every_steps}")
+        if not self.experiment.strip():
+            raise ValueError("tracking.experiment must name an MLflow experiment, got ''")
+
 
 def resolve_uri(cfg: TrackingConfig, default_dir: str) -> str:
     if cfg.tracking_uri:
@@ -171,7 +177,9 @@ class Tracker:
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps a log_params batch at 100
                 mlflow.log_params(dict(items[i : i + 100]))
-        mlflow.set_tags({**tags, **self.cfg.tags})
+        # User tags go through the same redaction as params: a tag named like a secret, or holding a
+        # password in a URI or an environment secret's value, is stored as ***.
+        mlflow.set_tags(redact({**tags, **self.cfg.tags}))
         self.run_id = run.info.run_id
         return self.run_id
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from typing import Literal
@@ -36,6 +37,36 @@ FORMATS: tuple[str, ...] = ("native", "slowfast", "pytorchvideo", "torchvision")
 
 class CheckpointMismatch(ValueError):
     """The checkpoint does not fit the model; the message lists every offending key."""
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds more than tensors and plain containers (pickled code or objects), so it
+    was refused unread. Raised instead of torch's ``UnpicklingError`` so the caller sees which file and
+    why, not a pickle traceback."""
+
+
+def weights_only_error_detail(err: BaseException) -> str:
+    """The one line of a ``torch.load(weights_only=True)`` refusal that says what was refused."""
+    text = str(err)
+    text = text.partition("WeightsUnpickler error:")[2] or text.partition("trusted source.")[2] or text
+    text = text.split("Please use")[0].split("Check the documentation")[0]
+    return next((line.strip() for line in text.splitlines() if line.strip()), "not plain data")
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; refuses, naming the file, anything that would
+    need the unrestricted unpickler (a ``__reduce__`` payload runs code the moment it is unpickled).
+
+    Raises ``UnsafeCheckpoint`` for such files and ``FileNotFoundError`` for a missing one.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpoint(
+            f"refused to load checkpoint {os.fspath(path)}: it holds more than tensors and plain containers "
+            f"(weights only load failed: {weights_only_error_detail(err)}); only load files from a trusted "
+            "source, and then convert them to a plain state dict"
+        ) from None
 
 
 # Key correspondences as templates: ``{n}`` stands for a block index, ``{x}`` for one of q/k/v. A
@@ -259,10 +290,10 @@ def load_weights(
 ) -> Format:
     """Loads a checkpoint file (or an already loaded object) into ``model``; returns the detected format.
 
-    Files are read with ``torch.load(weights_only=True)``: a checkpoint can carry tensors and plain
-    containers, never code.
+    Files are read with ``torch.load(weights_only=True)`` (``load_checkpoint_file``): a checkpoint can
+    carry tensors and plain containers, never code; anything else raises ``UnsafeCheckpoint``.
     """
-    obj = source if isinstance(source, Mapping) else torch.load(source, map_location="cpu", weights_only=True)
+    obj = source if isinstance(source, Mapping) else load_checkpoint_file(source)
     state = unwrap_checkpoint(obj)
     detected = detect_format(state) if fmt == "auto" else fmt
     native = adapt_to_model(model, to_native(state, detected), drop_head=drop_head)

@@ -8,25 +8,41 @@ checkpoint written by N workers loads on M workers (resharding on load).
 Layout of one checkpoint directory:
     dcp/                 DCP files: model and optimiser state (``.metadata`` + ``__<rank>_*.distcp``)
     train_state.json     epoch, step, position in the epoch, MLflow run id, world size (rank 0)
+
+Restoring never runs code from the checkpoint. Stock DCP (torch 2.x) unpickles ``.metadata`` with
+plain ``pickle``, and non-tensor values (the optimiser's hyper-parameters) with ``torch.load`` and
+``weights_only`` off, so a tampered checkpoint in shared storage would execute code in every worker.
+``load_checkpoint`` reads with ``SafeFileSystemReader`` (metadata through an allowlist of DCP's own
+metadata classes) and ``SafeLoadPlanner`` (values with ``weights_only=True``); anything else raises
+``UnsafeCheckpoint`` naming the file. The checkpoint's content is not authenticated: whoever can write
+to the storage path can still replace weights or training state.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+
+from pipeline.models.convert import UnsafeCheckpoint, weights_only_error_detail
 
 TRAIN_STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -49,6 +65,71 @@ class TrainState:
         return cls(**known)
 
 
+# What DCP's own ``.metadata`` pickle refers to (torch 2.x): its metadata dataclasses, torch.Size, dtypes,
+# layouts (via torch.serialization._get_layout) and the checkpoint path. Nothing here runs code on load.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only the globals DCP metadata is made of."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of DCP checkpoint metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose ``read_metadata`` refuses anything but DCP's metadata classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            try:
+                metadata = _MetadataUnpickler(stream).load()
+            except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError) as err:
+                raise UnsafeCheckpoint(f"refused checkpoint metadata {path}: {err}") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"refused checkpoint metadata {path}: not DCP metadata ({type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` that reads non-tensor values (``BYTE_IO`` items) with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: IO[bytes]) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpoint(f"refused checkpoint value {read_item.dest_index.fqn!r}: "
+                                   f"{weights_only_error_detail(err)}") from None
+        super().load_bytes(read_item, io.BytesIO(_plain_bytes(obj)))
+
+
+def _plain_bytes(obj: Any) -> bytes:
+    """``obj`` (already loaded safely) serialised again for the stock ``load_bytes`` to place."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer.getvalue()
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -67,7 +148,11 @@ def save_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module, o
 
 def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> TrainState:
-    """Collective: restores model and optimiser in place (any world size) and returns the state."""
+    """Collective: restores model and optimiser in place (any world size) and returns the state.
+
+    Reads through ``SafeFileSystemReader`` + ``SafeLoadPlanner``: a checkpoint that would need code
+    execution to load raises ``UnsafeCheckpoint`` (see the module docstring).
+    """
     directory = Path(directory)
     state_file = directory / TRAIN_STATE_FILE
     if not state_file.is_file() or not (directory / DCP_DIR / ".metadata").is_file():
@@ -76,7 +161,15 @@ def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module,
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
-    dcp.load(target, checkpoint_id=str(directory / DCP_DIR))
+    # The metadata is checked here first so a refusal surfaces as itself, not inside DCP's per-rank report.
+    SafeFileSystemReader(str(directory / DCP_DIR)).read_metadata()
+    try:
+        dcp.load(target, storage_reader=SafeFileSystemReader(str(directory / DCP_DIR)), planner=SafeLoadPlanner())
+    except CheckpointException as err:
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeCheckpoint)]
+        if refused:
+            raise UnsafeCheckpoint(f"{directory}: {refused[0]}") from None
+        raise
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     return TrainState.from_dict(json.loads(state_file.read_text()))
 

@@ -27,12 +27,22 @@ class OptimConfig:
     clip_grad_norm: float | None = 1.0  # None disables clipping
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        """Messages start with the full key (``optim.lr ...``): ``load_config`` names its source from it."""
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.reference_batch_size < 1:
-            raise ValueError(f"reference_batch_size must be >= 1, got {self.reference_batch_size}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_epochs and weight_decay must be >= 0")
+            raise ValueError(f"optim.reference_batch_size must be >= 1, got {self.reference_batch_size}")
+        for name in ("warmup_epochs", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"optim.clip_grad_norm must be > 0 (or null for no clipping), got {self.clip_grad_norm}")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:

@@ -42,7 +42,7 @@ def test_wrong_types_and_bad_values_fail_before_any_work():
         load_config(EXPERIMENTS / "demo.yaml", ["trainer.epochs=many"])
     with pytest.raises(ConfigError, match=r"trainer\.num_workers must be >= 1"):
         load_config(EXPERIMENTS / "demo.yaml", ["trainer.num_workers=0"])
-    with pytest.raises(ConfigError, match=r"data config: batch_size"):
+    with pytest.raises(ConfigError, match=r"command line: data\.batch_size must be >= 1, got -8"):
         load_config(EXPERIMENTS / "demo.yaml", ["data.batch_size=-8"])
     with pytest.raises(ConfigError, match="unknown MViT preset"):
         load_config(EXPERIMENTS / "demo.yaml", ["model.preset=mvit_huge"])
