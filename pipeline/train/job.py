@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, ExperimentConfig, build_model_config, load_config, to_container, to_yaml
+from pipeline.config import (
+    ConfigError,
+    ExperimentConfig,
+    build_model_config,
+    load_config,
+    to_container,
+    to_redacted_yaml,
+)
 from pipeline.tracking import config_hash, git_commit, redact_value, resolve_uri
+from preprocessing.storage import storage_options_for
 
 log = logging.getLogger("pipeline.train")
 
@@ -36,8 +44,12 @@ def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
         try:
             manifest = load_manifest(cfg.data.root, split, cfg.data.storage_options())
         except FileNotFoundError as err:
-            raise ConfigError(f"data.root={cfg.data.root!r}: no manifest for split {split!r} ({err}); "
-                              "run `python -m preprocessing ...` first or fix data.root") from None
+            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: no manifest for split {split!r} "
+                              f"({redact_value(str(err))}); run `python -m preprocessing ...` first or fix "
+                              "data.root") from None
+        except Exception as err:  # noqa: BLE001 - no credentials, endpoint down, access denied: stop here
+            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: cannot read the {split!r} manifest: "
+                              f"{_one_line(err)}") from None
         text = manifest.to_json()
         manifests[split], hashes[split] = text, hashlib.sha256(text.encode()).hexdigest()
         if classes is not None and manifest.classes != classes:
@@ -46,21 +58,59 @@ def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
     return DatasetInfo(list(classes or []), manifests, hashes)
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line with secrets scrubbed, for errors raised by storage clients."""
+    text = redact_value(" ".join(str(err).split())) or "no detail"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+# The check before the job starts asks once more on a failure, not the job's ten times with backoff:
+# a dead endpoint must be reported in seconds (the job's own filesystem keeps its patient retries).
+_CHECK_ATTEMPTS = 2
+_CHECK_REQUEST_TIMEOUT_S = 10.0
+
+
+def check_storage(cfg: ExperimentConfig) -> None:
+    """Fails before Ray starts when ``trainer.storage_path`` cannot be used: no credentials, an endpoint
+    that refuses connections, a missing bucket, or a local folder that cannot be created.
+
+    Ray Train would only find out when it first writes there (after the workers started and, for S3,
+    after its retries); this checks the same place, through the same kind of pyarrow filesystem the job
+    uses (``pipeline.train.storage.storage_target``) with few attempts and a short timeout.
+    """
+    from pipeline.train.storage import storage_target
+
+    shown = redact_value(cfg.trainer.storage_path)
+    try:
+        path, fs = storage_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url, max_attempts=_CHECK_ATTEMPTS,
+                                  request_timeout_s=_CHECK_REQUEST_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - e.g. an endpoint URL pyarrow cannot use
+        raise ConfigError(f"trainer.storage_path={shown!r}: storage not usable: {_one_line(err)}") from None
+    if fs is None and "://" not in path:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"trainer.storage_path={shown!r}: cannot create the folder: {_one_line(err)}") from None
+        return
+    try:
+        import pyarrow.fs
+
+        root = path
+        if fs is None:
+            fs, root = pyarrow.fs.FileSystem.from_uri(path)
+        bucket = root.strip("/").split("/", 1)[0]
+        info = fs.get_file_info(bucket)
+    except Exception as err:  # noqa: BLE001 - any failure here means Ray could not write checkpoints there
+        raise ConfigError(f"trainer.storage_path={shown!r}: storage not reachable: {_one_line(err)}") from None
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise ConfigError(f"trainer.storage_path={shown!r}: bucket {bucket!r} does not exist or is not accessible")
 
 
 def _storage(cfg: ExperimentConfig) -> tuple[str, Any]:
-    """``RunConfig.storage_path`` and, for S3 behind a custom endpoint, a pyarrow filesystem for it."""
-    path = _absolute(cfg.trainer.storage_path)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or cfg.data.s3_endpoint_url
-    if path.startswith("s3://") and endpoint:
-        import pyarrow.fs
+    """``RunConfig.storage_path`` and filesystem (S3 requests retried and bounded: see storage.py)."""
+    from pipeline.train.storage import storage_target
 
-        scheme = "http" if endpoint.startswith("http://") else "https"
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
-        return path[len("s3://"):], fs
-    return path, None
+    return storage_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url)
 
 
 def job_description(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storage_path: str) -> dict[str, Any]:
@@ -87,18 +137,20 @@ def job_description(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str,
         "job_key": job_key,
         "classes": data.classes,
         "texts": {
-            "config/resolved_config.yaml": redact_value(to_yaml(cfg)),
+            "config/resolved_config.yaml": to_redacted_yaml(cfg),
             **{f"data/{split}.manifest.json": text for split, text in data.manifests.items()},
         },
         "export_dir": export_dir,
-        "storage_options": cfg.data.storage_options() if export_dir.startswith("s3://") else {},
+        "storage_options": storage_options_for(export_dir, cfg.data.s3_endpoint_url),
     }
 
 
 def run(cfg: ExperimentConfig) -> Any:
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.distributed import LoopbackTorchConfig
 
     from pipeline.data import build_datasets, ray_train_data_config
     from pipeline.train.loop import train_loop_per_worker
@@ -117,6 +169,7 @@ def run(cfg: ExperimentConfig) -> Any:
                           "data.augment.crop_size)")
 
     storage_path, storage_fs = _storage(cfg)
+    check_storage(cfg)
     default_tracking_dir = storage_path if storage_fs is None and "://" not in storage_path else "~/.mvit"
     tracking_uri = resolve_uri(cfg.tracking, default_tracking_dir)
     job = job_description(cfg, data, tracking_uri, cfg.trainer.storage_path if storage_fs else storage_path)
@@ -125,6 +178,9 @@ def run(cfg: ExperimentConfig) -> Any:
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # plain `python pipeline/train.py`: a local Ray on loopback
+            from pipeline.local_cluster import keep_ray_on_loopback
+
+            keep_ray_on_loopback()  # every Ray port on 127.0.0.1 (Ray would also listen on other interfaces)
             # Logical CPUs, not cores: the train worker, the decoder actors and Ray Data's read and
             # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
@@ -139,7 +195,8 @@ def run(cfg: ExperimentConfig) -> Any:
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
                                   **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+        # TorchConfig that keeps torch.distributed on loopback when every rank is on 127.0.0.1
+        torch_config=LoopbackTorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage_path,
@@ -152,8 +209,31 @@ def run(cfg: ExperimentConfig) -> Any:
     )
     log.info("training %s (%s) on %d %s worker(s); tracking at %s", cfg.name, cfg.model.preset,
              cfg.trainer.num_workers, "GPU" if cfg.trainer.use_gpu else "CPU", redact_value(tracking_uri))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray Train wraps every cause; summarised for the user below
+        raise JobFailed(failure_summary(cfg, err)) from err
+    if result.error is not None:
+        raise JobFailed(failure_summary(cfg, result.error))
     return result, job
+
+
+class JobFailed(RuntimeError):
+    """The job started and failed for good (its automatic restarts, if any, used up)."""
+
+
+def failure_summary(cfg: ExperimentConfig, err: BaseException) -> str:
+    """One paragraph for the user: which job, how many restarts were allowed, and the root cause's last
+    lines (Ray's own error carries every worker's whole traceback, which buries the cause)."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [line.strip() for line in redact_value(str(cause)).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("File ", "Traceback", "^", "~", "[Rank", "..."))]
+    detail = lines[-1] if lines else type(cause).__name__
+    return (f"training job {cfg.name!r} failed (automatic restarts allowed: trainer.max_failures="
+            f"{cfg.trainer.max_failures}; checkpoints stay in {redact_value(cfg.trainer.storage_path)!r}, and "
+            f"rerunning the same job resumes from the latest one): {type(cause).__name__}: {detail[:1500]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            print(redact_value(to_yaml(cfg)))
+            print(to_redacted_yaml(cfg))
             return 0
         result, job = run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except JobFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     metrics = result.metrics or {}
     print(f"\nfinished {cfg.name}: epoch {metrics.get('epoch')}, step {metrics.get('step')}, "
           f"val video top-1 {metrics.get('val/video_top1', float('nan')):.1f}%, "
