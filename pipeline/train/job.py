@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +151,8 @@ def run(cfg: ExperimentConfig) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.distributed import LoopbackTorchConfig
-
     from pipeline.data import build_datasets, ray_train_data_config
+    from pipeline.train.distributed import LoopbackTorchConfig
     from pipeline.train.loop import train_loop_per_worker
 
     data = describe_data(cfg)
@@ -222,18 +222,48 @@ class JobFailed(RuntimeError):
     """The job started and failed for good (its automatic restarts, if any, used up)."""
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failure|Exit)\b.*:")
+# A rank whose peer died fails inside the collective it was waiting on, and a rank that found a checkpoint
+# another rank failed to download finds it incomplete: consequences, not the cause, so such errors are
+# reported only when no rank failed otherwise.
+_COLLATERAL = re.compile(r"gloo|nccl|ProcessGroup|Connection closed by peer|Connection reset by peer|"
+                         r"IncompleteCheckpointDownload|should have been created by another process", re.IGNORECASE)
+
+
+def _innermost(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _raised_line(err: BaseException) -> str:
+    """The last ``SomeError: message`` line of ``err``'s text (a worker's error text ends with the
+    traceback of what it raised), else its last line."""
+    lines = [line.strip() for line in redact_value(str(err)).splitlines() if line.strip()]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    if raised:
+        return raised[-1]
+    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+
+
 def failure_summary(cfg: ExperimentConfig, err: BaseException) -> str:
-    """One paragraph for the user: which job, how many restarts were allowed, and the root cause's last
-    lines (Ray's own error carries every worker's whole traceback, which buries the cause)."""
-    cause: BaseException = err
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    lines = [line.strip() for line in redact_value(str(cause)).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("File ", "Traceback", "^", "~", "[Rank", "..."))]
-    detail = lines[-1] if lines else type(cause).__name__
+    """One line for the user: which job, how many restarts were allowed, and the root cause.
+
+    Ray's error carries every failed worker's whole traceback, which buries the cause; this picks
+    the controller's error, or the first rank whose error is not a collective that lost its peer.
+    """
+    cause = _innermost(err)
+    if getattr(cause, "controller_failure", None) is not None:
+        where, detail = "controller", _raised_line(_innermost(cause.controller_failure))
+    elif getattr(cause, "worker_failures", None):
+        ranked = [(rank, _raised_line(_innermost(e))) for rank, e in sorted(cause.worker_failures.items())]
+        rank, detail = next(((r, d) for r, d in ranked if not _COLLATERAL.search(d)), ranked[0])
+        where = f"rank {rank}"
+    else:
+        where, detail = "", _raised_line(cause)
     return (f"training job {cfg.name!r} failed (automatic restarts allowed: trainer.max_failures="
             f"{cfg.trainer.max_failures}; checkpoints stay in {redact_value(cfg.trainer.storage_path)!r}, and "
-            f"rerunning the same job resumes from the latest one): {type(cause).__name__}: {detail[:1500]}")
+            f"rerunning the same job resumes from the latest one): {where + ': ' if where else ''}{detail[:1500]}")
 
 
 def main(argv: list[str] | None = None) -> int:

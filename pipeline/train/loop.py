@@ -56,6 +56,11 @@ def _gather(obj: Any, ctx: WorkerContext) -> list[Any]:
     return out
 
 
+class IncompleteCheckpointDownload(OSError):
+    """A checkpoint's files are missing after Ray's per-node download: a consequence of a storage error
+    raised on another rank, which ``job.failure_summary`` reports instead."""
+
+
 class Trainer:
     """State and steps of one worker's training run (constructed inside the Ray Train worker)."""
 
@@ -82,7 +87,16 @@ class Trainer:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:
-            self.state = load_checkpoint(directory, self.model, self.optimizer)
+            try:
+                self.state = load_checkpoint(directory, self.model, self.optimizer)
+            except FileNotFoundError as err:
+                # Ray downloads a remote checkpoint once per node into a shared folder; when that download
+                # fails, the rank that ran it raises the storage error and the others find the folder
+                # incomplete. Registered checkpoints in storage are complete, so say what happened.
+                storage = getattr(checkpoint.filesystem, "type_name", "remote").upper()
+                raise IncompleteCheckpointDownload(
+                    f"checkpoint {checkpoint.path} arrived incomplete on this node: its download from {storage} "
+                    f"storage failed (the storage error is on the rank that downloaded it): {err}") from None
         log.info("rank %d resumed at epoch %d, step %d, sample %d of the epoch (checkpoint written by %d workers)",
                  self.ctx.rank, self.state.epoch, self.state.step, self.state.samples_in_epoch, self.state.world_size)
         self.state.world_size = self.ctx.world_size

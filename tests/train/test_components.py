@@ -80,3 +80,27 @@ def test_redaction_removes_secret_keys_uri_passwords_and_planted_env_values(monk
     assert flat["tracking.tracking_uri"] == f"postgresql://mlflow:{REDACTED}@db:5432/mlflow"
     assert flat["storage.aws_secret_access_key"] == REDACTED
     assert flat["name"] == "run"
+
+
+def test_failure_summary_names_the_root_cause_not_the_collateral_collective_error() -> None:
+    from ray.train import ControllerError, WorkerGroupError
+
+    from pipeline.config import load_config
+    from pipeline.train.job import failure_summary
+
+    cfg = load_config("configs/experiment/demo.yaml", ["trainer.max_failures=1"])
+    workers = WorkerGroupError("...", {
+        0: RuntimeError("Traceback (most recent call last):\n  File \"loop.py\", line 1\nRuntimeError: [gloo/pair.cc:534] "
+                        "Connection closed by peer [127.0.0.1]:4242"),
+        1: OSError("Traceback (most recent call last):\nIncompleteCheckpointDownload: checkpoint s3://b/c arrived "
+                   "incomplete on this node"),
+        2: OSError("Traceback (most recent call last):\n  File \"x.py\"\n    upload()\nOSError: When uploading key "
+                   "'runs/demo/x': AWS Error NETWORK_CONNECTION"),
+    })  # fmt: skip
+    summary = failure_summary(cfg, workers)
+    assert "\n" not in summary and "trainer.max_failures=1" in summary
+    assert summary.endswith("rank 2: OSError: When uploading key 'runs/demo/x': AWS Error NETWORK_CONNECTION")
+    controller = failure_summary(cfg, ControllerError(OSError("When writing snapshot: AWS Error SLOW_DOWN")))
+    assert controller.endswith("controller: OSError: When writing snapshot: AWS Error SLOW_DOWN")
+    only_collateral = WorkerGroupError("...", {0: RuntimeError("RuntimeError: gloo: Connection reset by peer")})
+    assert failure_summary(cfg, only_collateral).endswith("rank 0: RuntimeError: gloo: Connection reset by peer")
