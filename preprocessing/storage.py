@@ -64,12 +64,18 @@ def s3_client_options() -> dict[str, Any]:
     return {"config_kwargs": {"retries": {"total_max_attempts": attempts, "mode": mode}}}
 
 
+def s3_endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint to use: the one given (flag or config), else AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL from the environment, else None (AWS itself)."""
+    return endpoint_url or next((os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), None)
+
+
 def storage_options_for(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
     """fsspec options for `url`: for S3, the endpoint (flag, else AWS_ENDPOINT_URL[_S3] env) and the
     retry policy (`s3_client_options`); nothing for other URLs."""
     if fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
         return {}
-    endpoint = endpoint_url or next((os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), None)
+    endpoint = s3_endpoint(endpoint_url)
     return {**({"endpoint_url": endpoint} if endpoint else {}), **s3_client_options()}
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow.fs
 
+from preprocessing.storage import s3_endpoint
+
 # AWS "standard" retry mode: exponential backoff with jitter, capped at 20 s between attempts.
 # pyarrow's default of 3 attempts is used up by a few seconds of 503 SlowDown, and a lost checkpoint
 # write costs a restart of every worker, so checkpoints get more attempts than data reads
@@ -64,7 +66,7 @@ def storage_target(path: str, endpoint_url: str | None = None, max_attempts: int
         "connect_timeout": DEFAULT_CONNECT_TIMEOUT_S,
         "request_timeout": request_timeout_s,
     }
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint(endpoint_url)
     if endpoint:
         options["endpoint_override"] = endpoint.split("://", 1)[-1]
         options["scheme"] = "http" if endpoint.startswith("http://") else "https"

@@ -73,8 +73,9 @@ def _weights(runs: Path) -> dict[str, torch.Tensor]:
     return load_file(str(runs / "demo" / "final_model" / "model.safetensors"))
 
 
-def _registered_step(runs: Path) -> int:
-    """Step of the latest checkpoint Ray Train has registered (the one a restart resumes from), 0 if none.
+def _snapshot_step(text: str | None) -> int:
+    """Step of the latest checkpoint Ray Train has registered (the one a restart resumes from), read
+    from its ``checkpoint_manager_snapshot.json`` text; 0 if there is none yet.
 
     A checkpoint directory appears in storage before the controller registers it, so its presence
     alone does not mean a restart would use it.
@@ -82,12 +83,18 @@ def _registered_step(runs: Path) -> int:
     import json
 
     try:
-        snapshot = json.loads((runs / "demo" / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        snapshot = json.loads(text) if text else {}
+    except json.JSONDecodeError:  # caught mid-write
         return 0
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name") or "_step0"
+    name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or "_step0"
     return int(name.rsplit("_step", 1)[1])
+
+
+def _registered_step(runs: Path) -> int:
+    try:
+        return _snapshot_step((runs / "demo" / "checkpoint_manager_snapshot.json").read_text())
+    except FileNotFoundError:
+        return 0
 
 
 def _assert_resumed_after(losses: dict[int, list[float]], registered: int) -> None:
@@ -252,17 +259,13 @@ def _s3_bucket(endpoint: str) -> str:
 
 def _s3_registered_step(endpoint: str, prefix: str) -> int:
     """``_registered_step`` for storage on S3, read around the fault proxy (straight from moto)."""
-    import json
-
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
     try:
-        snapshot = json.loads(fs.cat_file(f"{prefix}/demo/checkpoint_manager_snapshot.json"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        return _snapshot_step(fs.cat_file(f"{prefix}/demo/checkpoint_manager_snapshot.json").decode())
+    except FileNotFoundError:
         return 0
-    name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or "_step0"
-    return int(name.rsplit("_step", 1)[1])
 
 
 def _run_in_thread(cfg: Any) -> tuple[threading.Thread, dict[str, Any]]:
