@@ -4,6 +4,8 @@
 #   k8s/images/build.sh                          # mvit-cpu, mvit-gpu, mvit-mlflow as local images
 #   k8s/images/build.sh --only cpu,mlflow        # a subset (the dev overlay needs no GPU image)
 #   k8s/images/build.sh --registry REG --push    # REG/mvit-*:TAG, pushed (set REG in overlays/prod)
+#   k8s/images/build.sh --only cpu,mlflow --load kind      # then loaded into a local kind cluster
+#   k8s/images/build.sh --only cpu,mlflow --load minikube  # or into minikube
 #
 # Needs Docker with BuildKit (for the per-Dockerfile .dockerignore files). DOCKER=echo prints the
 # commands instead of running them.
@@ -14,15 +16,21 @@ DOCKER="${DOCKER:-docker}"
 registry=""
 push=0
 only="cpu,gpu,mlflow"
+load=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --registry) registry="${2:?--registry needs a value}"; shift 2 ;;
         --push) push=1; shift ;;
         --only) only="${2:?--only needs a value}"; shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        --load) load="${2:?--load needs kind or minikube}"; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+case "$load" in
+    ""|kind|minikube) ;;
+    *) echo "--load takes kind or minikube, not: $load" >&2; exit 2 ;;
+esac
 
 kustomization=k8s/base/kustomization.yaml
 tags="$(sed -n 's/^[[:space:]]*newTag:[[:space:]]*&tag[[:space:]]*"\{0,1\}\([^"[:space:]]*\)"\{0,1\}.*$/\1/p' "$kustomization")"
@@ -49,4 +57,9 @@ for name in ${only//,/ }; do
     if [ "$push" = 1 ]; then
         $DOCKER push "$image"
     fi
+    # the local cluster cannot pull a local image: copy it in, under the same name and tag
+    case "$load" in
+        kind) ${KIND:-kind} load docker-image "$image" ;;
+        minikube) ${MINIKUBE:-minikube} image load "$image" ;;
+    esac
 done

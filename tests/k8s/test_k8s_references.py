@@ -139,6 +139,22 @@ def test_build_script_builds_every_image_with_that_tag() -> None:
         assert f"push registry.test/mvit/{image}:{tag}" in result.stdout
 
 
+def test_build_script_loads_the_dev_images_into_a_local_cluster_under_that_tag() -> None:
+    """The README's dev step never spells the tag: build.sh loads what it built into kind/minikube."""
+    env = {**os.environ, "DOCKER": "echo", "KIND": "echo kind", "MINIKUBE": "echo minikube"}
+    run = lambda *args: subprocess.run(["bash", str(IMAGES / "build.sh"), *args], capture_output=True, text=True,
+                                       timeout=60, env=env, cwd=REPO)
+    tag = _image_tag()
+    kind = run("--only", "cpu,mlflow", "--load", "kind")
+    assert kind.returncode == 0, kind.stderr
+    loads = [line for line in kind.stdout.splitlines() if line.startswith("kind load")]
+    assert loads == [f"kind load docker-image mvit-cpu:{tag}", f"kind load docker-image mvit-mlflow:{tag}"]
+    minikube = run("--only", "cpu", "--load", "minikube")
+    assert f"minikube image load mvit-cpu:{tag}" in minikube.stdout
+    bad = run("--load", "docker-desktop")
+    assert bad.returncode == 2 and "--load takes kind or minikube" in bad.stderr
+
+
 def _dockerfile_arg(dockerfile: str, name: str) -> str:
     match = re.search(rf"^ARG {name}=(\S+)$", (IMAGES / dockerfile).read_text(), re.MULTILINE)
     assert match, f"{dockerfile} has no ARG {name}=..."
