@@ -58,7 +58,9 @@ def export_configs(directory: Path) -> list[Path]:
         for key, value in cfg.items():
             if isinstance(value, tuple):
                 value = list(value)
-            if isinstance(value, bool):
+            if value is None:
+                value = "null"  # YAML reads "None" as a string
+            elif isinstance(value, bool):
                 value = str(value).lower()
             elif isinstance(value, float) and "e" in repr(value) and "." not in repr(value):
                 value = repr(value).replace("e", ".0e")  # YAML 1.1 reads "1e-06" as a string

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.mvit import MViT
+from pipeline.models.mvit import MViT, MViTConfig
 
 StateDict = dict[str, torch.Tensor]
 Format = Literal["native", "slowfast", "pytorchvideo", "torchvision"]
@@ -200,10 +200,45 @@ def to_native(state: Mapping[str, torch.Tensor], source: Format | Literal["auto"
     return _fuse_separate_qkv(dict(state))
 
 
-def to_torchvision(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Exports a native state dict in torchvision's ``MViT`` layout (loadable by ``mvit_v1_b``/``mvit_v2_s``)."""
+def _check_torchvision_pooling(state: Mapping[str, torch.Tensor], cfg: MViTConfig | None) -> None:
+    """torchvision's MViT pools Q/K/V only by a depthwise conv with kernel // 2 padding, always followed
+    by LayerNorm; any other pooling would load (or fail to load) and then compute something else.
+
+    Max/avg pooling shows in the state dict as a pooling norm without a conv; ``cfg`` catches what the
+    weights cannot show (max/avg without norms, a non-default padding).
+    """
+    if cfg is not None:
+        default_padding = tuple(k // 2 for k in cfg.pool_kernel)
+        if cfg.pool_mode != "conv" or not cfg.pool_norm or cfg.resolved_pool_padding != default_padding:
+            raise CheckpointMismatch(
+                "torchvision's MViT only pools Q/K/V by conv with kernel // 2 padding and a LayerNorm; this model "
+                f"has pool_mode={cfg.pool_mode!r}, pool_padding={cfg.resolved_pool_padding}, "
+                f"pool_norm={cfg.pool_norm} and cannot be exported to torchvision"
+            )
+    pattern = re.compile(r"^(blocks\.\d+\.attn)\.(pool|norm)_([qkv])\.weight$")
+    found: dict[str, set[str]] = {"pool": set(), "norm": set()}
+    for key in state:
+        match = pattern.match(key)
+        if match:
+            found[match.group(2)].add(f"{match.group(1)}.*_{match.group(3)}")
+    unmatched = sorted(found["pool"] ^ found["norm"])
+    if unmatched:
+        raise CheckpointMismatch(
+            "torchvision's MViT only pools Q/K/V by conv followed by LayerNorm, but these poolings have a conv "
+            f"without a norm or a norm without a conv (max/avg pooling): {', '.join(unmatched[:6])}"
+            + (" ..." if len(unmatched) > 6 else "")
+        )
+
+
+def to_torchvision(state: Mapping[str, torch.Tensor], cfg: MViTConfig | None = None) -> StateDict:
+    """Exports a native state dict in torchvision's ``MViT`` layout (loadable by ``mvit_v1_b``/``mvit_v2_s``).
+
+    Pass the model's ``cfg`` whenever it is at hand: only the config tells a non-default pooling padding
+    (and max/avg pooling without norms) apart from torchvision's conv pooling.
+    """
     if "pos_embed" in state:
         raise CheckpointMismatch("torchvision's MViT has no joint position embedding (image models cannot be exported)")
+    _check_torchvision_pooling(state, cfg)
     out = _rename(state, _NATIVE_TO_TORCHVISION)
     for tv_key, axes in _TORCHVISION_UNBATCHED.values():
         if tv_key in out:

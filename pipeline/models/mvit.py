@@ -22,13 +22,16 @@ from torch.utils.checkpoint import checkpoint
 Triple = tuple[int, int, int]
 THW = tuple[int, int, int]
 
+POOL_MODES: tuple[str, ...] = ("conv", "max", "avg")
 
-def _triple(v: Sequence[int] | int) -> Triple:
+
+def _triple(v: Sequence[int] | int, temporal: int = 1) -> Triple:
+    """``temporal`` fills the T axis of an image setting (H, W): 1 for kernels and strides, 0 for paddings."""
     if isinstance(v, int):
         return (v, v, v)
     t = tuple(int(x) for x in v)
     if len(t) == 2:  # an image setting (H, W): no temporal extent
-        t = (1,) + t
+        t = (temporal,) + t
     if len(t) != 3:
         raise ValueError(f"expected 1, 2 or 3 integers, got {v!r}")
     return t  # type: ignore[return-value]
@@ -57,7 +60,10 @@ class MViTConfig:
     patch_kernel: Triple = (3, 7, 7)
     patch_stride: Triple = (2, 4, 4)
     patch_padding: Triple = (1, 3, 3)
-    pool_kernel: Triple = (3, 3, 3)  # kernel of every Q/K/V pooling conv
+    pool_kernel: Triple = (3, 3, 3)  # kernel of every Q/K/V pooling
+    pool_mode: str = "conv"  # Q/K/V pooling operator: "conv" (depthwise, learned, the paper's MViT-B), "max", "avg"
+    pool_padding: Triple | None = None  # padding of every Q/K/V pooling; None = pool_kernel // 2 per axis
+    pool_norm: bool = True  # LayerNorm on each head's pooled Q/K/V (the paper; PySlowFast only for "conv")
     q_stride: Triple = (1, 2, 2)  # Q pooling stride at each stage start
     kv_stride: Triple = (1, 8, 8)  # adaptive K/V stride of block 0, divided by every Q stride after it
     pool_q_every_block: bool = False  # v2: Q is pooled (stride 1) in every block, not only at stage starts
@@ -76,8 +82,11 @@ class MViTConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("patch_kernel", "patch_stride", "patch_padding", "pool_kernel", "q_stride", "kv_stride"):
+        for name in ("patch_kernel", "patch_stride", "pool_kernel", "q_stride", "kv_stride"):
             setattr(self, name, _triple(getattr(self, name)))
+        self.patch_padding = _triple(self.patch_padding, temporal=0)
+        if self.pool_padding is not None:
+            self.pool_padding = _triple(self.pool_padding, temporal=0)
         self.stage_starts = tuple(int(s) for s in self.stage_starts)
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
@@ -91,6 +100,58 @@ class MViTConfig:
         grid = self.token_grid
         if min(grid) < 1:
             raise ValueError(f"input {self.input_shape} is too small for patch stride {self.patch_stride}")
+        self._check_pooling()
+
+    def _check_pooling(self) -> None:
+        """Refuses pooling settings that would only fail later, inside a forward pass, with a shape error."""
+        if self.pool_mode not in POOL_MODES:
+            raise ValueError(f"pool_mode must be one of {', '.join(map(repr, POOL_MODES))}, got {self.pool_mode!r}")
+        # NOTE: torch's max/avg pooling refuses padding above half the kernel; conv mode gets the same
+        # limit so that switching pool_mode never turns a valid config into an invalid one.
+        padding, limit = self.resolved_pool_padding, tuple(k // 2 for k in self.pool_kernel)
+        if any(p < 0 for p in padding):
+            raise ValueError(f"pool_padding must be >= 0 on every axis, got {padding}")
+        if any(p > m for p, m in zip(padding, limit)):
+            raise ValueError(
+                f"pool_padding {padding} exceeds half of pool_kernel {self.pool_kernel} (at most {limit} per axis)"
+            )
+        # Messages open with the field to change: the experiment config loader keys its errors on it.
+        for i, spec in enumerate(block_specs(self)):
+            self._check_avg_pool_input(i, spec)
+            if min(spec.kv_grid) < 1:  # only an explicit padding below kernel // 2 can get here
+                raise ValueError(
+                    f"pool_padding {spec.padding_kv}: block {i}'s K/V pooling (kernel {spec.kernel_kv}, stride "
+                    f"{spec.stride_kv}) leaves no tokens of its {spec.input_grid} grid"
+                )
+            skip = _skip_grid(spec.input_grid, spec.stride_q)
+            if spec.q_grid != skip:
+                field_name = "pool_kernel" if self.pool_padding is None else "pool_padding"
+                raise ValueError(
+                    f"{field_name} {getattr(self, field_name)}: block {i}'s Q pooling (kernel {spec.kernel_q}, "
+                    f"stride {spec.stride_q}, padding {spec.padding_q}) turns its {spec.input_grid} grid into "
+                    f"{spec.q_grid}, but the max-pooled skip connection gives {skip}; "
+                    "choose pool_kernel / pool_padding so that both agree"
+                )
+
+    def _check_avg_pool_input(self, index: int, spec: BlockSpec) -> None:
+        """torch's avg_pool3d (unlike max pooling and conv) refuses a grid smaller than the kernel even
+        when padding would make room, so such an avg model could be built but never run."""
+        if self.pool_mode != "avg":
+            return
+        for what, kernel, stride in (("Q", spec.kernel_q, spec.stride_q), ("K/V", spec.kernel_kv, spec.stride_kv)):
+            if _pools(kernel, stride) and any(g < k for g, k in zip(spec.input_grid, kernel)):
+                raise ValueError(
+                    f"pool_mode 'avg' needs every pooled token grid at least as large as pool_kernel {kernel} "
+                    f"(torch's avg_pool3d rule), but block {index}'s {what} pooling sees {spec.input_grid}; "
+                    "use more frames / a larger crop, a smaller pool_kernel, or pool_mode 'max' / 'conv'"
+                )
+
+    @property
+    def resolved_pool_padding(self) -> Triple:
+        """The Q/K/V pooling padding actually used: ``pool_padding`` or, unset, half the kernel."""
+        if self.pool_padding is not None:
+            return self.pool_padding
+        return tuple(k // 2 for k in self.pool_kernel)  # type: ignore[return-value]
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -130,6 +191,17 @@ class BlockSpec:
     drop_path: float
     input_grid: THW  # token grid (T, H, W) entering the block
     attn_dim: int  # width of attention and MLP: dim_out when the width changes in attention (v2)
+    padding_q: Triple = (0, 0, 0)  # (0, 0, 0) where Q is not pooled
+    padding_kv: Triple = (0, 0, 0)
+
+    @property
+    def q_grid(self) -> THW:
+        """Token grid of the pooled Q, which is also the grid leaving the block."""
+        return _pooled_grid(self.input_grid, self.kernel_q, self.stride_q, self.padding_q)
+
+    @property
+    def kv_grid(self) -> THW:
+        return _pooled_grid(self.input_grid, self.kernel_kv, self.stride_kv, self.padding_kv)
 
 
 def _pools(kernel: Triple, stride: Triple) -> bool:
@@ -147,6 +219,7 @@ def block_specs(cfg: MViTConfig) -> list[BlockSpec]:
     kv_stride = cfg.kv_stride
     grid = cfg.token_grid
     no_pool = (1, 1, 1)
+    padding = cfg.resolved_pool_padding
     for i in range(cfg.depth):
         starts_stage = i in cfg.stage_starts
         if starts_stage:
@@ -159,29 +232,45 @@ def block_specs(cfg: MViTConfig) -> list[BlockSpec]:
         else:
             dim_in, dim_out = dim, dim * 2 if (i + 1) in cfg.stage_starts else dim
         drop_path = cfg.drop_path_rate * i / (cfg.depth - 1) if cfg.depth > 1 else 0.0
-        specs.append(
-            BlockSpec(
-                dim_in=dim_in,
-                dim_out=dim_out,
-                num_heads=heads,
-                kernel_q=kernel_q,
-                stride_q=stride_q,
-                kernel_kv=cfg.pool_kernel,
-                stride_kv=kv_stride,
-                drop_path=drop_path,
-                input_grid=grid,
-                attn_dim=dim_out if cfg.dim_mul_in_attention else dim_in,
-            )
+        spec = BlockSpec(
+            dim_in=dim_in,
+            dim_out=dim_out,
+            num_heads=heads,
+            kernel_q=kernel_q,
+            stride_q=stride_q,
+            kernel_kv=cfg.pool_kernel,
+            stride_kv=kv_stride,
+            drop_path=drop_path,
+            input_grid=grid,
+            attn_dim=dim_out if cfg.dim_mul_in_attention else dim_in,
+            padding_q=padding if _pools(kernel_q, stride_q) else (0, 0, 0),
+            padding_kv=padding if _pools(cfg.pool_kernel, kv_stride) else (0, 0, 0),
         )
+        specs.append(spec)
         dim = dim_out
-        grid = _pooled_grid(grid, kernel_q, stride_q)
+        grid = spec.q_grid
     return specs
 
 
-def _pooled_grid(grid: THW, kernel: Triple, stride: Triple) -> THW:
+def _pooled_grid(grid: THW, kernel: Triple, stride: Triple, padding: Triple) -> THW:
+    """Output size of conv/max/avg pooling (floor mode), the same arithmetic for all three."""
     if not _pools(kernel, stride):
         return grid
-    return tuple((g + 2 * (k // 2) - k) // s + 1 for g, k, s in zip(grid, kernel, stride))  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]
+        (g + 2 * p - k) // s + 1 for g, k, s, p in zip(grid, kernel, stride, padding)
+    )
+
+
+def _skip_kernel(stride_q: Triple) -> Triple:
+    """Kernel of the skip connection's max pool (PySlowFast's rule): one wider than the stride where it strides."""
+    return tuple(s + 1 if s > 1 else s for s in stride_q)  # type: ignore[return-value]
+
+
+def _skip_grid(grid: THW, stride_q: Triple) -> THW:
+    if math.prod(stride_q) == 1:
+        return grid
+    kernel = _skip_kernel(stride_q)
+    return _pooled_grid(grid, kernel, stride_q, tuple(k // 2 for k in kernel))  # type: ignore[arg-type]
 
 
 class DropPath(nn.Module):
@@ -258,11 +347,21 @@ def decomposed_rel_pos_bias(
     return F.pad(bias, (1, 0, 1, 0))  # zero rows/columns for the cls token
 
 
+def _pool_op(mode: str, channels: int, kernel: Triple, stride: Triple, padding: Triple) -> nn.Module:
+    """The pooling operator of ``pool_mode``; only "conv" has weights (and a state-dict entry)."""
+    if mode == "max":
+        return nn.MaxPool3d(kernel, stride=stride, padding=padding)
+    if mode == "avg":  # counts padded zeros in the average (torch's default, as in PySlowFast)
+        return nn.AvgPool3d(kernel, stride=stride, padding=padding)
+    return nn.Conv3d(channels, channels, kernel, stride=stride, padding=padding, groups=channels, bias=False)
+
+
 class MultiScaleAttention(nn.Module):
     """Multi Head Pooling Attention: Q, K and V are pooled over the token grid before attending.
 
-    Pooling is a depthwise Conv3d on each head's channels (shared by the heads, no bias) followed by
-    LayerNorm, so attention cost shrinks with the K/V stride and Q's stride sets the output resolution.
+    Pooling (``pool_mode``) is a depthwise Conv3d on each head's channels (shared by the heads, no bias),
+    or a parameter-free max or average pool, followed by LayerNorm; attention cost shrinks with the K/V
+    stride and Q's stride sets the output resolution.
     """
 
     def __init__(self, spec: BlockSpec, cfg: MViTConfig) -> None:
@@ -278,23 +377,21 @@ class MultiScaleAttention(nn.Module):
         self.qkv = nn.Linear(dim_in, 3 * dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-        def pool_and_norm(kernel: Triple, stride: Triple) -> tuple[nn.Module | None, nn.Module | None]:
+        def pool_and_norm(
+            kernel: Triple, stride: Triple, padding: Triple
+        ) -> tuple[nn.Module | None, nn.Module | None]:
             if not _pools(kernel, stride):
                 return None, None
-            conv = nn.Conv3d(
-                self.head_dim,
-                self.head_dim,
-                kernel,
-                stride=stride,
-                padding=tuple(k // 2 for k in kernel),
-                groups=self.head_dim,
-                bias=False,
-            )
-            return conv, nn.LayerNorm(self.head_dim, eps=cfg.pool_norm_eps)
+            pool = _pool_op(cfg.pool_mode, self.head_dim, kernel, stride, padding)
+            # NOTE: PySlowFast normalises only after conv pooling and skips the norm for max/avg; the
+            # paper puts LayerNorm after every pooling, hence pool_norm=True
+            # by default in every mode; pool_norm=False reproduces PySlowFast's max/avg models.
+            norm = nn.LayerNorm(self.head_dim, eps=cfg.pool_norm_eps) if cfg.pool_norm else None
+            return pool, norm
 
-        self.pool_q, self.norm_q = pool_and_norm(spec.kernel_q, spec.stride_q)
-        self.pool_k, self.norm_k = pool_and_norm(spec.kernel_kv, spec.stride_kv)
-        self.pool_v, self.norm_v = pool_and_norm(spec.kernel_kv, spec.stride_kv)
+        self.pool_q, self.norm_q = pool_and_norm(spec.kernel_q, spec.stride_q, spec.padding_q)
+        self.pool_k, self.norm_k = pool_and_norm(spec.kernel_kv, spec.stride_kv, spec.padding_kv)
+        self.pool_v, self.norm_v = pool_and_norm(spec.kernel_kv, spec.stride_kv, spec.padding_kv)
 
         self.rel_pos = cfg.rel_pos
         if cfg.rel_pos:
@@ -314,7 +411,7 @@ class MultiScaleAttention(nn.Module):
         if pool is None:
             return x, grid
         x, grid = _pool_tokens(x, pool, grid)
-        return norm(x), grid  # type: ignore[misc]
+        return (x if norm is None else norm(x)), grid
 
     def forward(self, x: torch.Tensor, grid: THW) -> tuple[torch.Tensor, THW]:
         B, N, _ = x.shape
@@ -367,7 +464,7 @@ class MultiScaleBlock(nn.Module):
         self.proj = nn.Linear(spec.dim_in, spec.dim_out) if spec.dim_in != spec.dim_out else None
         self.pool_skip: nn.Module | None = None
         if math.prod(spec.stride_q) > 1:
-            kernel = tuple(s + 1 if s > 1 else s for s in spec.stride_q)
+            kernel = _skip_kernel(spec.stride_q)
             self.pool_skip = nn.MaxPool3d(kernel, stride=spec.stride_q, padding=tuple(k // 2 for k in kernel))
 
     def forward(self, x: torch.Tensor, grid: THW) -> tuple[torch.Tensor, THW]:

@@ -29,9 +29,9 @@ def export_model(weights: dict[str, torch.Tensor], cfg: MViTConfig, out_dir: Pat
     meta = {"mvit_config": dataclasses.asdict(cfg), "classes": list(classes) if classes else None}
     written[1].write_text(json.dumps(meta, indent=2) + "\n")
     try:
-        tv = to_torchvision(tensors)
+        tv = to_torchvision(tensors, cfg)
     except CheckpointMismatch:
-        return written  # image models have no torchvision counterpart
+        return written  # image models and non-conv pooling have no torchvision counterpart
     path = out_dir / "torchvision_state_dict.pt"
     torch.save(tv, path)
     written.append(path)

@@ -28,3 +28,12 @@ def test_preset_reference_with_overrides_and_unknown_keys(tmp_path):
     bad.write_text("preset: mvit_b_16x4\nnum_clases: 10\n")
     with pytest.raises(ValueError, match=r"typo\.yaml.*num_clases"):
         config_from_file(str(bad))
+
+
+def test_exported_configs_read_back_as_the_presets_including_unset_pool_padding(tmp_path):
+    from pipeline.models.__main__ import export_configs
+
+    for path in export_configs(tmp_path):
+        assert "pool_padding: null" in path.read_text()  # "None" would read back as a string
+        assert config_from_file(str(path)) == preset_config(path.stem)
+        assert path.read_text() == (CONFIG_DIR / path.name).read_text(), f"regenerate {path.name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -10,6 +11,7 @@ import torchvision
 
 from pipeline.models.convert import CheckpointMismatch, detect_format, load_weights, to_torchvision
 from pipeline.models.mvit import MViT
+from pipeline.models.presets import build_preset
 from tests.models.helpers import tiny_config
 
 
@@ -155,3 +157,29 @@ def test_image_checkpoint_with_2d_patch_kernel_loads_into_joint_pos_embed_model(
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(target(image), source(image))
+
+
+def _smooth_grid(n: int) -> torch.Tensor:
+    """A low-frequency (n*n, 96) pattern sampled at pixel centres, which bicubic resizing reproduces closely."""
+    u = (torch.arange(n) + 0.5) / n
+    field = torch.sin(2 * math.pi * u)[:, None] + torch.cos(math.pi * u)[None, :]
+    return field.reshape(-1, 1) * torch.linspace(-1.0, 1.0, 96)
+
+
+def test_image_preset_checkpoint_at_224_loads_at_320_with_a_resized_joint_position_embedding(tmp_path):
+    torch.manual_seed(0)
+    source = build_preset("mvit_b_16", num_classes=5)  # joint (non-separable) embedding: 1 + 56 * 56 rows
+    with torch.no_grad():
+        source.pos_embed[0, 1:] = _smooth_grid(56)
+    path = tmp_path / "mvit_b_16_224.pt"
+    torch.save(source.state_dict(), path)
+
+    target = build_preset("mvit_b_16", num_classes=5, crop_size=320)
+    assert load_weights(target, path) == "native"
+    assert target.pos_embed.shape == (1, 1 + 80 * 80, 96)
+    assert torch.equal(target.pos_embed[:, :1], source.pos_embed[:, :1])  # the cls slot is not resized
+    torch.testing.assert_close(target.pos_embed[0, 1:], _smooth_grid(80), rtol=0, atol=0.03)
+    assert torch.equal(target.blocks[5].attn.qkv.weight, source.blocks[5].attn.qkv.weight)
+    with torch.no_grad():
+        out = target.eval()(torch.randn(1, 3, 320, 320))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
