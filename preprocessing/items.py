@@ -25,6 +25,11 @@ class WorkItem:
 
     `weight` is what shard planning measures an input by: seconds of video for clips with an
     annotated segment, source bytes otherwise (see shards.plan_shards).
+
+    `segment` is in source time (seconds from the start of the annotated video). `precut`: the file
+    is already cut to `segment` (a Kinetics clip file), so its time 0 is `segment[0]`; otherwise it is
+    the whole annotated video, and `trim` says whether to cut it. The encoder needs the difference to
+    record where the stored video lies in source time (transcode.VideoEncoder.encode).
     """
 
     key: str
@@ -35,6 +40,7 @@ class WorkItem:
     size: int
     segment: tuple[float, float] | None = None
     trim: bool = False
+    precut: bool = False
 
     @property
     def weight(self) -> float:
@@ -44,7 +50,8 @@ class WorkItem:
 
     def fingerprint_fields(self) -> list:
         """What identifies this input and its sample for resume checks (path, size, label, cut)."""
-        return [self.key, self.source, self.source_id, self.size, self.label, self.label_index, self.segment, self.trim]
+        return [self.key, self.source, self.source_id, self.size, self.label, self.label_index, self.segment, self.trim,
+                self.precut]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ the validation CSV `validate.csv`; its split is named "val" here.
 Videos are found by file name anywhere below the given folder, so both real layouts work: flat
 `{youtube_id}_{start:06d}_{end:06d}.mp4` (CVDF: train/ val/ test/) and per-class folders. Files may be
 .mp4, .mkv or .webm. A full, uncut download named `{youtube_id}.{ext}` is also accepted and can be
-trimmed to the annotated segment (`trim`).
+trimmed to the annotated segment (`trim`); untrimmed, the whole video is stored and the sample's
+metadata says so (`trimmed`, `start_in_source`: see transcode.VideoEncoder.encode).
 """
 
 from __future__ import annotations
@@ -156,9 +157,9 @@ def discover(source: KineticsSource, storage_options: dict[str, Any] | None = No
             found.rejects.append(Reject(clip_id, f"label {row.label!r} is not in the class list ({classes_url})"))
             continue
         if clip_id in videos:
-            (url, size), trim = videos[clip_id], False
+            (url, size), trim, precut = videos[clip_id], False, True
         elif row.youtube_id in videos:
-            (url, size), trim = videos[row.youtube_id], source.trim
+            (url, size), trim, precut = videos[row.youtube_id], source.trim, False
         else:
             found.rejects.append(
                 Reject(clip_id, f"missing: no {clip_id} or {row.youtube_id} video (.mp4/.mkv/.webm) below {source.videos}")
@@ -174,6 +175,7 @@ def discover(source: KineticsSource, storage_options: dict[str, Any] | None = No
                 size=size,
                 segment=(row.start, row.end),
                 trim=trim,
+                precut=precut,
             )
         )
     return found

@@ -1,7 +1,11 @@
 """Turn one input file into the bytes stored in a shard: H.264/MP4 for video, JPEG for images.
 
-Video uses PyAV (libav* + libx264 in-process). We measured and chose it because this environment has
-no ffmpeg binary; it also avoids a subprocess per clip and keeps the encoded bytes in memory.
+Video uses PyAV (libav* + libx264 in-process) rather than the ffmpeg CLI. Measured choice:
+`benchmarks/preprocess.py` runs this tool, a plain PyAV loop and the ffmpeg CLI (the static binary of
+the `imageio-ffmpeg` package, `pip install .[bench]`) on the same clips with the same x264 settings;
+the numbers and the trade-off are in README.md ("Preprocessing", Benchmark). PyAV also needs no
+binary on the workers, spawns no subprocess per clip, keeps the encoded bytes in memory (no temp
+files on the way to S3) and lets the tool see every decoded frame (segment cut, rotation, metadata).
 
 Determinism: identical inputs and settings must give identical bytes, so that reruns and resumed
 runs reproduce shards exactly. Measured requirements (regression tests in tests/preprocessing/test_units.py):
@@ -13,6 +17,13 @@ runs reproduce shards exactly. Measured requirements (regression tests in tests/
   about 1 encode in 50 differ under memory churn. The cost is some compression efficiency at a
   given CRF.
 - the MP4 muxer writes no wall-clock time.
+
+Frame types: x264 chooses every frame's type itself (I/P/B, keyframes every `gop` frames at most),
+as the ffmpeg CLI lets it. A decoded frame carries the type it had in the *source*, and libavcodec's
+libx264 wrapper obeys a frame's type when it is set; passing decoded frames on unchanged made the
+output copy the source's structure (no B-frames from a P-only source, extra I-frames wherever the
+source had them), larger at the same CRF, and dependent on how the source was encoded.
+`_encoder_frame` clears it (test_video_frame_types_are_chosen_by_x264_not_copied_from_the_source).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import av
 import av.logging
 import numpy as np
 import PIL
+from av.video.frame import PictureType
 from PIL import Image
 
 from preprocessing.items import WorkItem
@@ -115,32 +127,54 @@ class VideoEncoder:
             "threads": 1,
             "audio": "dropped",
             "rotation": "applied",
+            "frame_types": "x264",  # chosen by x264, not copied from the source (module docstring)
             "av_version": av.__version__,
         }
 
     def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample:
-        segment = item.segment if item.trim else None
+        """The sample of one video; its metadata says where the stored video lies in the source.
+
+        `segment` is always the annotated segment in *source* time (seconds from the start of the
+        annotated video, e.g. the YouTube video). The stored video is either just that segment
+        (`trimmed`: a pre-cut clip file, or an uncut file cut here with --trim) or the whole uncut
+        file (`trimmed` false: the action is somewhere inside). `start_in_source` is the source time
+        of the stored video's first frame, so a reader finds the segment in the stored video at
+        `segment - start_in_source` seconds whichever the case, instead of guessing from the key.
+        """
+        cut = item.segment if item.trim else None
         src = _load(item, storage_options)
         try:
-            data, fps, frames, width, height = self.transcode(src, segment)
+            result = self._transcode(src, cut)
         except _DECODE_ERRORS as exc:
             raise RejectError(f"undecodable video: {type(exc).__name__}: {exc}") from exc
+        if item.precut and item.segment is not None:
+            # A pre-cut clip file starts at the annotated start (that is how Kinetics clips are cut and
+            # named); its own time 0 is therefore segment[0] in source time.
+            start_in_source, trimmed = item.segment[0] + result.start, True
+        else:
+            start_in_source, trimmed = result.start, cut is not None
         meta = {
             "label": item.label,
             "source_id": item.source_id,
             "segment": list(item.segment) if item.segment is not None else None,
-            "fps": float(fps),
-            "frames": frames,
-            "width": width,
-            "height": height,
-            "duration": round(frames / float(fps), 6),
+            "trimmed": trimmed,
+            "start_in_source": round(start_in_source, 6),
+            "fps": float(result.fps),
+            "frames": result.frames,
+            "width": result.width,
+            "height": result.height,
+            "duration": round(result.frames / float(result.fps), 6),
         }
-        return EncodedSample(data, meta)
+        return EncodedSample(result.data, meta)
 
     def transcode(
         self, src: Any, segment: tuple[float, float] | None = None
     ) -> tuple[bytes, Fraction, int, int, int]:
         """(mp4 bytes, fps, frames, width, height) for a path or binary file object."""
+        result = self._transcode(src, segment)
+        return result.data, result.fps, result.frames, result.width, result.height
+
+    def _transcode(self, src: Any, segment: tuple[float, float] | None) -> _Transcoded:
         av.logging.set_level(av.logging.FATAL)
         with av.open(src, mode="r", metadata_errors="ignore") as inp:
             if not inp.streams.video:
@@ -149,11 +183,15 @@ class VideoEncoder:
             stream = inp.streams.video[0]
             stream.codec_context.thread_count = 1
             fps = _frame_rate(stream)
-            frames = _decoded_frames(inp, stream, segment)
+            origin = _stream_origin(stream)
+            frames = _decoded_frames(inp, stream, segment, origin)
             first = next(frames, None)
             if first is None:
                 where = f" in segment {segment[0]:g}-{segment[1]:g}s" if segment else ""
                 raise RejectError(f"no frames decoded{where}")
+            # Where the stored video starts, on the same clock as `segment` (0 if untimed: the first
+            # decoded frame is the stream start).
+            start = max(first.time - origin, 0.0) if first.time is not None else 0.0
             turns = _quarter_turns(first)
             upright = (first.height, first.width) if turns % 2 else (first.width, first.height)
             width, height = even_scaled_size(*upright, self.short_side)
@@ -167,12 +205,31 @@ class VideoEncoder:
                 ost.codec_context.thread_count = 1
                 ost.options = {"crf": str(self.crf), "preset": self.preset, "x264-params": X264_PARAMS}
                 for frame in _chain(first, frames):
-                    scaled = _scaled_upright(frame, width, height, turns)
-                    scaled.pts, scaled.time_base = count, ost.codec_context.time_base
+                    scaled = _encoder_frame(_scaled_upright(frame, width, height, turns), count, ost)
                     container.mux(ost.encode(scaled))
                     count += 1
                 container.mux(ost.encode(None))
-        return out.getvalue(), fps, count, width, height
+        return _Transcoded(out.getvalue(), fps, count, width, height, start)
+
+
+@dataclass(frozen=True)
+class _Transcoded:
+    """One transcode's output; `start` = seconds from the source stream's start to its first frame."""
+
+    data: bytes
+    fps: Fraction
+    frames: int
+    width: int
+    height: int
+    start: float
+
+
+def _encoder_frame(frame: av.VideoFrame, index: int, ost: av.video.stream.VideoStream) -> av.VideoFrame:
+    """`frame` ready for the encoder: constant-rate timestamp, and no frame type inherited from the
+    source (so x264 decides I/P/B itself; see the module docstring)."""
+    frame.pts, frame.time_base = index, ost.codec_context.time_base
+    frame.pict_type = PictureType.NONE
+    return frame
 
 
 def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
@@ -182,15 +239,22 @@ def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
     return Fraction(rate).limit_denominator(1001)
 
 
+def _stream_origin(stream: av.video.stream.VideoStream) -> float:
+    """The stream's start time in seconds: time 0 of segments (annotations count from there)."""
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
 def _decoded_frames(
-    inp: av.container.InputContainer, stream: av.video.stream.VideoStream, segment: tuple[float, float] | None
+    inp: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    segment: tuple[float, float] | None,
+    origin: float,
 ) -> Iterator[av.VideoFrame]:
-    """Decoded frames, limited to start <= t < end (seconds from the stream start) if `segment`."""
+    """Decoded frames, limited to start <= t < end (seconds from `origin`) if `segment`."""
     if segment is None:
         yield from inp.decode(stream)
         return
     start, end = segment
-    origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if start > 0:
         inp.seek(int((start + origin) / stream.time_base), stream=stream, backward=True)
     for frame in inp.decode(stream):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 import decord
+import numpy as np
 import pytest
 from shard_helpers import read_manifest, read_rejects, read_samples, run_cli
 
@@ -48,6 +49,7 @@ def test_flat_layout_end_to_end(kinetics_raw: Path, tmp_path: Path) -> None:
         assert manifest["classes"][sample["cls"]] == meta["label"] == row["label"]
         assert meta["source_id"] == row["youtube_id"]
         assert meta["segment"] == [float(row["time_start"]), float(row["time_end"])]
+        assert meta["trimmed"] is True and meta["start_in_source"] == meta["segment"][0]  # a pre-cut clip file
         assert (meta["fps"], meta["frames"], meta["duration"]) == (15.0, 30, 2.0)
         assert (meta["width"], meta["height"]) == (96, 64)
     _check_decodes_like_the_loader(samples[0])
@@ -82,17 +84,44 @@ def test_per_class_layout_and_validate_csv(kinetics_per_class: Path, tmp_path: P
 
 
 def test_full_videos_are_trimmed_to_the_segment(kinetics_full_videos: Path, tmp_path: Path) -> None:
+    """Uncut videos, with and without --trim: the metadata says which, and locates the action either way."""
     out = tmp_path / "shards"
     _kinetics(kinetics_full_videos, out, "--trim", csv_name="validate.csv", videos="val")
     samples = read_samples(list_shard_urls(str(out), "val"))
     assert len(samples) == 3
     for sample in samples:
-        start, end = sample["json"]["segment"]
+        meta = sample["json"]
+        start, end = meta["segment"]
         assert start >= 1 and end - start == 2
-        assert sample["json"]["frames"] == 30  # only the 2 s segment of a 2 + 2 * start second video
+        assert meta["frames"] == 30  # only the 2 s segment of a 2 + 2 * start second video
+        assert meta["trimmed"] is True and meta["start_in_source"] == start
+        assert _moving_frames(sample["mp4"]) == _segment_frames(meta) == set(range(1, 30))
     untrimmed = tmp_path / "untrimmed"
     _kinetics(kinetics_full_videos, untrimmed, csv_name="validate.csv", videos="val")
-    assert all(s["json"]["frames"] > 30 for s in read_samples(list_shard_urls(str(untrimmed), "val")))
+    samples = read_samples(list_shard_urls(str(untrimmed), "val"))
+    assert len(samples) == 3
+    for sample in samples:
+        meta = sample["json"]
+        assert meta["frames"] == (2 * meta["segment"][0] + 2) * 15  # the whole source video
+        # `segment` is still the annotated one, in source time; the stored video starts at source time 0.
+        assert meta["trimmed"] is False and meta["start_in_source"] == 0.0
+        assert _moving_frames(sample["mp4"]) == _segment_frames(meta)  # the action is where the metadata says
+
+
+def _segment_frames(meta: dict) -> set[int]:
+    """Indices of the stored frames inside the annotated segment, computed from the metadata alone
+    (frame 0 excluded: `_moving_frames` compares each frame with the one before)."""
+    first, end = (round((t - meta["start_in_source"]) * meta["fps"]) for t in meta["segment"])
+    return set(range(max(first, 1), end))
+
+
+def _moving_frames(mp4: bytes) -> set[int]:
+    """Indices of frames where the synthetic object moved since the previous frame. The synth videos
+    hold it still outside the annotated segment; a move changes some pixels by > 80 grey levels, x264
+    noise on a still picture by < 45 (measured), hence the threshold."""
+    with av.open(io.BytesIO(mp4)) as container:
+        grey = [frame.to_ndarray(format="gray").astype(np.int16) for frame in container.decode(video=0)]
+    return {i for i in range(1, len(grey)) if np.abs(grey[i] - grey[i - 1]).max() > 60}
 
 
 def test_unlabeled_test_csv_and_unknown_labels(kinetics_raw: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from av.video.frame import PictureType
 from PIL import Image
 
 from preprocessing.cli import parse_size
@@ -146,6 +148,34 @@ def test_video_transcode_is_deterministic_under_memory_churn(tmp_path: Path) -> 
             held.append(bytearray(int(rng.integers(1, 200_000))))
             outputs[clip].add(hashlib.sha256(encoder.transcode(clip)[0]).digest())
     assert all(len(variants) == 1 for variants in outputs.values())
+
+
+def test_video_frame_types_are_chosen_by_x264_not_copied_from_the_source(one_clip: Path) -> None:
+    """Regression: decoded frames carry their source frame type, which libx264 obeys if it is passed on.
+    The synth source is P-frames only (x264 ultrafast); the output must have the B-frames of the
+    tool's preset, as the ffmpeg CLI with the same settings gives (benchmarks/preprocess.py)."""
+
+    def frame_types(data: bytes | str) -> set[str]:
+        with av.open(io.BytesIO(data) if isinstance(data, bytes) else data) as container:
+            return {PictureType(frame.pict_type).name for frame in container.decode(video=0)}
+
+    assert frame_types(str(one_clip)) == {"I", "P"}
+    assert "B" in frame_types(VideoEncoder(short_side=48).transcode(str(one_clip))[0])
+
+
+def test_video_metadata_places_the_stored_video_in_source_time(one_clip: Path) -> None:
+    """`trimmed` and `start_in_source` for the three ways a Kinetics video is stored."""
+    encoder = VideoEncoder(short_side=48)
+    base = WorkItem("k", str(one_clip), "id", "x", 0, one_clip.stat().st_size, segment=(1.0, 2.5))
+    cases = {
+        "pre-cut clip file": (dataclasses.replace(base, precut=True), True, 1.0, 30),
+        "uncut, --trim": (dataclasses.replace(base, trim=True), True, 1.0, 15),
+        "uncut, whole video kept": (base, False, 0.0, 30),
+    }
+    for case, (item, trimmed, start, frames) in cases.items():
+        meta = encoder.encode(item, {}).meta
+        assert meta["segment"] == [1.0, 2.5], case
+        assert (meta["trimmed"], meta["start_in_source"], meta["frames"]) == (trimmed, start, frames), case
 
 
 def test_video_trim_keeps_only_the_segment(one_clip: Path) -> None:
