@@ -8,12 +8,19 @@ Layout of an output root (any fsspec URL):
 
 The manifest is the source of truth for which shards exist: a loader should list shards with
 `shard_urls`, not by globbing, so leftovers of an older run are never read.
+
+It is also the truth about which samples exist: each shard entry carries `key_digest`, an
+order-independent digest of its sample keys (`keys_digest`). Summed over the shards it is the digest
+of the whole split, which the data service compares with what an epoch delivered, so a sample that
+was duplicated while another was lost is caught, not only a wrong count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +28,9 @@ from preprocessing.storage import Store, join
 
 FORMAT = "mvit-shards/1"
 _SPLIT_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_SAMPLE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_DIGEST_TEXT = re.compile(r"^[0-9a-f]{16}$")
+_DIGEST_MOD = 2**64
 
 
 def check_split(split: str) -> str:
@@ -42,12 +52,66 @@ def rejects_name(split: str) -> str:
     return f"{split}.rejects.jsonl"
 
 
+def is_sample_key(key: str) -> bool:
+    """Whether ``key`` can be a sample key written by preprocessing (``[A-Za-z0-9_-]+``).
+
+    Keys are also tar member prefixes, so the rule keeps them from naming paths; the data service
+    uses it to tell a real key from a placeholder it made up for a sample it never reached.
+    """
+    return bool(_SAMPLE_KEY.match(key))
+
+
+def sample_key_hash(key: str) -> int:
+    """The 64-bit identity of a sample key, shared by preprocessing and the data service.
+
+    Preprocessing records per-shard sums of these (`keys_digest`) in the manifest and the data
+    service sums the same hashes over what an epoch delivered: both sides must use this one function,
+    or the comparison means nothing. sha256 makes it the same in every process, Python version and
+    language, and spreads keys uniformly, so two different key sets collide with probability ~2**-64.
+    """
+    return int.from_bytes(hashlib.sha256(b"mvit-sample-key\0" + key.encode("utf-8")).digest()[:8], "little")
+
+
+def keys_digest(keys: Iterable[str]) -> int:
+    """Order-independent digest of a multiset of keys: the sum of their hashes mod 2**64.
+
+    A sum (not a hash of the sorted list) so that digests of parts add up to the digest of the whole:
+    shards add up to a split, and workers' partial epochs add up to the epoch, in any order. A repeated
+    key counts twice, so a duplicate plus a loss changes the digest.
+    """
+    return sum(sample_key_hash(key) for key in keys) % _DIGEST_MOD
+
+
+def add_digests(digests: Iterable[int]) -> int:
+    """The digest of the union (as multisets) of the key sets the ``digests`` stand for."""
+    return sum(digests) % _DIGEST_MOD
+
+
+def format_digest(digest: int) -> str:
+    """The manifest's text form of a digest: 16 lowercase hex digits."""
+    return f"{digest % _DIGEST_MOD:016x}"
+
+
+def parse_digest(text: str) -> int:
+    if not isinstance(text, str) or not _DIGEST_TEXT.match(text):
+        raise ValueError(f"key digest {text!r} is not 16 lowercase hex digits")
+    return int(text, 16)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
+    """One shard's manifest entry. ``key_digest`` (``format_digest(keys_digest(keys))`` of the samples
+    written in the shard) is None in manifests written before it existed: the digest is then unknown."""
+
     name: str
     samples: int
     bytes: int
     sha256: str
+    key_digest: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_digest is not None:
+            parse_digest(self.key_digest)
 
 
 @dataclass(frozen=True)
@@ -72,6 +136,12 @@ class Manifest:
     settings: dict[str, Any]
     class_ids: list[str] = field(default_factory=list)
     format: str = FORMAT
+
+    def split_key_digest(self) -> int | None:
+        """Digest of every sample key of the split, or None when a shard entry lacks its digest."""
+        if any(shard.key_digest is None for shard in self.shards):
+            return None
+        return add_digests(parse_digest(shard.key_digest) for shard in self.shards)
 
     def to_json(self) -> str:
         body = asdict(self)

@@ -116,7 +116,7 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
         num_samples=sum(r.samples for r in results),
         num_rejected=len(rejects),
         total_bytes=sum(r.bytes for r in results),
-        shards=[ShardInfo(r.name, r.samples, r.bytes, r.sha256) for r in results],
+        shards=[ShardInfo(r.name, r.samples, r.bytes, r.sha256, r.key_digest) for r in results],
         tool_version=__version__,
         settings=settings,
     )

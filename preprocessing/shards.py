@@ -8,10 +8,13 @@ Determinism and resume rest on three rules:
 2. A shard is produced in full by one worker, written under a temporary name and committed
    atomically (storage.Store.staged_file). Rejected inputs simply leave the shard smaller.
 3. Just before the commit, a small journal record `_state/{split}/{shard}.json` stores the shard's
-   result (size, sha256, rejects) and a fingerprint of its plan + settings. A rerun skips a shard
-   whose record matches the plan and whose object exists with the recorded size; everything else is
-   rebuilt, byte-identically. (Any older object under the final name is deleted before the record
-   is written, so an existing object with a matching record always holds that record's content.)
+   result (size, sha256, key digest, rejects) and a fingerprint of its plan + settings. A rerun skips
+   a shard whose record matches the plan and whose object exists with the recorded size; everything
+   else is rebuilt, byte-identically. (Any older object under the final name is deleted before the
+   record is written, so an existing object with a matching record always holds that record's
+   content.) A record that cannot be read as a complete result, e.g. one written before records
+   carried the key digest, counts as no record: the shard is rebuilt, which costs one re-encode but
+   needs no second code path, and the manifest then matches an uninterrupted run's byte for byte.
 
 Byte bound: outputs are only known after encoding, so `--shard-bytes` is met on an estimate:
 estimated bytes of an input = its weight (seconds of annotated segment for video, source bytes for
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
 from collections.abc import Callable, Sequence
@@ -32,11 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from preprocessing.items import Reject, WorkItem
-from preprocessing.manifest import shard_name
+from preprocessing.manifest import format_digest, is_sample_key, keys_digest, parse_digest, shard_name
 from preprocessing.storage import Store
 from preprocessing.transcode import Encoder, RejectError
 
-_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+log = logging.getLogger(__name__)
+
 _MEMBER = re.compile(r"^[A-Za-z0-9_-]+\.[a-z0-9]+$")
 
 
@@ -114,7 +119,10 @@ def plan_shards(
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What a finished shard contributed: its manifest entry plus the inputs it rejected."""
+    """What a finished shard contributed: its manifest entry plus the inputs it rejected.
+
+    ``key_digest`` is the manifest's ``format_digest(keys_digest(...))`` of the keys written, kept in
+    the journal record so a resumed run can write the manifest without reading the shard again."""
 
     index: int
     name: str
@@ -122,6 +130,7 @@ class ShardResult:
     samples: int
     bytes: int
     sha256: str
+    key_digest: str
     rejects: tuple[Reject, ...]
     fingerprint: str
     reused: bool = False
@@ -135,6 +144,7 @@ class ShardResult:
     def from_json(cls, data: bytes) -> ShardResult:
         body = json.loads(data)
         body["rejects"] = tuple(Reject(**r) for r in body["rejects"])
+        parse_digest(body["key_digest"])  # KeyError for records older than the field: rebuilt
         return cls(**body, reused=True)
 
 
@@ -155,10 +165,17 @@ class ShardJob:
 
 
 def finished_result(job: ShardJob) -> ShardResult | None:
-    """The recorded result if this exact shard was already committed, else None."""
+    """The recorded result if this exact shard was already committed, else None.
+
+    An unreadable or incomplete record (older format without ``key_digest``, a damaged file) means
+    the shard is rebuilt: the record is a cache of the shard's result, never the only copy of it.
+    """
     try:
         record = ShardResult.from_json(job.store.read_bytes(job.journal_name))
     except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        log.info("%s: journal record unusable (%s: %s); rebuilding the shard", job.plan.name, type(exc).__name__, exc)
         return None
     if record.fingerprint != job.fingerprint or job.store.size(job.plan.name) != record.bytes:
         return None
@@ -172,7 +189,7 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
     record is written, so "final object exists and its record matches" implies it is this content.
     """
     rejects: list[Reject] = []
-    samples = 0
+    keys: list[str] = []
     with job.store.staged_file(job.plan.name) as raw:
         sink = _HashingWriter(raw)
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -183,15 +200,16 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
                     rejects.append(Reject(item.source, str(exc)))
                 else:
                     add_sample(tar, item.key, job.encoder.extension, encoded.data, item.label_index, encoded.meta)
-                    samples += 1
+                    keys.append(item.key)
                 report(1)
         result = ShardResult(
             index=job.plan.index,
             name=job.plan.name,
             inputs=len(job.plan.items),
-            samples=samples,
+            samples=len(keys),
             bytes=sink.size,
             sha256=sink.digest.hexdigest(),
+            key_digest=format_digest(keys_digest(keys)),
             rejects=tuple(rejects),
             fingerprint=job.fingerprint,
         )
@@ -202,7 +220,7 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
 
 def add_sample(tar: tarfile.TarFile, key: str, extension: str, payload: bytes, label_index: int, meta: dict) -> None:
     """Write one WebDataset sample: `{key}.{ext}`, `{key}.cls`, `{key}.json`."""
-    if not _KEY.match(key):
+    if not is_sample_key(key):
         raise ValueError(f"unsafe sample key {key!r}")
     _add_member(tar, f"{key}.{extension}", payload)
     _add_member(tar, f"{key}.cls", str(label_index).encode("ascii"))

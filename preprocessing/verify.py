@@ -1,4 +1,4 @@
-"""Check a shard set against its manifest: totals, sizes, sha256, tar structure, decodable samples.
+"""Check a shard set against its manifest: totals, sizes, sha256, key digests, tar structure, decodable samples.
 
 Each shard is read once, as a stream: the bytes feed the sha256 and Python's tarfile reader at the
 same time, so verifying a remote set costs one download of it and no local copy.
@@ -16,14 +16,25 @@ from typing import IO, Any
 import av
 from PIL import Image
 
-from preprocessing.manifest import Manifest, check_split, load_manifest, rejects_name
+from preprocessing.manifest import (
+    Manifest,
+    ShardInfo,
+    check_split,
+    format_digest,
+    keys_digest,
+    load_manifest,
+    rejects_name,
+)
 from preprocessing.storage import Store, credentials_hint, is_client_error, redact
 
 _MEDIA = {"video": "mp4", "image": "jpg"}
 _META_FIELDS = {
-    "video": {"label", "source_id", "segment", "fps", "frames", "width", "height", "duration"},
+    "video": {"label", "source_id", "segment", "trimmed", "start_in_source", "fps", "frames", "width", "height",
+              "duration"},
     "image": {"label", "source_id", "width", "height"},
 }
+# Shard sets written before `trimmed` / `start_in_source` existed still verify.
+_LEGACY_META_FIELDS = {"video": _META_FIELDS["video"] - {"trimmed", "start_in_source"}}
 
 
 @dataclass
@@ -66,7 +77,7 @@ def verify_split(
             continue
         if size != shard.bytes:
             report.problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
-        _check_shard(store, manifest, shard.name, shard.samples, shard.sha256, seen_keys, decode_per_shard, report)
+        _check_shard(store, manifest, shard, seen_keys, decode_per_shard, report)
     return report
 
 
@@ -99,16 +110,9 @@ def _check_rejects(store: Store, m: Manifest, report: VerifyReport) -> None:
 
 
 def _check_shard(
-    store: Store,
-    m: Manifest,
-    name: str,
-    samples: int,
-    sha256: str,
-    seen_keys: set[str],
-    decode_budget: int,
-    report: VerifyReport,
+    store: Store, m: Manifest, shard: ShardInfo, seen_keys: set[str], decode_budget: int, report: VerifyReport
 ) -> None:
-    media = _MEDIA[m.modality]
+    name, media = shard.name, _MEDIA[m.modality]
     groups: dict[str, dict[str, bytes]] = {}
     with store.open_read(name) as raw:
         reader = _HashingReader(raw)
@@ -128,10 +132,16 @@ def _check_shard(
         except (tarfile.TarError, EOFError, OSError) as exc:
             report.problems.append(f"{name}: unreadable tar: {type(exc).__name__}: {exc}")
         reader.drain()
-    if reader.digest.hexdigest() != sha256:
-        report.problems.append(f"{name}: sha256 {reader.digest.hexdigest()} != manifest {sha256}")
-    if len(groups) != samples:
-        report.problems.append(f"{name}: {len(groups)} samples, manifest says {samples}")
+    if reader.digest.hexdigest() != shard.sha256:
+        report.problems.append(f"{name}: sha256 {reader.digest.hexdigest()} != manifest {shard.sha256}")
+    if len(groups) != shard.samples:
+        report.problems.append(f"{name}: {len(groups)} samples, manifest says {shard.samples}")
+    # The data service checks each epoch against these digests, so a wrong one must show up here
+    # first (as the shard's keys differing from the manifest), not as a failed training epoch.
+    found = format_digest(keys_digest(groups))
+    if shard.key_digest is not None and found != shard.key_digest:
+        report.problems.append(f"{name}: key digest {found} != manifest {shard.key_digest}: "
+                               "the shard's sample keys are not the ones the manifest records")
     for position, (key, parts) in enumerate(groups.items()):
         report.samples += 1
         if key in seen_keys:
@@ -166,8 +176,11 @@ def _sample_problem(m: Manifest, parts: dict[str, bytes], media: str, decode: bo
         return f"class index {label_index} out of range"
     if label_index >= 0 and meta.get("label") != m.classes[label_index]:
         return f"label {meta.get('label')!r} does not match class {label_index} ({m.classes[label_index]!r})"
-    if set(meta) != _META_FIELDS[m.modality]:
+    if set(meta) not in (_META_FIELDS[m.modality], _LEGACY_META_FIELDS.get(m.modality)):
         return f"metadata fields {sorted(meta)} != {sorted(_META_FIELDS[m.modality])}"
+    if "trimmed" in meta and not (isinstance(meta["trimmed"], bool) and isinstance(meta["start_in_source"], (int, float))
+                                  and meta["start_in_source"] >= 0):
+        return f"metadata trimmed={meta['trimmed']!r} / start_in_source={meta['start_in_source']!r} are not a bool / a time >= 0"
     if not decode:
         return None
     try:

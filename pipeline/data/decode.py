@@ -72,15 +72,38 @@ def choose_decode_device(requested: str, decord_cuda: bool, gpu_ids: Sequence[An
     return DecodeDevice("cpu", 0, why)
 
 
-def pool_gpus_per_actor(cfg: DecoderPoolConfig, decord_cuda: bool, cluster_gpus: float) -> float:
-    """GPU share each decoder actor requests from Ray (0 = CPU actors)."""
+def pool_gpus_per_actor(cfg: DecoderPoolConfig, decord_cuda: bool, cluster_gpus: float, reserved_gpus: float = 0.0) -> float:
+    """GPU share each decoder actor requests from Ray (0 = CPU actors).
+
+    ``reserved_gpus`` is what the training workers (and pools built before this one) take. The pool
+    starts ``min_actors`` actors at once: if their GPU shares do not fit in the rest, Ray would keep
+    them pending and the job would wait forever, so "auto" falls back to CPU decoding (and says why)
+    and "gpu" refuses.
+    """
     if cfg.device == "cpu":
         return 0.0
+    need, free = cfg.min_actors * cfg.num_gpus, max(cluster_gpus - reserved_gpus, 0.0)
+    fits = need <= free + 1e-9
     if cfg.device == "gpu":
         if cfg.num_gpus <= 0:
             raise ValueError("decoder.device=gpu needs decoder.num_gpus > 0")
+        if not fits:
+            raise ValueError(
+                f"decoder.device=gpu: {cfg.min_actors} actors x {cfg.num_gpus:g} GPU = {need:g} GPU, but only "
+                f"{free:g} GPU are left beside the training workers; lower trainer.gpus_per_worker (e.g. 0.8), "
+                "decoder.min_actors or decoder.num_gpus"
+            )
         return cfg.num_gpus
-    return cfg.num_gpus if decord_cuda and cluster_gpus > 0 else 0.0
+    if not (decord_cuda and cluster_gpus > 0 and cfg.num_gpus > 0):
+        return 0.0
+    if not fits:
+        log.warning(
+            "decoding on CPU: %d decoder actors x %g GPU = %g GPU do not fit in the %g GPU left beside the "
+            "training workers (lower trainer.gpus_per_worker, e.g. 0.8, to decode with NVDEC)",
+            cfg.min_actors, cfg.num_gpus, need, free,
+        )  # fmt: skip
+        return 0.0
+    return cfg.num_gpus
 
 
 def views_per_sample(cfg: DataConfig, modality: str, train: bool) -> int:

@@ -7,6 +7,7 @@
             ...
             checkpoint_state = loader.state()           # {"epoch": e, "position": p}
         stats = loader.stats                            # EpochStats: samples, failed, fingerprint, ...
+        # merged over workers: stats.complete, and fingerprint == expected_digest (see EpochStats)
 
 A batch is a dict: ``video`` uint8 (B, 3, T, H, W) (T = 1 for images), ``label`` int64 (B,),
 ``video_id`` list[str] (the sample key), ``view`` int64 (B,) (training view index, or clip * crops
@@ -34,15 +35,26 @@ from ray.data import DataIterator
 
 from pipeline.data.plan import FAILED, OK, PAD, Layout, stable_hash
 from pipeline.data.service import CONTEXT_KEY
+from preprocessing.manifest import add_digests, is_sample_key, sample_key_hash
 
 _MAX_LOGGED_FAILURES = 20
+
+
+_COUNTS = ("batches", "samples", "views", "failed", "unkeyed", "pad_rows")
 
 
 @dataclass
 class EpochStats:
     """What one worker received in one epoch. ``merge`` sums workers; then
-    ``samples + failed == expected`` and an unchanged ``fingerprint`` across epochs show that no sample
-    was lost or repeated (the fingerprint is a sum of per-sample key hashes, order-independent)."""
+    ``samples + failed == expected`` shows the count is right, and ``fingerprint == expected_digest``
+    shows the samples are the split's own: none lost, none repeated, even when a duplicate and a loss
+    would leave the count unchanged. The fingerprint is ``preprocessing.manifest.keys_digest`` of the
+    keys of the delivered and failed samples (first view only; pad rows excluded), order-independent,
+    so workers' parts add up; ``expected_digest`` is the same digest of the manifest's keys.
+
+    The comparison is only meaningful when ``unkeyed == 0``: a sample the reader never reached (a shard
+    broken off early) is counted under a made-up ``shard#index`` key, since its real key is unknown.
+    """
 
     epoch: int
     start: int = 0
@@ -51,24 +63,28 @@ class EpochStats:
     samples: int = 0  # decoded samples delivered
     views: int = 0  # rows delivered (samples x views)
     failed: int = 0  # samples skipped because they did not decode (or were missing from a shard)
+    unkeyed: int = 0  # of ``failed``: samples whose key is unknown (not in the fingerprint)
     pad_rows: int = 0
     fingerprint: int = 0
+    # What ``fingerprint`` must add up to over all workers: the manifest's digest of the split. Known
+    # only for an epoch read from its start (which samples precede a resume position depends on the
+    # shuffle, so the digest of the rest cannot be derived) and when every shard entry has a digest.
+    expected_digest: int | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
-        keys = ("batches", "samples", "views", "failed", "pad_rows")
-        return {f"{prefix}{k}": float(getattr(self, k)) for k in keys}
+        return {f"{prefix}{k}": float(getattr(self, k)) for k in _COUNTS}
 
     @staticmethod
     def merge(parts: list[EpochStats]) -> EpochStats:
         first = parts[0]
-        total = EpochStats(first.epoch, first.start, first.expected)
+        total = EpochStats(first.epoch, first.start, first.expected, expected_digest=first.expected_digest)
         for part in parts:
-            if (part.epoch, part.start) != (first.epoch, first.start):
-                raise ValueError("merging stats of different epochs")
-            for name in ("batches", "samples", "views", "failed", "pad_rows"):
+            if (part.epoch, part.start, part.expected_digest) != (first.epoch, first.start, first.expected_digest):
+                raise ValueError("merging stats of different epochs (or datasets)")
+            for name in _COUNTS:
                 setattr(total, name, getattr(total, name) + getattr(part, name))
-            total.fingerprint = (total.fingerprint + part.fingerprint) % 2**64
+            total.fingerprint = add_digests([total.fingerprint, part.fingerprint])
             total.failures += part.failures
         return total
 
@@ -76,6 +92,11 @@ class EpochStats:
     def complete(self) -> bool:
         """Every expected sample arrived once (delivered or counted as failed)."""
         return self.samples + self.failed == self.expected
+
+    @property
+    def identity_checkable(self) -> bool:
+        """Whether ``fingerprint == expected_digest`` is a valid test of this (merged) epoch."""
+        return self.start == 0 and self.expected_digest is not None and self.unkeyed == 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +124,7 @@ class ShardLoader:
         self.seed = info["seed"]
         self.samples, self.per_unit, self.views = info["samples"], info["per_unit"], info["views"]
         self._cursor = info["cursor"]
+        self.split_digest: int | None = info.get("key_digest")
         self.stats = EpochStats(-1)
         self._layout: Layout | None = None
         self._done = 0
@@ -140,7 +162,8 @@ class ShardLoader:
         layout = self.layout(position)
         self._cursor.request(self.rank, self.world_size, epoch, position)
         self._layout, self._done = layout, 0
-        self.stats = stats = EpochStats(epoch, position, layout.remaining)
+        digest = self.split_digest if position == 0 else None  # see EpochStats.expected_digest
+        self.stats = stats = EpochStats(epoch, position, layout.remaining, expected_digest=digest)
         batches = self._iterator.iter_batches(
             batch_size=self.rows_per_batch, batch_format="numpy", prefetch_batches=self.prefetch_batches
         )
@@ -174,10 +197,15 @@ class ShardLoader:
         stats.pad_rows += int((status == PAD).sum())
         stats.views += int(keep.sum())
         for key, ok, bad, error in zip(rows["video_id"], keep & first_view, (status == FAILED) & first_view, rows["error"]):
-            if ok or bad:
-                stats.fingerprint = (stats.fingerprint + stable_hash("sample", key)) % 2**64
+            key = str(key)
+            # A failed sample without a real key is a placeholder for one the reader never reached
+            # (or a crafted member name): it cannot stand for a manifest key, so it is counted apart.
+            unkeyed = bad and not is_sample_key(key)
+            if (ok or bad) and not unkeyed:
+                stats.fingerprint = add_digests([stats.fingerprint, sample_key_hash(key)])
             stats.samples += int(ok)
             stats.failed += int(bad)
+            stats.unkeyed += int(unkeyed)
             if bad and len(stats.failures) < _MAX_LOGGED_FAILURES:
                 stats.failures.append((str(key), str(error)))
         video = rows["video"] if keep.all() else rows["video"][keep]

@@ -35,11 +35,16 @@ CONTEXT_KEY = "mvit_data"
 _EXTENSIONS = {"video": "mp4", "image": "jpg"}
 
 
-def build_datasets(cfg: DataConfig, val: bool = True) -> dict[str, ray.data.Dataset]:
-    """``{"train": ..., "val": ...}`` (val only when ``val``) for ``TorchTrainer(datasets=...)``."""
-    datasets = {"train": build_dataset(cfg, cfg.train_split, train=True)}
+def build_datasets(cfg: DataConfig, val: bool = True, reserved_gpus: float = 0.0) -> dict[str, ray.data.Dataset]:
+    """``{"train": ..., "val": ...}`` (val only when ``val``) for ``TorchTrainer(datasets=...)``.
+
+    ``reserved_gpus``: the training workers' GPUs, which the decoder pools must leave free.
+    """
+    datasets = {"train": build_dataset(cfg, cfg.train_split, train=True, reserved_gpus=reserved_gpus)}
     if val:
-        datasets["val"] = build_dataset(cfg, cfg.val_split, train=False)
+        cluster = ray.cluster_resources().get("GPU", 0.0)
+        reserved_gpus += cfg.decoder.min_actors * pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), cluster, reserved_gpus)
+        datasets["val"] = build_dataset(cfg, cfg.val_split, train=False, reserved_gpus=reserved_gpus)
     return datasets
 
 
@@ -59,7 +64,7 @@ def ingest_options() -> ExecutionOptions:
     return options
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool) -> ray.data.Dataset:
+def build_dataset(cfg: DataConfig, split: str, train: bool, reserved_gpus: float = 0.0) -> ray.data.Dataset:
     """The Dataset of one split: training views (train=True) or evaluation views."""
     cfg.validate()
     storage = cfg.storage_options()
@@ -85,7 +90,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ray.data.Dataset:
         cursor=cursor,
         total_bytes=manifest.total_bytes,
     )
-    gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0))
+    # reserved_gpus: the training workers' share (and earlier pools'), which this pool must leave free
+    gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0), reserved_gpus)
     log.info(
         "%s: %d samples in %d shards, %d views/sample, %d samples (%d rows) per batch, decoder actors %d..%d on %s",
         split, manifest.num_samples, len(shards), views, per_unit, per_unit * views, cfg.decoder.min_actors,
@@ -111,13 +117,20 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ray.data.Dataset:
     context.execution_options.preserve_order = True
     # A batch must stay one block: the split hands out whole blocks, one unit per worker in turn.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * batch_bytes + (1 << 20))
-    context.set_config(CONTEXT_KEY, dataset_info(manifest.num_samples, per_unit, views, cursor, manifest.modality, train, cfg.seed))
+    info = dataset_info(manifest.num_samples, per_unit, views, cursor, manifest.modality, train, cfg.seed,
+                        key_digest=manifest.split_key_digest())  # fmt: skip
+    if info["key_digest"] is None:
+        log.info("%s: the manifest has no key digests (older preprocessing): epochs are checked by count only", split)
+    context.set_config(CONTEXT_KEY, info)
     return ds
 
 
 def dataset_info(
-    samples: int, per_unit: int, views: int, cursor: CursorRef, modality: str, train: bool, seed: int
+    samples: int, per_unit: int, views: int, cursor: CursorRef, modality: str, train: bool, seed: int,
+    key_digest: int | None = None,
 ) -> dict[str, Any]:
+    """What a worker's ``ShardLoader`` needs to know about the dataset. ``key_digest`` is the manifest's
+    digest of all the split's sample keys (None if unknown): what a complete epoch must add up to."""
     return {
         "seed": seed,
         "samples": samples,
@@ -126,4 +139,5 @@ def dataset_info(
         "cursor": cursor,
         "modality": modality,
         "train": train,
+        "key_digest": key_digest,
     }

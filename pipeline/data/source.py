@@ -2,9 +2,11 @@
 
 One read task per read group (``plan.ReadGroup``). A task opens its shards through fsspec (local
 paths, ``file://``, ``s3://`` with an endpoint override), iterates each tar with webdataset's
-``tar_file_iterator`` + ``group_by_keys``, interleaves the shards round-robin through a seeded
-shuffle buffer, and emits one row per sample: the encoded bytes, label and metadata, its epoch
-position and unit, plus the pad rows of the units it completes (see ``plan``).
+``tar_file_iterator``, groups members into samples by webdataset's key rule (``_grouped``, which
+unlike ``group_by_keys`` keeps a complete sample read just before a break), interleaves the shards
+round-robin through a seeded shuffle buffer, and emits one row per sample: the encoded bytes, label
+and metadata, its epoch position and unit, plus the pad rows of the units it completes (see
+``plan``).
 
 The manifest is the truth about what a shard holds. A shard that breaks off (damaged tar, dropped
 connection after s3fs's retries) or holds fewer samples than recorded yields BROKEN rows for the

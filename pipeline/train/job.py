@@ -185,7 +185,8 @@ def run(cfg: ExperimentConfig) -> Any:
             # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      num_cpus=max(os.cpu_count() or 1, 4))
-    datasets = build_datasets(cfg.data)
+    reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
+    datasets = build_datasets(cfg.data, reserved_gpus=reserved)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_container(cfg), "job": job},

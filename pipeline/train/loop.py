@@ -56,6 +56,33 @@ def _gather(obj: Any, ctx: WorkerContext) -> list[Any]:
     return out
 
 
+def check_epoch_counts(stats: EpochStats, what: str) -> None:
+    """Raise unless every sample of the (merged) epoch was delivered or counted as failed."""
+    if not stats.complete:
+        raise RuntimeError(f"{what}: {stats.samples} samples + {stats.failed} failed "
+                           f"!= {stats.expected} expected: data was lost")
+
+
+def check_epoch_identity(stats: EpochStats, what: str) -> bool:
+    """Whether the (merged) epoch's key fingerprint was compared with the manifest's digest of the split;
+    raises if it was and they differ. Counts alone miss a sample delivered twice while another is lost.
+
+    False when the comparison cannot be made: a resumed epoch (``start > 0``: which samples came before
+    the resume position depends on the shuffle, so the digest of the rest is unknown and the samples
+    before the checkpoint were checked by no one), a manifest without key digests, or failed samples
+    whose keys are unknown (a shard that broke off). Counts are still checked then.
+    """
+    if not stats.identity_checkable:
+        return False
+    if stats.fingerprint != stats.expected_digest:
+        raise RuntimeError(
+            f"{what}: the samples delivered are not the split's samples (a sample was duplicated or lost): "
+            f"key fingerprint {stats.fingerprint:016x} != manifest digest {stats.expected_digest:016x} "
+            f"over {stats.samples} delivered + {stats.failed} failed of {stats.expected} expected"
+        )
+    return True
+
+
 class IncompleteCheckpointDownload(OSError):
     """A checkpoint's files are missing after Ray's per-node download: a consequence of a storage error
     raised on another rank, which ``job.failure_summary`` reports instead."""
@@ -211,12 +238,15 @@ class Trainer:
                     continue
                 acc.add(self.model(x), batch["label"], batch["video_id"])
         stats = EpochStats.merge(_gather(self.val_data.stats, self.ctx))
+        check_epoch_counts(stats, f"validation after epoch {epoch}")
+        identity_checked = check_epoch_identity(stats, f"validation after epoch {epoch}")
         parts = _gather(acc, self.ctx)
         merged = parts[0]
         for part in parts[1:]:
             merged.merge(part)
         metrics = {f"val/{k}": v for k, v in merged.metrics().items()}
         metrics.update({f"val/{k}": v for k, v in stats.as_metrics(prefix="data_").items()})
+        metrics["val/data_identity_checked"] = float(identity_checked)
         return metrics
 
     def run(self) -> None:
@@ -227,10 +257,11 @@ class Trainer:
         try:
             for epoch in range(self.state.epoch, cfg.epochs):
                 stats = EpochStats.merge(_gather(self.train_epoch(epoch), self.ctx))
-                if not stats.complete:
-                    raise RuntimeError(f"epoch {epoch}: {stats.samples} samples + {stats.failed} failed "
-                                       f"!= {stats.expected} expected: data was lost")
+                # Every rank holds the same merged stats, so every rank raises together.
+                check_epoch_counts(stats, f"epoch {epoch}")
+                identity_checked = check_epoch_identity(stats, f"epoch {epoch}")
                 metrics = {f"data/{k}": v for k, v in stats.as_metrics(prefix="").items()}
+                metrics["data/identity_checked"] = float(identity_checked)  # 0: counts only (see the check)
                 if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
                     metrics.update(self.evaluate(epoch))
                 self.state.epoch, self.state.samples_in_epoch = epoch + 1, 0

@@ -21,6 +21,7 @@ from pipeline.data.decode import (
     pool_gpus_per_actor,
     views_per_sample,
 )
+from pipeline.data.config import DecoderPoolConfig
 from pipeline.data.plan import BROKEN, FAILED, OK, PAD
 from pipeline.data.sampling import eval_clips
 
@@ -106,6 +107,21 @@ def test_decode_device_choice_is_automatic_and_logged(kinetics_shards: Path, cap
         decoder = Decoder(cfg, "video", train=True)
     assert str(decoder.device) == "cpu(0)"
     assert "video train views on cpu(0) (Decord was built without CUDA)" in caplog.text
+
+
+def test_gpu_decoders_only_where_their_shares_fit_beside_the_trainers(caplog: pytest.LogCaptureFixture) -> None:
+    """8 GPUs, 8 trainers at 1.0 GPU: 8 actors x 0.2 cannot start, so "auto" decodes on CPU (and says
+    why) rather than leave the pool pending forever; at 0.8 GPU per trainer they fit."""
+    pool = DecoderPoolConfig(min_actors=8, num_gpus=0.2, device="auto")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.decode"):
+        assert pool_gpus_per_actor(pool, True, cluster_gpus=8, reserved_gpus=8 * 1.0) == 0.0
+    assert "do not fit in the 0 GPU left" in caplog.text
+    assert pool_gpus_per_actor(pool, True, cluster_gpus=8, reserved_gpus=8 * 0.8) == 0.2
+    assert pool_gpus_per_actor(pool, False, cluster_gpus=8, reserved_gpus=6.4) == 0.0  # Decord without CUDA
+    forced = DecoderPoolConfig(min_actors=8, num_gpus=0.2, device="gpu")
+    with pytest.raises(ValueError, match=r"8 actors x 0.2 GPU = 1.6 GPU, but only 0.8 GPU are left.*gpus_per_worker"):
+        pool_gpus_per_actor(forced, True, cluster_gpus=4, reserved_gpus=3.2)
+    assert pool_gpus_per_actor(DecoderPoolConfig(device="cpu"), True, cluster_gpus=8) == 0.0
 
 
 def test_views_per_sample() -> None:

@@ -13,6 +13,8 @@ from data_helpers import delivered, rows_by_id, run_cli, run_epoch, shard_keys, 
 from pipeline.data.config import imagenet_defaults
 from pipeline.data.loader import EpochStats
 from pipeline.data.service import build_dataset
+from pipeline.train.loop import check_epoch_identity
+from preprocessing.manifest import keys_digest, load_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -43,6 +45,9 @@ def _check_disjoint_halves(batches: list, stats: list, keys: list[str], views: i
     assert sorted(per_rank[0] + per_rank[1]) == sorted((k, v) for k in keys for v in range(views))
     total = EpochStats.merge(stats)
     assert total.complete and total.samples == len(keys) and total.failed == 0
+    # The identity the training loop checks: the workers' fingerprints add up to the manifest's digest.
+    assert total.fingerprint == total.expected_digest == keys_digest(keys)
+    assert check_epoch_identity(total, f"epoch {total.epoch}")
 
 
 def test_two_workers_receive_disjoint_halves_whose_union_is_the_split(
@@ -52,6 +57,7 @@ def test_two_workers_receive_disjoint_halves_whose_union_is_the_split(
     keys = shard_keys(kinetics_shards, "train")
     assert len(keys) == 12
     _check_disjoint_halves(batches, stats, keys, views=2)
+    assert EpochStats.merge(stats).expected_digest == load_manifest(str(kinetics_shards), "train").split_key_digest()
     labels = _labels(kinetics_shards, "train")
     for batch in batches[0] + batches[1]:
         assert batch["video"].dtype == np.uint8 and batch["video"].shape[1:] == (3, 8, 48, 48)
@@ -76,17 +82,27 @@ def test_shards_on_s3_with_an_endpoint_override(kinetics_shards: Path, s3_bucket
     _check_disjoint_halves(batches, stats, shard_keys(kinetics_shards, "train"), views=2)
 
 
-def test_evaluation_views_count_and_video_ids(kinetics_shards: Path) -> None:
-    cfg = small_config(str(kinetics_shards))  # 3 clips x 1 crop, 2 videos (6 rows) per batch
+@pytest.mark.parametrize(("clips", "crops"), [(3, 1), (10, 3), (7, 3)])
+def test_evaluation_views_count_and_video_ids(kinetics_shards: Path, clips: int, crops: int) -> None:
+    """K clips x C crops per video (the 5x1 / 10x3 / 7x3 protocols), each view once, id and label kept."""
+    cfg = small_config(str(kinetics_shards))  # 6 rows per batch: 2 videos at 3x1, 1 video at 10x3 / 7x3
+    cfg.sampling.eval_clips, cfg.sampling.eval_crops = clips, crops
     batches, stats, _ = run_epoch(build_dataset(cfg, "val", train=False), 2, epoch=0)
     labels = _labels(kinetics_shards, "val")
+    views = clips * crops
     rows = delivered(batches[0]) + delivered(batches[1])
-    assert sorted(rows) == sorted((k, v) for k in labels for v in range(3))  # 6 videos x 3 views, once each
+    assert sorted(rows) == sorted((k, v) for k in labels for v in range(views))  # 6 videos x K*C views, once each
     assert len(batches[0]) == len(batches[1])
     for batch in batches[0] + batches[1]:
         assert [labels[k] for k in batch["video_id"]] == batch["label"].tolist()
         assert batch["video"].shape[1:] == (3, 8, 48, 48)
-    assert EpochStats.merge(stats).complete
+        assert len(batch["video_id"]) % views == 0  # a video's views never straddle two batches
+    if crops == 3:  # view = clip * C + crop; the videos are wider than tall, so crops see other pixels
+        by_view = rows_by_id(batches[0] + batches[1])
+        for key in labels:
+            assert len({by_view[(key, crop)].tobytes() for crop in range(3)}) == 3
+    total = EpochStats.merge(stats)
+    assert total.complete and total.samples == len(labels) and total.views == len(labels) * views
 
 
 def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: tuple[Path, list[str]]) -> None:
@@ -94,6 +110,8 @@ def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: t
     batches, stats, _ = run_epoch(build_dataset(small_config(str(root)), "train", train=True), 2, epoch=0)
     total = EpochStats.merge(stats)
     assert total.failed == 2 and total.samples == 10 and total.complete
+    # Samples that fail to decode still have their keys: the epoch is checked for identity too.
+    assert total.unkeyed == 0 and total.fingerprint == total.expected_digest == keys_digest(shard_keys(root, "train"))
     assert sorted(key for key, _ in total.failures) == sorted(damaged)
     ids = {k for k, _ in delivered(batches[0]) + delivered(batches[1])}
     assert ids == set(shard_keys(root, "train")) - set(damaged)
@@ -133,6 +151,7 @@ def test_an_epoch_resumes_from_a_position_on_any_world_size(
         assert all(np.array_equal(got[k], rest[k]) for k in rest)  # same clips and crops as before
         total = EpochStats.merge(stats)
         assert total.complete and total.start == position and total.expected == 12 - position
+        assert total.expected_digest is None and not check_epoch_identity(total, "epoch 0")  # see the check
 
 
 def test_images_go_through_the_same_service(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -146,5 +165,6 @@ def test_images_go_through_the_same_service(tmp_path_factory: pytest.TempPathFac
     batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
     total = EpochStats.merge(stats)
     assert total.complete and total.failed == 0
+    assert total.fingerprint == total.expected_digest == keys_digest(shard_keys(out, "train"))
     assert {k for k, _ in delivered(batches[0])} == set(shard_keys(out, "train"))
     assert all(b["video"].shape[1:] == (3, 1, 32, 32) and b["video"].dtype == np.uint8 for b in batches[0])

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 from shard_helpers import run_cli
 
+from preprocessing.manifest import format_digest, keys_digest, load_manifest
 from preprocessing.verify import verify_split
+
+
+def _make_shards(raw: Path, out: Path) -> str:
+    """The set every test here starts from (rerunning it on an existing output resumes); its stdout."""
+    return run_cli("kinetics", "--csv", str(raw / "annotations" / "train.csv"), "--videos", str(raw / "train"),
+                   "--out", str(out), "--short-side", "64", "--shard-samples", "3", "--no-progress").stdout  # fmt: skip
+
+
+def _tar_keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return sorted({member.name.partition(".")[0] for member in tar.getmembers()})
 
 
 @pytest.fixture(scope="module")
 def good_shards(kinetics_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("verify") / "good"
-    run_cli("kinetics", "--csv", str(kinetics_raw / "annotations" / "train.csv"), "--videos", str(kinetics_raw / "train"),
-            "--out", str(out), "--short-side", "64", "--shard-samples", "3", "--no-progress")  # fmt: skip
+    _make_shards(kinetics_raw, out)
     return out
 
 
@@ -73,3 +85,44 @@ def test_truncated_missing_and_miscounted(shards: Path) -> None:
 
 def test_missing_manifest(tmp_path: Path) -> None:
     assert "manifest unreadable" in verify_split(str(tmp_path), "train").problems[0]
+
+
+def test_wrong_key_digest_is_caught_naming_the_shard(shards: Path) -> None:
+    path = shards / "train.manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = manifest["shards"][1]
+    assert entry["key_digest"] == format_digest(keys_digest(_tar_keys(shards / entry["name"])))
+    # Another shard's digest: the shape of a manifest whose shards were swapped or whose keys changed.
+    entry["key_digest"] = manifest["shards"][0]["key_digest"]
+    path.write_text(json.dumps(manifest, indent=2))
+    problems = verify_split(str(shards), "train").problems
+    assert len(problems) == 1 and problems[0].startswith("train-000001.tar: key digest "), problems
+    assert "sample keys are not the ones the manifest records" in problems[0]
+
+
+def test_manifest_digests_add_up_to_the_split_and_older_manifests_still_load(shards: Path) -> None:
+    manifest = load_manifest(str(shards), "train")
+    every_key = [key for shard in manifest.shards for key in _tar_keys(shards / shard.name)]
+    assert manifest.split_key_digest() == keys_digest(every_key)
+    body = json.loads((shards / "train.manifest.json").read_text())
+    for entry in body["shards"]:
+        del entry["key_digest"]  # as written before the field existed
+    (shards / "train.manifest.json").write_text(json.dumps(body, indent=2))
+    assert load_manifest(str(shards), "train").split_key_digest() is None  # unknown, not an error
+    assert verify_split(str(shards), "train").ok
+
+
+def test_journal_records_without_key_digest_make_the_rerun_rebuild_identically(
+    kinetics_raw: Path, good_shards: Path, shards: Path
+) -> None:
+    """Output of a version whose journal had no key digests: the rerun rebuilds those shards (it cannot
+    take their digest from the record) and ends byte-identical to a fresh run, digests included."""
+    records = sorted((shards / "_state" / "train").glob("*.json"))
+    assert len(records) == 3
+    for record in records:
+        body = json.loads(record.read_text())
+        del body["key_digest"]
+        record.write_text(json.dumps(body, indent=1) + "\n")
+    assert "(0 already complete)" in _make_shards(kinetics_raw, shards)
+    for name in ["train.manifest.json", *(f"train-00000{i}.tar" for i in range(3))]:
+        assert (shards / name).read_bytes() == (good_shards / name).read_bytes(), name

@@ -1,4 +1,4 @@
-"""Optimiser groups, LR schedule, evaluation metrics and secret redaction."""
+"""Optimiser groups, LR schedule, evaluation metrics, secret redaction and the epoch accounting checks."""
 
 from __future__ import annotations
 
@@ -104,3 +104,33 @@ def test_failure_summary_names_the_root_cause_not_the_collateral_collective_erro
     assert controller.endswith("controller: OSError: When writing snapshot: AWS Error SLOW_DOWN")
     only_collateral = WorkerGroupError("...", {0: RuntimeError("RuntimeError: gloo: Connection reset by peer")})
     assert failure_summary(cfg, only_collateral).endswith("rank 0: RuntimeError: gloo: Connection reset by peer")
+
+
+def test_epoch_identity_check_catches_a_duplicate_that_hides_a_loss() -> None:
+    from pipeline.data.loader import EpochStats
+    from pipeline.train.loop import check_epoch_counts, check_epoch_identity
+    from preprocessing.manifest import keys_digest
+
+    split = keys_digest(["a", "b", "c", "d"])
+    exact = EpochStats(3, 0, 4, samples=3, failed=1, fingerprint=split, expected_digest=split)
+    check_epoch_counts(exact, "epoch 3")
+    assert check_epoch_identity(exact, "epoch 3") is True
+
+    # "a" delivered twice, "b" never: the counts add up, only the identity check sees it.
+    swapped = EpochStats(3, 0, 4, samples=4, fingerprint=keys_digest(["a", "a", "c", "d"]), expected_digest=split)
+    check_epoch_counts(swapped, "epoch 3")
+    with pytest.raises(RuntimeError, match=r"^epoch 3: the samples delivered are not the split's samples \(a sample "
+                                           r"was duplicated or lost\)"):  # fmt: skip
+        check_epoch_identity(swapped, "epoch 3")
+    with pytest.raises(RuntimeError, match="data was lost"):
+        check_epoch_counts(EpochStats(3, 0, 4, samples=3), "epoch 3")
+
+    # Cases where the comparison cannot be made: not run (metric 0), not failed.
+    unknown = [
+        EpochStats(3, 2, 2, samples=2, fingerprint=keys_digest(["c", "d"]), expected_digest=None),  # resumed
+        EpochStats(3, 2, 2, samples=2, fingerprint=keys_digest(["c", "d"]), expected_digest=split),  # resumed
+        EpochStats(3, 0, 4, samples=4, fingerprint=keys_digest(["a", "b", "c", "d"])),  # older manifest
+        EpochStats(3, 0, 4, samples=3, failed=1, unkeyed=1, fingerprint=keys_digest(["a", "b", "c"]),
+                   expected_digest=split),  # a shard broke off: the missing sample's key is unknown
+    ]  # fmt: skip
+    assert [check_epoch_identity(stats, "epoch 3") for stats in unknown] == [False] * 4

@@ -12,7 +12,12 @@ from pipeline.models.presets import preset_config
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "configs" / "experiment"
 
 
-@pytest.mark.parametrize("name", ["k400_mvit_b_16x4", "k400_mvit_s_16x4", "in1k_mvit_b_16", "demo"])
+def test_the_shipped_experiment_presets():
+    assert sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")) == [
+        "demo", "in1k_mvit_b_16", "k400_mvit_b_16x4", "k400_mvit_b_32x3", "k400_mvit_s_16x4"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
 def test_every_experiment_preset_loads(name):
     cfg = load_config(EXPERIMENTS / f"{name}.yaml", ["data.root=s3://bucket/shards"])
     model = build_model_config(cfg.model)
@@ -26,6 +31,12 @@ def test_k400_preset_is_the_paper_model_and_recipe():
     assert build_model_config(cfg.model) == preset_config("mvit_b_16x4", num_classes=400)
     assert cfg.optim.weight_decay == 0.05 and cfg.data.augment.repeated_aug == 2
     assert cfg.global_batch_size == cfg.data.batch_size * 4
+
+
+def test_k400_32x3_preset_samples_32_frames_at_stride_3():
+    cfg = load_config(EXPERIMENTS / "k400_mvit_b_32x3.yaml", ["data.root=/data/k400"])
+    assert build_model_config(cfg.model) == preset_config("mvit_b_32x3", num_classes=400)
+    assert (cfg.data.sampling.num_frames, cfg.data.sampling.stride) == (32, 3)
 
 
 def test_unknown_key_is_named_with_its_source(tmp_path):
