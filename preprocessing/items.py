@@ -23,8 +23,9 @@ _MAX_KEY_LEN = 64
 class WorkItem:
     """One input that should become one sample.
 
-    `weight` is what shard planning measures an input by: seconds of video for clips with an
-    annotated segment, source bytes otherwise (see shards.plan_shards).
+    `weight` is what shard planning measures an input by: seconds of video when the stored video is
+    the annotated segment (a pre-cut clip, or an uncut video cut with `trim`), source bytes otherwise:
+    an uncut video stored whole is as long as the file, not as its segment (see shards.plan_shards).
 
     `segment` is in source time (seconds from the start of the annotated video). `precut`: the file
     is already cut to `segment` (a Kinetics clip file), so its time 0 is `segment[0]`; otherwise it is
@@ -44,7 +45,7 @@ class WorkItem:
 
     @property
     def weight(self) -> float:
-        if self.segment is not None:
+        if self.segment is not None and (self.precut or self.trim):
             return max(self.segment[1] - self.segment[0], 0.0)
         return float(self.size)
 

@@ -17,8 +17,8 @@ Determinism and resume rest on three rules:
    needs no second code path, and the manifest then matches an uninterrupted run's byte for byte.
 
 Byte bound: outputs are only known after encoding, so `--shard-bytes` is met on an estimate:
-estimated bytes of an input = its weight (seconds of annotated segment for video, source bytes for
-images) x a rate measured by encoding a few inputs before planning (`calibrate`). Encoding is
+estimated bytes of an input = its weight (seconds of annotated segment for a video stored as its
+segment, source bytes for images and for uncut videos stored whole) x a rate measured by encoding a few inputs before planning (`calibrate`). Encoding is
 deterministic, so the estimate, and therefore the plan, is too. Shards land near the target, not
 under a hard cap; the manifest records the real sizes.
 """

@@ -24,8 +24,11 @@ from preprocessing.synth import SynthKinetics, synth_kinetics
 from preprocessing.transcode import ImageEncoder, RejectError, VideoEncoder, even_scaled_size
 
 
-def _item(i: int, label_index: int = 0, size: int = 1000, segment: tuple[float, float] | None = None) -> WorkItem:
-    return WorkItem(f"k{i:04d}", f"/raw/{i}.mp4", f"id{i}", f"class{label_index}", label_index, size, segment)
+def _item(
+    i: int, label_index: int = 0, size: int = 1000, segment: tuple[float, float] | None = None, precut: bool = True
+) -> WorkItem:
+    return WorkItem(f"k{i:04d}", f"/raw/{i}.mp4", f"id{i}", f"class{label_index}", label_index, size, segment,
+                    precut=precut)
 
 
 # ---- keys and sizes --------------------------------------------------------------------------
@@ -77,6 +80,17 @@ def test_plan_by_estimated_bytes() -> None:
     assert [len(p.items) for p in both] == [2, 2, 2, 2, 2]
     # An input larger than the target still gets a shard of its own.
     assert [len(p.items) for p in plan_shards(items[:2], "val", ShardingConfig(shard_bytes=5), 1000.0)] == [1, 1]
+
+
+
+def test_uncut_videos_stored_whole_are_weighed_by_file_size_not_segment() -> None:
+    """An uncut video kept whole is as long as its file, not as its 10 s segment: planning by the
+    segment would put ~60x too many 10-minute videos in a shard."""
+    clip = _item(0, size=5_000_000, segment=(30.0, 40.0))
+    assert clip.weight == 10.0
+    assert _item(1, size=5_000_000, segment=(30.0, 40.0), precut=False).weight == 5_000_000.0
+    trimmed = WorkItem("k", "/raw/k.mp4", "k", "c", 0, 5_000_000, (30.0, 40.0), trim=True)
+    assert trimmed.weight == 10.0
 
 
 def test_sharding_config_needs_a_bound() -> None:
