@@ -10,8 +10,8 @@ order rotates every repeat) so that load from other jobs on the machine hits eve
 - the tool with `--shard-samples` (two shards, nothing estimated): discovery, planning, tar writing,
   hashing, journal and atomic publication on top of the transcode;
 - the tool as the CLI runs by default (`--shard-bytes 1GB`): the same, plus the size estimate that
-  encodes the first 8 videos once more before planning (a fixed cost per split: 8 encodes, whatever
-  the split's size, so it weighs 8/N here and next to nothing on a real split).
+  encodes the first 8 videos before planning; their outputs go into the shards as they are, so no
+  video is encoded twice and the estimate costs next to nothing.
 
 It prints videos/s, source frames/s and CPU seconds per video for each side, then the throughput
 ratios (best of N each, with the range of the same ratio within single repeats); the target for the
@@ -312,8 +312,8 @@ def main() -> None:
     print(f"  {'best of ' + str(args.repeats):<52} {'videos/s':>8} {'source frames/s':>16} {'CPU s/video':>12}")
     for side in sides:
         print(f"  {side.label:<52} {n / side.best:8.2f} {frames / side.best:16.1f} {min(side.cpu_seconds) / n:12.4f}")
-    print(f"  (the CLI defaults estimate shard sizes by encoding {calibration} of the {n} videos first: "
-          "a fixed cost per split)")  # fmt: skip
+    print(f"  (the CLI defaults estimate shard sizes by encoding {calibration} of the {n} videos first, "
+          "then reuse those outputs in the shards)")  # fmt: skip
     print(f"check: tool samples byte-identical to the plain PyAV files: {'NO' if differing else 'yes'}")
     if ffmpeg_check:
         print(f"check: ffmpeg files vs the tool's: {ffmpeg_check}")

@@ -20,6 +20,7 @@ from preprocessing.items import Discovery, Reject
 from preprocessing.manifest import Manifest, ShardInfo, check_split, manifest_name, rejects_name
 from preprocessing.parallel import ParallelConfig, run_jobs
 from preprocessing.shards import (
+    Calibration,
     ShardingConfig,
     ShardJob,
     ShardResult,
@@ -76,11 +77,12 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
     store.remove_stale_temps(lambda name: _belongs_to_split(name, split))
 
     ordered = seeded_order(discovery.items, job.sharding.seed)
-    rate = None
+    calibration = Calibration(None, {})
     if job.sharding.shard_bytes is not None:
         count = CALIBRATION_INPUTS[job.encoder.modality]
         log.info("estimating output size from %d inputs", min(count, len(ordered)))
-        rate = calibrate(ordered, job.encoder, job.input_options, count)
+        calibration = calibrate(ordered, job.encoder, job.input_options, count)
+    rate = calibration.bytes_per_weight
     plans = plan_shards(ordered, split, job.sharding, rate)
     settings = {
         "source": job.source_settings,
@@ -88,8 +90,10 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
         "sharding": {**asdict(job.sharding), "estimated_bytes_per_weight_unit": rate},
     }
     shard_jobs = [
-        ShardJob(plan, split, store, job.encoder, job.input_options, _fingerprint(settings, split, plan)) for plan in plans
-    ]
+        ShardJob(plan, split, store, job.encoder, job.input_options, _fingerprint(settings, split, plan),
+                 calibration.for_items(plan.items))
+        for plan in plans
+    ]  # fmt: skip
 
     results: list[ShardResult] = []
     todo: list[ShardJob] = []

@@ -18,9 +18,11 @@ Determinism and resume rest on three rules:
 
 Byte bound: outputs are only known after encoding, so `--shard-bytes` is met on an estimate:
 estimated bytes of an input = its weight (seconds of annotated segment for a video stored as its
-segment, source bytes for images and for uncut videos stored whole) x a rate measured by encoding a few inputs before planning (`calibrate`). Encoding is
-deterministic, so the estimate, and therefore the plan, is too. Shards land near the target, not
-under a hard cap; the manifest records the real sizes.
+segment, source bytes for images and for uncut videos stored whole) x a rate measured by encoding a
+few inputs before planning (`calibrate`). Encoding is deterministic, so the estimate, and therefore
+the plan, is too. Shards land near the target, not under a hard cap; the manifest records the real
+sizes. The calibration encodes are not thrown away: their outputs (or rejections) travel with the
+shard job that holds those inputs (`ShardJob.pre_encoded`), so no input is encoded twice.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from preprocessing.items import Reject, WorkItem
 from preprocessing.manifest import format_digest, is_sample_key, keys_digest, parse_digest, shard_name
 from preprocessing.storage import Store
-from preprocessing.transcode import Encoder, RejectError
+from preprocessing.transcode import EncodedSample, Encoder, RejectError
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +76,36 @@ def seeded_order(items: Sequence[WorkItem], seed: int) -> list[WorkItem]:
     return sorted(items, key=lambda item: hashlib.sha256(f"{seed}:{item.key}".encode()).digest())
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What `calibrate` measured, plus what it encoded: key -> the sample, or the rejection reason."""
+
+    bytes_per_weight: float | None
+    encoded: dict[str, EncodedSample | str]
+
+    def for_items(self, items: Sequence[WorkItem]) -> dict[str, EncodedSample | str]:
+        return {item.key: self.encoded[item.key] for item in items if item.key in self.encoded}
+
+
 def calibrate(
     ordered: Sequence[WorkItem], encoder: Encoder, storage_options: dict[str, Any], count: int
-) -> float | None:
+) -> Calibration:
     """Output bytes per unit of input weight, measured on the first `count` inputs that encode."""
-    out_bytes, weight = 0, 0.0
-    encoded = 0
+    out_bytes, weight, measured = 0, 0.0, 0
+    encoded: dict[str, EncodedSample | str] = {}
     for item in ordered:
-        if encoded == count:
+        if measured == count:
             break
         try:
-            out_bytes += len(encoder.encode(item, storage_options).data)
-        except RejectError:
+            sample = encoder.encode(item, storage_options)
+        except RejectError as exc:
+            encoded[item.key] = str(exc)
             continue
+        encoded[item.key] = sample
+        out_bytes += len(sample.data)
         weight += item.weight
-        encoded += 1
-    return out_bytes / weight if weight > 0 else None
+        measured += 1
+    return Calibration(out_bytes / weight if weight > 0 else None, encoded)
 
 
 def plan_shards(
@@ -158,6 +174,9 @@ class ShardJob:
     encoder: Encoder
     input_options: dict[str, Any]
     fingerprint: str
+    # Outputs of this shard's inputs already encoded while calibrating (key -> sample or reject reason).
+    # Encoding is deterministic, so reusing them gives the bytes a fresh encode would.
+    pre_encoded: Mapping[str, EncodedSample | str] = field(default_factory=dict)
 
     @property
     def journal_name(self) -> str:
@@ -195,7 +214,11 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for item in job.plan.items:
                 try:
-                    encoded = job.encoder.encode(item, job.input_options)
+                    encoded = job.pre_encoded.get(item.key)
+                    if encoded is None:
+                        encoded = job.encoder.encode(item, job.input_options)
+                    elif isinstance(encoded, str):  # rejected while calibrating: the same reason again
+                        raise RejectError(encoded)
                 except RejectError as exc:
                     rejects.append(Reject(item.source, str(exc)))
                 else:

@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -16,8 +17,10 @@ from av.video.frame import PictureType
 from PIL import Image
 
 from preprocessing.cli import parse_size
-from preprocessing.items import WorkItem, sanitize_key, unique_keys
+from preprocessing.items import Discovery, WorkItem, sanitize_key, unique_keys
 from preprocessing.manifest import Manifest, ShardInfo, list_shard_urls, load_manifest
+from preprocessing.parallel import ParallelConfig
+from preprocessing.run import SplitJob, run_split
 from preprocessing.shards import ShardingConfig, add_sample, plan_shards, seeded_order
 from preprocessing.storage import Store, redact, storage_options_for
 from preprocessing.synth import SynthKinetics, synth_kinetics
@@ -313,3 +316,43 @@ def test_manifest_round_trip_and_shard_urls(tmp_path: Path) -> None:
     assert list_shard_urls(f"file://{tmp_path}/", "train") == [f"file://{tmp_path}/train-000000.tar"]
     with pytest.raises(ValueError):
         load_manifest(str(tmp_path), "../train")
+
+
+# ---- calibration -------------------------------------------------------------------------------
+
+
+class _CountingImageEncoder(ImageEncoder):
+    """The real encoder, counting how often each input is encoded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def encode(self, item: WorkItem, storage_options: dict) -> Any:
+        self.calls[item.key] = self.calls.get(item.key, 0) + 1
+        return super().encode(item, storage_options)
+
+
+def test_inputs_encoded_to_estimate_shard_sizes_are_not_encoded_again(tmp_path: Path) -> None:
+    """--shard-bytes first encodes a few inputs to measure the output rate; those outputs (and
+    rejections) go into the shards as they are, so every input is encoded exactly once, and the
+    result equals a run that never calibrated (shard sizes by count only, same cut)."""
+    items = []
+    for i in range(40):
+        path = tmp_path / "raw" / f"img{i}.JPEG"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(_jpeg_bytes("RGB") if i != 3 else b"not a jpeg")  # one reject among the calibrated
+        items.append(WorkItem(f"img{i:03d}", str(path), f"img{i}", "c", 0, path.stat().st_size))
+    discovery = Discovery(["c"], ["n0"], items)
+
+    def run(out: str, sharding: ShardingConfig, encoder: ImageEncoder) -> Manifest:
+        job = SplitJob("imagenet", "train", out, encoder, sharding)
+        return run_split(job, discovery, ParallelConfig(workers=1, progress=False)).manifest
+
+    counting = _CountingImageEncoder()
+    by_bytes = run(str(tmp_path / "a"), ShardingConfig(seed=1, shard_bytes=10**9, shard_samples=None), counting)
+    assert counting.calls == {item.key: 1 for item in items}  # 32 while calibrating + 8 in the shard
+    assert by_bytes.num_samples == 39 and by_bytes.num_rejected == 1
+    by_count = run(str(tmp_path / "b"), ShardingConfig(seed=1, shard_bytes=None, shard_samples=100), ImageEncoder())
+    assert (tmp_path / "a" / "train-000000.tar").read_bytes() == (tmp_path / "b" / "train-000000.tar").read_bytes()
+    assert (tmp_path / "a" / "train.rejects.jsonl").read_bytes() == (tmp_path / "b" / "train.rejects.jsonl").read_bytes()
