@@ -31,6 +31,7 @@ from preprocess_helpers import cli, shard_keys, shard_samples
 
 from pipeline.data.loader import EpochStats
 from pipeline.data.service import build_dataset
+from pipeline.train.loop import check_epoch_counts, check_epoch_identity
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
 from tests.data.data_helpers import run_epoch, small_config
 
@@ -478,3 +479,58 @@ def test_manifest_sha256_mismatch_fails_verify_and_the_service_reads_the_shard(d
     ledger.account(inputs=keys, delivered=[k for k in d.delivered if k in keys])
     # The whole epoch: every sample of the set delivered once or counted as failed (cut shard's tail + garbage).
     assert d.stats.complete and d.stats.failed == len(d.keys[d.roles["cut"]]) - 1 + 1
+
+
+# ---- a duplicate hiding a loss --------------------------------------------------------------------
+
+
+def _swap_first_sample(target: Path, donor: Path) -> tuple[str, str]:
+    """Rewrite ``target`` with its first sample replaced by ``donor``'s first (same key and bytes):
+    one sample twice in the set, one gone, every count unchanged. Returns (duplicated, lost) keys."""
+    with tarfile.open(donor) as tar:
+        donor_members = tar.getmembers()
+        dup_key = donor_members[0].name.split(".", 1)[0]
+        incoming = [(m, tar.extractfile(m).read()) for m in donor_members if m.name.split(".", 1)[0] == dup_key]
+    with tarfile.open(target) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    lost_key = members[0][0].name.split(".", 1)[0]
+    kept = [(m, data) for m, data in members if m.name.split(".", 1)[0] != lost_key]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in incoming + kept:
+            tar.addfile(member, io.BytesIO(data))
+    target.write_bytes(out.getvalue())
+    return dup_key, lost_key
+
+
+def test_a_duplicated_sample_hiding_a_lost_one_is_caught_by_verify_and_by_the_epoch_check(
+    kinetics_run: KineticsRun, tmp_path: Path, ray_cluster: None
+) -> None:
+    """One sample written twice and another not at all (counts, sizes and sha256 consistent): verify and the epoch identity check both catch it"""
+    root = tmp_path / "shards"
+    shutil.copytree(kinetics_run.out, root)
+    keys = shard_keys(root, "train")
+    target, donor = [name for name, k in keys.items() if k][:2]
+    duplicated, lost = _swap_first_sample(root / target, root / donor)
+    # The manifest is made consistent with the new bytes (as a buggy writer would leave it): only the
+    # key digest still says which samples the shard should hold.
+    manifest_path = root / "train.manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = next(s for s in manifest["shards"] if s["name"] == target)
+    entry["bytes"], entry["sha256"] = (root / target).stat().st_size, hashlib.sha256((root / target).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+    verified = cli("verify", str(root), "--split", "train", check=False)
+    assert verified.returncode == 1
+    assert re.search(rf"^FAIL train: {target}: key digest [0-9a-f]{{16}} != manifest [0-9a-f]{{16}}", verified.stdout, re.M)
+
+    cfg = small_config(str(root))
+    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
+    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
+    total = EpochStats.merge(stats)
+    delivered = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    assert delivered.count(duplicated) == 2 and lost not in delivered
+    assert total.complete and total.failed == 0, "the counts alone see nothing wrong"
+    check_epoch_counts(total, "epoch 0")
+    with pytest.raises(RuntimeError, match=r"epoch 0: the samples delivered are not the split's samples \(a sample was duplicated or lost\)"):
+        check_epoch_identity(total, "epoch 0")
