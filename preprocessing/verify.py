@@ -164,6 +164,17 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+def placement_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a video's `trimmed` / `start_in_source`, which tell a reader where the
+    annotated segment lies in the stored video (None if fine, or if the sample predates them)."""
+    if "trimmed" not in meta:
+        return None
+    trimmed, start = meta["trimmed"], meta["start_in_source"]
+    if isinstance(trimmed, bool) and isinstance(start, (int, float)) and not isinstance(start, bool) and start >= 0:
+        return None
+    return f"metadata trimmed={trimmed!r} / start_in_source={start!r}: expected true/false and a time >= 0"
+
+
 def _sample_problem(m: Manifest, parts: dict[str, bytes], media: str, decode: bool) -> str | None:
     if set(parts) != {media, "cls", "json"}:
         return f"has {sorted(parts)}, expected {sorted({media, 'cls', 'json'})}"
@@ -178,9 +189,9 @@ def _sample_problem(m: Manifest, parts: dict[str, bytes], media: str, decode: bo
         return f"label {meta.get('label')!r} does not match class {label_index} ({m.classes[label_index]!r})"
     if set(meta) not in (_META_FIELDS[m.modality], _LEGACY_META_FIELDS.get(m.modality)):
         return f"metadata fields {sorted(meta)} != {sorted(_META_FIELDS[m.modality])}"
-    if "trimmed" in meta and not (isinstance(meta["trimmed"], bool) and isinstance(meta["start_in_source"], (int, float))
-                                  and meta["start_in_source"] >= 0):
-        return f"metadata trimmed={meta['trimmed']!r} / start_in_source={meta['start_in_source']!r} are not a bool / a time >= 0"
+    placement = placement_problem(meta)
+    if placement:
+        return placement
     if not decode:
         return None
     try:

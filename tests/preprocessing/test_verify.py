@@ -11,7 +11,7 @@ import pytest
 from shard_helpers import run_cli
 
 from preprocessing.manifest import format_digest, keys_digest, load_manifest
-from preprocessing.verify import verify_split
+from preprocessing.verify import placement_problem, verify_split
 
 
 def _make_shards(raw: Path, out: Path) -> str:
@@ -126,3 +126,13 @@ def test_journal_records_without_key_digest_make_the_rerun_rebuild_identically(
     assert "(0 already complete)" in _make_shards(kinetics_raw, shards)
     for name in ["train.manifest.json", *(f"train-00000{i}.tar" for i in range(3))]:
         assert (shards / name).read_bytes() == (good_shards / name).read_bytes(), name
+
+
+def test_video_placement_metadata_must_be_a_flag_and_a_time() -> None:
+    """`trimmed` / `start_in_source` locate the annotated segment in the stored video; nonsense is named."""
+    assert placement_problem({"trimmed": True, "start_in_source": 12.5}) is None
+    assert placement_problem({"trimmed": False, "start_in_source": 0}) is None
+    assert placement_problem({"segment": [1.0, 2.0]}) is None  # written before the fields existed
+    for trimmed, start in (("yes", 0.0), (1, 0.0), (True, -1.0), (True, "0"), (True, True), (False, None)):
+        problem = placement_problem({"trimmed": trimmed, "start_in_source": start})
+        assert problem is not None and "expected true/false and a time >= 0" in problem
