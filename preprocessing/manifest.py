@@ -27,15 +27,15 @@ from typing import Any
 from preprocessing.storage import Store, join
 
 FORMAT = "mvit-shards/1"
-_SPLIT_OK = re.compile(r"^[A-Za-z0-9_-]+$")
-_SAMPLE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+# Split names and sample keys become file and tar member names: no path can hide in them.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _DIGEST_TEXT = re.compile(r"^[0-9a-f]{16}$")
 _DIGEST_MOD = 2**64
 
 
 def check_split(split: str) -> str:
     """Split names become file-name prefixes, so they must be plain."""
-    if not _SPLIT_OK.match(split):
+    if not _SAFE_NAME.match(split):
         raise ValueError(f"split name {split!r} must match [A-Za-z0-9_-]+")
     return split
 
@@ -58,7 +58,7 @@ def is_sample_key(key: str) -> bool:
     Keys are also tar member prefixes, so the rule keeps them from naming paths; the data service
     uses it to tell a real key from a placeholder it made up for a sample it never reached.
     """
-    return bool(_SAMPLE_KEY.match(key))
+    return bool(_SAFE_NAME.match(key))
 
 
 def sample_key_hash(key: str) -> int:

@@ -40,11 +40,12 @@ def build_datasets(cfg: DataConfig, val: bool = True, reserved_gpus: float = 0.0
 
     ``reserved_gpus``: the training workers' GPUs, which the decoder pools must leave free.
     """
-    datasets = {"train": build_dataset(cfg, cfg.train_split, train=True, reserved_gpus=reserved_gpus)}
-    if val:
-        cluster = ray.cluster_resources().get("GPU", 0.0)
-        reserved_gpus += cfg.decoder.min_actors * pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), cluster, reserved_gpus)
-        datasets["val"] = build_dataset(cfg, cfg.val_split, train=False, reserved_gpus=reserved_gpus)
+    cluster, cuda = ray.cluster_resources().get("GPU", 0.0), decord_has_cuda()
+    gpus = pool_gpus_per_actor(cfg.decoder, cuda, cluster, reserved_gpus)
+    datasets = {"train": build_dataset(cfg, cfg.train_split, train=True, decoder_gpus=gpus)}
+    if val:  # the validation pool must leave the training pool's shares free as well
+        gpus = pool_gpus_per_actor(cfg.decoder, cuda, cluster, reserved_gpus + cfg.decoder.min_actors * gpus)
+        datasets["val"] = build_dataset(cfg, cfg.val_split, train=False, decoder_gpus=gpus)
     return datasets
 
 
@@ -64,8 +65,12 @@ def ingest_options() -> ExecutionOptions:
     return options
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool, reserved_gpus: float = 0.0) -> ray.data.Dataset:
-    """The Dataset of one split: training views (train=True) or evaluation views."""
+def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float | None = None) -> ray.data.Dataset:
+    """The Dataset of one split: training views (train=True) or evaluation views.
+
+    ``decoder_gpus``: the GPU share of each decoder actor, as ``build_datasets`` decided it beside the
+    training workers; None decides it for this pool alone (``decode.pool_gpus_per_actor``).
+    """
     cfg.validate()
     storage = cfg.storage_options()
     manifest = load_manifest(cfg.root, split, storage)
@@ -90,8 +95,9 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, reserved_gpus: float
         cursor=cursor,
         total_bytes=manifest.total_bytes,
     )
-    # reserved_gpus: the training workers' share (and earlier pools'), which this pool must leave free
-    gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0), reserved_gpus)
+    gpus = decoder_gpus
+    if gpus is None:
+        gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0))
     log.info(
         "%s: %d samples in %d shards, %d views/sample, %d samples (%d rows) per batch, decoder actors %d..%d on %s",
         split, manifest.num_samples, len(shards), views, per_unit, per_unit * views, cfg.decoder.min_actors,
