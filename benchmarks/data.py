@@ -24,7 +24,6 @@ import argparse
 import csv
 import io
 import os
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -33,12 +32,11 @@ import av  # noqa: F401  # PyAV before decord (decord's bundled libav breaks PyA
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.config import AugmentConfig, DataConfig, DecoderPoolConfig, SamplingConfig  # noqa: E402
-from pipeline.data.decode import load_decord, view_rng  # noqa: E402
-from pipeline.data.sampling import train_clip, train_view  # noqa: E402
-from preprocessing.cli import main as preprocess  # noqa: E402
+from pipeline.data.config import AugmentConfig, DataConfig, DecoderPoolConfig, SamplingConfig
+from pipeline.data.decode import load_decord, view_rng
+from pipeline.data.sampling import train_clip, train_view
+from preprocessing.cli import main as preprocess
 
 SAMPLING = SamplingConfig(num_frames=16, stride=4, target_fps=30)
 
@@ -221,10 +219,10 @@ def main() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    from pipeline.local_cluster import keep_ray_on_loopback
+    from core.loopback import keep_ray_on_loopback
 
     keep_ray_on_loopback()
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
              object_store_memory=1 << 30, log_to_driver=False)  # fmt: skip
     try:
         one, delivered = run_service(bench_config(shards, 1), args.epochs)

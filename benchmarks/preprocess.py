@@ -48,15 +48,14 @@ from pathlib import Path
 import av
 from av.video.frame import PictureType
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocessing import cli  # noqa: E402
-from preprocessing.kinetics import KineticsSource, discover  # noqa: E402
-from preprocessing.parallel import ParallelConfig  # noqa: E402
-from preprocessing.run import CALIBRATION_INPUTS, SplitJob, run_split  # noqa: E402
-from preprocessing.shards import ShardingConfig  # noqa: E402
-from preprocessing.synth import SynthKinetics, synth_kinetics  # noqa: E402
-from preprocessing.transcode import VideoEncoder  # noqa: E402
+from preprocessing import cli
+from preprocessing.kinetics import KineticsSource, discover
+from preprocessing.parallel import ParallelConfig
+from preprocessing.run import CALIBRATION_INPUTS, SplitJob, run_split
+from preprocessing.shards import ShardingConfig
+from preprocessing.synth import SynthKinetics, synth_kinetics
+from preprocessing.transcode import VideoEncoder
 
 _X264_OPTIONS = re.compile(rb"x264 - core (\d+)[^\x00]*?options: ([^\x00]*)")
 

@@ -1,7 +1,7 @@
 """Training throughput with the real data service against in-memory batches, for 1 and 2 workers.
 
 For each worker count, in one run:
-- **real**: the actual job (``pipeline.train.job.run``: shards -> Ray Data -> decoder actors ->
+- **real**: the actual job (``pipeline.trainer.job.run``: shards -> Ray Data -> decoder actors ->
   Ray Train + FSDP2) on a synthetic Kinetics-layout shard set made by the preprocessing CLI; clips/s
   and the data-wait fraction are what the job itself logs to MLflow (first logging window dropped);
 - **in-memory**: the same components (``prepare_model``, ``build_optimizer``, FSDP2, the same global
@@ -44,8 +44,8 @@ def in_memory_loop(config: dict) -> None:
 
     from pipeline.config import build_model_config, from_container
     from pipeline.models.mvit import MViT
-    from pipeline.train.optim import build_optimizer
-    from pipeline.train.setup import WorkerContext, prepare_model
+    from pipeline.trainer.optim import build_optimizer
+    from pipeline.trainer.setup import WorkerContext, prepare_model
 
     cfg = from_container(config["experiment"])
     ctx = WorkerContext.current()
@@ -84,11 +84,11 @@ def main() -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.config import load_config, to_container
-    from pipeline.local_cluster import keep_ray_on_loopback
-    from pipeline.train.job import run
+    from core.loopback import keep_ray_on_loopback
+    from pipeline.trainer.job import run
 
     keep_ray_on_loopback()
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="mvit-bench-train-") as tmp:
         shards = make_shards(Path(tmp))
@@ -101,13 +101,13 @@ def main() -> int:
                          "data.decoder.num_cpus=0.5", f"optim.reference_batch_size={args.global_batch}"]
             cfg = load_config(args.config, overrides)
             _, job = run(cfg)
-            client = MlflowClient(job["tracking_uri"])
+            client = MlflowClient(job.tracking_uri)
             (mlrun,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
             history = lambda name: [m.value for m in sorted(client.get_metric_history(mlrun.info.run_id, name), key=lambda m: m.step)][1:]  # noqa: E731
             real, wait = statistics.median(history("train/clips_per_s")), statistics.mean(history("train/data_wait_fraction"))
 
             synth_cfg = load_config(args.config, overrides)
-            synth_cfg.model.num_classes = len(job["classes"])
+            synth_cfg.model.num_classes = len(job.classes)
             trainer = TorchTrainer(
                 in_memory_loop,
                 train_loop_config={"experiment": to_container(synth_cfg), "steps": 12},

@@ -21,11 +21,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.errors import ConfigError  # the loader's error type: importable from here too
+from core.redact import redact_mapping
 from pipeline.data.config import DataConfig
-from pipeline.models.mvit import MViTConfig
-from pipeline.models.presets import preset_config
-from pipeline.tracking import TrackingConfig, redact
-from pipeline.train.optim import OptimConfig
+from pipeline.models.config import MViTConfig
+from pipeline.models.presets import PRESETS, preset_config
+from pipeline.tracking import TrackingConfig
+from pipeline.trainer.config import OptimConfig, TrainerConfig
 
 
 def _model_section() -> type:
@@ -46,42 +48,6 @@ def build_model_config(section: Any) -> MViTConfig:
     return preset_config(preset, **{k: v for k, v in values.items() if v is not None})
 
 
-@dataclass
-class TrainerConfig:
-    epochs: int = 30
-    grad_accum_steps: int = 1  # micro-batches (of data.batch_size rows) per optimiser step
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # only with use_gpu
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    eval_every_epochs: int = 1
-    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = only at epoch end)
-    num_checkpoints_to_keep: int = 2
-    storage_path: str = "runs"  # local dir or s3://bucket/prefix (RunConfig.storage_path)
-    max_failures: int = 0  # automatic restarts from the latest checkpoint
-    max_steps_per_epoch: int = 0  # cap for smoke runs (0 = the whole epoch)
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "grad_accum_steps", "num_workers", "eval_every_epochs",
-                     "num_checkpoints_to_keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every_steps", "max_failures", "max_steps_per_epoch"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"trainer.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if not self.cpus_per_worker > 0:
-            raise ValueError(f"trainer.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.use_gpu and not self.gpus_per_worker > 0:
-            raise ValueError(f"trainer.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
-        if not self.storage_path.strip():
-            raise ValueError("trainer.storage_path must name a folder or s3:// URL, got ''")
-
-
 # The job name becomes a directory under trainer.storage_path (checkpoints, final model): one plain
 # path component, so a config can never write outside the storage path.
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -99,25 +65,14 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.name) or ".." in self.name:
-            raise ValueError(f"name must be a plain folder name ([A-Za-z0-9_.-], no '..'), got {self.name!r}")
+            raise ConfigError("must be a plain folder name ([A-Za-z0-9_.-], no '..')", "name", self.name)
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise ConfigError("must be >= 0", "seed", self.seed)
 
     @property
     def global_batch_size(self) -> int:
         """Rows (views) per optimiser step over all workers; the LR is scaled by it."""
         return self.data.batch_size * self.trainer.grad_accum_steps * self.trainer.num_workers
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work started."""
-
-
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(MViTConfig)}
-# A validation message starts with (or names) the dotted keys it is about, e.g. "data.batch_size must be
-# >= 1"; that is how a problem found after merging is traced back to the file or the command line.
-_KEY_IN_MESSAGE = re.compile(r"(?<![\w.])(?:model|data|optim|trainer|tracking)(?:\.\w+)+")
-_TOP_KEY_AT_START = re.compile(r"^(name|seed)\b")
 
 
 _UNSET = object()
@@ -127,47 +82,56 @@ def _set_in(cfg: DictConfig | None, key: str) -> bool:
     return cfg is not None and OmegaConf.select(cfg, key, default=_UNSET, throw_on_missing=False) is not _UNSET
 
 
-def _origin(message: str, path: str | Path | None, file_cfg: DictConfig | None, cli_cfg: DictConfig | None) -> str:
-    """Where the value a validation message is about came from: the command line, the file, or defaults."""
-    keys = _TOP_KEY_AT_START.findall(message) + _KEY_IN_MESSAGE.findall(message)
-    if any(_set_in(cli_cfg, key) for key in keys):
-        return "the command line"
-    if any(_set_in(file_cfg, key) for key in keys):
-        return str(path)
-    if not keys:  # no key named: say every source that was given
+def _origin(key: str | None, path: str | Path | None, file_cfg: DictConfig | None, cli_cfg: DictConfig | None,
+            related: tuple[str, ...] = ()) -> str:
+    """Where the value of ``key`` (or of a ``related`` key the problem compares it with) came from: the
+    command line, the file, or the defaults."""
+    if key is None:  # a problem not about one key: name every source that was given
         return " with ".join(filter(None, [str(path) if path else "", "command-line overrides" if cli_cfg else ""])) \
             or "the schema defaults"
-    return f"{path} (where {keys[0]} is not set: the default applies)" if path else "the schema defaults"
+    if any(_set_in(cli_cfg, k) for k in (key, *related)):
+        return "the command line"
+    if any(_set_in(file_cfg, k) for k in (key, *related)):
+        return str(path)
+    return f"{path} (where {key} is not set: the default applies)" if path else "the schema defaults"
 
 
-def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+def _leaf_keys(values: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of the leaves of a plain nested mapping (``OmegaConf.to_container`` output); an
+    empty mapping, a list or a scalar is a leaf."""
     keys = []
-    for key in cfg.keys():
+    for key, value in values.items():
         name = f"{prefix}{key}"
-        node = cfg._get_node(key)  # noqa: SLF001 - reading a node never resolves or converts it
-        keys += _leaf_keys(node, f"{name}.") if isinstance(node, DictConfig) and len(node) else [name]
+        keys += _leaf_keys(value, f"{name}.") if isinstance(value, dict) and value else [name]
     return keys
 
 
-def _offending_key(schema: DictConfig, source: DictConfig) -> str:
+def _offending_key(schema: DictConfig, source: DictConfig) -> str | None:
     """The first key of ``source`` that does not merge onto ``schema`` on its own (for errors OmegaConf
     reports without a key, e.g. a section given as a scalar or a tuple of the wrong length)."""
-    for key in _leaf_keys(source):
+    for key in _leaf_keys(OmegaConf.to_container(source, resolve=False)):
         single = OmegaConf.create()
         OmegaConf.update(single, key, OmegaConf.select(source, key), force_add=True)
         try:
             OmegaConf.merge(schema, single)
         except OmegaConfBaseException:
             return key
-    return "?"
+    return None
+
+
+def _omegaconf_error(err: OmegaConfBaseException, key: str | None) -> ConfigError:
+    """A merge or type error of OmegaConf's, keyed by the key it reports (its ``full_key``)."""
+    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    return ConfigError(f"key '{ConfigError.KEY}': {message}", key) if key else ConfigError(message)
+
+
+def _reported_key(err: OmegaConfBaseException) -> str | None:
+    key = getattr(err, "full_key", None)
+    return str(key) if key and str(key) != "None" else None
 
 
 def _merge_error(err: OmegaConfBaseException, source: str, schema: DictConfig, cfg: DictConfig) -> ConfigError:
-    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-    key = getattr(err, "full_key", None)
-    if not key or key == "None":
-        key = _offending_key(schema, cfg)
-    return ConfigError(f"invalid config from {source}: key '{key}': {message}")
+    return _omegaconf_error(err, _reported_key(err) or _offending_key(schema, cfg)).at(source)
 
 
 def _read_yaml(path: str | Path) -> DictConfig:
@@ -177,12 +141,12 @@ def _read_yaml(path: str | Path) -> DictConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"invalid config from {path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"not valid YAML{where}: {problem}", where=str(path)) from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config from {path}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(str(err).splitlines()[0], where=str(path)) from None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"invalid config from {path}: the file must be a mapping of config sections, "
-                          f"got a {type(loaded).__name__}")
+        raise ConfigError(f"the file must be a mapping of config sections, got a {type(loaded).__name__}",
+                          where=str(path))
     return loaded
 
 
@@ -190,24 +154,23 @@ def _read_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"invalid config from the command line: {item!r} is not a key.path=value override")
+            raise ConfigError(f"{item!r} is not a key.path=value override", where="the command line")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config from the command line: {str(err).splitlines()[0]}") from None
+        raise ConfigError(str(err).splitlines()[0], where="the command line") from None
 
 
 def _validate(cfg: ExperimentConfig) -> None:
-    """Checks that need the whole merged config (the sections' own checks ran when they were built)."""
+    """Checks that span sections (each section's own checks ran when OmegaConf built it): the model
+    preset with its overrides, and the data section with its shard set."""
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"{ConfigError.KEY}: unknown MViT preset {ConfigError.VALUE}; available: "
+                          f"{', '.join(sorted(PRESETS))}", "model.preset", cfg.model.preset)
     try:
-        build_model_config(cfg.model)  # the preset with its overrides: unknown preset, bad sizes
-    except KeyError as err:
-        raise ValueError(f"model.preset: {err.args[0]}") from None
-    except (ValueError, TypeError) as err:
-        text = str(err)
-        field_name = text.split(" ", 1)[0]
-        raise ValueError(f"model.{text}" if field_name in _MODEL_FIELDS else
-                         f"model (model.num_frames / model.crop_size / model.*): {text}") from None
+        build_model_config(cfg.model)  # bad sizes, pooling that does not fit the input
+    except ConfigError as err:
+        raise err.under("model") from None  # MViTConfig keys its errors by its own field names
     cfg.data.validate()
 
 
@@ -215,7 +178,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Schema <- YAML file <- ``a.b=value`` overrides, validated into an ``ExperimentConfig``.
 
     Raises ``ConfigError`` (one line, naming the key and whether the file or the command line set it) for
-    YAML syntax errors, unknown keys, wrong types and out-of-range values, before any work starts.
+    YAML syntax errors, unknown keys, wrong types and out-of-range values, before any work starts. The
+    sections raise ``ConfigError`` with the key; this fills in ``where`` from that key.
     """
     schema = OmegaConf.structured(ExperimentConfig)
     file_cfg = cli_cfg = None
@@ -238,13 +202,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.to_object(merged)
         _validate(cfg)  # type: ignore[arg-type]
     except OmegaConfBaseException as err:
-        message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"invalid config from {_origin(str(key), path, file_cfg, cli_cfg)}: key '{key}': "
-                          f"{message}") from None
-    except (ValueError, KeyError, TypeError) as err:
-        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err).splitlines()[0]
-        raise ConfigError(f"invalid config from {_origin(message, path, file_cfg, cli_cfg)}: {message}") from None
+        key = _reported_key(err)
+        raise _omegaconf_error(err, key).at(_origin(key, path, file_cfg, cli_cfg)) from None
+    except ConfigError as err:
+        raise (err if err.where else err.at(_origin(err.key, path, file_cfg, cli_cfg, err.related))) from None
+    except (ValueError, TypeError) as err:  # not a config check's error: still one line, naming the sources
+        raise ConfigError(str(err).splitlines()[0] if str(err) else type(err).__name__).at(
+            _origin(None, path, file_cfg, cli_cfg)) from None
     return cfg  # type: ignore[return-value]
 
 
@@ -255,8 +219,8 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 def to_redacted_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML for people and artifacts (``--print-config``, MLflow's
     ``config/resolved_config.yaml``): keys named like secrets blanked, passwords in URIs and values of
-    secret environment variables replaced by ``***`` (``pipeline.tracking.redact``)."""
-    return OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg))))
+    secret environment variables replaced by ``***`` (``core.redact``)."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact_mapping(to_container(cfg))))
 
 
 def to_container(cfg: ExperimentConfig) -> dict[str, Any]:

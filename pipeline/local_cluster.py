@@ -6,7 +6,7 @@ the checkout, ignored by git), and every Ray process and client started from her
 ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` in its environment. Every port the cluster opens
 (GCS, raylet, agents, Ray client server, metrics, dashboard, and the workers' gRPC servers) is bound to
 127.0.0.1: see ``loopback_env``; so is the torch.distributed store of a training job on it (see
-``bind_torch_store_to_loopback``).
+``pipeline.trainer.distributed``).
 
     python -m pipeline.local_cluster start [--num-cpus 2]   # prints the dashboard address
     python -m pipeline.local_cluster submit -- python pipeline/train.py --config configs/experiment/demo.yaml
@@ -29,9 +29,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.loopback import loopback_env
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKEN_FILE = REPO_ROOT / ".ray_token"
 STATE_FILE_NAME = ".ray_local_cluster.json"
+# The dashboard's answer while its job agent is not registered yet (Ray internal text: tests/test_private_apis.py).
 _AGENT_NOT_READY = "No available agent to submit job"
 
 
@@ -51,33 +54,6 @@ def auth_env(token_file: Path = DEFAULT_TOKEN_FILE) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
 
 
-# Ray 2.60 on Linux replaces a loopback node address (``--node-ip-address 127.0.0.1``,
-# ``ray.init(_node_ip_address="127.0.0.1")``) by the machine's routable address
-# (``services.resolve_ip_for_localhost``), and its GCS, raylet, agents, client server and every worker's
-# gRPC server then listen on that address or on all interfaces. With this variable at 0 Ray uses its
-# single-machine mode (the default on macOS and Windows): the node address stays 127.0.0.1 and every
-# server binds to it. Its only other effect is that no second node can join, which a private local
-# cluster never wants.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def loopback_env() -> dict[str, str]:
-    """Environment for a Ray head (and its workers) that must listen on 127.0.0.1 only."""
-    return dict(LOOPBACK_ENV)
-
-
-def keep_ray_on_loopback() -> None:
-    """Makes a Ray that this process starts (``ray.init(address="local")``) listen on 127.0.0.1 only.
-
-    Sets ``LOOPBACK_ENV`` in this process's environment (inherited by the Ray processes it starts) and in
-    Ray's constants if Ray was already imported (they are read at import time).
-    """
-    os.environ.update(LOOPBACK_ENV)
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
-
-
 def _free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports.
 
@@ -92,74 +68,6 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-_loopback_stores: list = []  # the pre-created servers must outlive the call that made them
-
-
-def bind_torch_store_to_loopback() -> None:
-    """Run in each Ray Train worker before its process group is set up
-    (``pipeline.train.distributed.LoopbackTorchConfig``): the torch.distributed rendezvous store of a job
-    whose rank 0 is on 127.0.0.1 listens on 127.0.0.1 only.
-
-    Ray Train makes rank 0 host torch's ``TCPStore`` at MASTER_ADDR:MASTER_PORT, and torch binds that
-    server to every interface whatever MASTER_ADDR says (it has no bind-address option; the store is
-    unauthenticated). When MASTER_ADDR is a loopback address (a local single-node cluster), this creates
-    the store's server first on a socket bound to that address (``master_listen_fd``, multi-tenant), and
-    torch's own store creation then shares it. Any other MASTER_ADDR (a real cluster) is left alone, and
-    if torch's internals differ from what this expects, nothing is changed.
-    """
-    try:
-        import importlib
-
-        from torch.distributed import TCPStore
-
-        # The module, not ``torch.distributed.rendezvous`` the function of the same name.
-        rendezvous = importlib.import_module("torch.distributed.rendezvous")
-    except ImportError:
-        return
-    original = getattr(rendezvous, "_create_c10d_store", None)
-    agent_store_serves = getattr(rendezvous, "_agent_store_serves", lambda hostname, port: False)
-    if original is None or getattr(original, "_mvit_loopback", False):
-        return
-
-    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):  # noqa: ANN001, ANN202
-        if hostname in _LOOPBACK_HOSTS and "GLOO_SOCKET_IFNAME" not in os.environ:
-            # Every rank is on this machine: gloo's own listeners (created right after the store) go on
-            # the loopback interface too, instead of the address the host name resolves to.
-            loopback = _loopback_interface()
-            if loopback:
-                os.environ["GLOO_SOCKET_IFNAME"] = loopback
-        if rank == 0 and hostname in _LOOPBACK_HOSTS and not agent_store_serves(hostname, port):
-            family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
-                sock.listen(1024)
-                store = TCPStore(hostname, port, world_size, True, timeout, multi_tenant=True,
-                                 master_listen_fd=sock.fileno(), use_libuv=use_libuv)
-                _loopback_stores.append((sock, store))
-            except Exception as err:  # noqa: BLE001 - never fail the job over this: torch's default applies
-                sock.close()
-                print(f"warning: torch.distributed store not bound to loopback ({err})", file=sys.stderr)
-        return original(hostname, port, rank, world_size, timeout, use_libuv)
-
-    create_store._mvit_loopback = True  # type: ignore[attr-defined]
-    rendezvous._create_c10d_store = create_store
-
-
-def _loopback_interface() -> str | None:
-    """The name of the network interface holding 127.0.0.1 ("lo" on Linux, "lo0" on macOS)."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
-            return name
-    return None
 
 
 def ray_executable() -> str:
@@ -221,7 +129,8 @@ class LocalCluster:
             self._signal_group(grace_s)
         finally:
             # Ray records the last head it started here; a stale record makes a later `ray.init()`
-            # try to join this dead cluster instead of starting its own.
+            # try to join this dead cluster instead of starting its own. (The file is named in ray.init's
+            # docstring; no public call clears it: tests/test_private_apis.py checks the path.)
             current = Path("/tmp/ray/ray_current_cluster")
             if current.exists() and current.read_text().strip().endswith(f":{self.gcs_port}"):
                 current.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
 The run id is stored in every checkpoint, so a job restarted by Ray (worker loss, ``max_failures``)
 or resubmitted under the same name reopens the same run and its step axis continues. Parameters are
-the flattened resolved config with secrets removed (see ``redact``); nothing that looks like a
+the flattened resolved config with secrets removed (see ``core.redact``); nothing that looks like a
 credential, a token or a password inside a URI ever reaches MLflow.
 """
 
@@ -12,19 +12,17 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from core.errors import ConfigError
+from core.redact import redact_mapping
 
 log = logging.getLogger(__name__)
 
-REDACTED = "***"
-_SECRET_NAME = re.compile(r"(pass(word|wd)?|secret|token|credential|api[_-]?key|access[_-]?key|private[_-]?key)", re.I)
-_SECRET_ENV = re.compile(r"(PASS|SECRET|TOKEN|CREDENTIAL|KEY)", re.I)
 
 
 @dataclass
@@ -40,10 +38,11 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Raises ``ConfigError`` keyed ``tracking.*``: ``load_config`` names the source of that key."""
         if self.log_every_steps < 1:
-            raise ValueError(f"tracking.log_every_steps must be >= 1, got {self.log_every_steps}")
+            raise ConfigError("must be >= 1", "tracking.log_every_steps", self.log_every_steps)
         if not self.experiment.strip():
-            raise ValueError("tracking.experiment must name an MLflow experiment, got ''")
+            raise ConfigError("must name an MLflow experiment", "tracking.experiment", self.experiment)
 
 
 def resolve_uri(cfg: TrackingConfig, default_dir: str) -> str:
@@ -63,44 +62,6 @@ def default_artifact_location(uri: str) -> str | None:
         db = Path(uri[len("sqlite:///"):])
         return (db.parent / "mlartifacts").as_uri()
     return None
-
-
-def _secret_env_values() -> set[str]:
-    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6}
-
-
-def redact_value(value: Any, secrets: set[str] | None = None) -> Any:
-    """Removes passwords from URIs and any environment secret embedded in a string."""
-    if not isinstance(value, str):
-        return value
-    secrets = _secret_env_values() if secrets is None else secrets
-    out = value
-    if "://" in out:
-        try:
-            parts = urlsplit(out)
-            if parts.password:
-                netloc = parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@")
-                out = urlunsplit(parts._replace(netloc=netloc))
-        except ValueError:
-            pass
-    for secret in secrets:
-        if secret in out:
-            out = out.replace(secret, REDACTED)
-    return out
-
-
-def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a (nested) mapping with secret-named keys blanked and secret values scrubbed."""
-    secrets = _secret_env_values()
-
-    def walk(obj: Any, key: str = "") -> Any:
-        if isinstance(obj, Mapping):
-            return {k: (REDACTED if _SECRET_NAME.search(str(k)) else walk(v, str(k))) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [walk(v, key) for v in obj]
-        return redact_value(obj, secrets)
-
-    return walk(mapping)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -173,13 +134,13 @@ class Tracker:
             log.info("resumed MLflow run %s", resume_run_id)
         else:
             run = mlflow.start_run(run_name=run_name, log_system_metrics=self.cfg.log_system_metrics)
-            flat = flatten(redact(params))
+            flat = flatten(redact_mapping(params))
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps a log_params batch at 100
                 mlflow.log_params(dict(items[i : i + 100]))
         # User tags go through the same redaction as params: a tag named like a secret, or holding a
         # password in a URI or an environment secret's value, is stored as ***.
-        mlflow.set_tags(redact({**tags, **self.cfg.tags}))
+        mlflow.set_tags(redact_mapping({**tags, **self.cfg.tags}))
         self.run_id = run.info.run_id
         return self.run_id
 

@@ -1,20 +1,18 @@
-"""Entry point of a training job.
+"""Entry point of a training job (the driver).
 
     ray job submit --address ... --working-dir . -- python pipeline/train.py --config configs/experiment/demo.yaml
     python pipeline/train.py --config configs/experiment/demo.yaml trainer.epochs=3   # starts a local Ray
+    python -m pipeline.train ...    or    mvit-train ...                              # the same
 
-The work is done by ``pipeline.train.job`` (this file only makes the checkout importable when run
-as a script, e.g. from the working directory Ray uploads for a job).
+The work is done by ``pipeline.trainer.job``. Run as a script, Python puts ``pipeline/`` first on
+``sys.path``; ``import pipeline`` still resolves to the checkout through the installed project (or,
+in a Ray job, through the working directory that Ray puts on ``PYTHONPATH``), and no module in
+``pipeline/`` has the name of an installed top-level module (``tests/test_layout.py``).
 """
 
 import sys
-from pathlib import Path
+
+from pipeline.trainer.job import main
 
 if __name__ == "__main__":
-    # Run as a script, Python puts pipeline/ itself on sys.path; put the checkout root there instead so
-    # `import pipeline` finds this checkout and no module in pipeline/ shadows a top-level name.
-    here = Path(__file__).resolve().parent
-    sys.path = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
-    from pipeline.train.job import main
-
     sys.exit(main())

@@ -15,7 +15,9 @@ from preprocessing import __version__, imagenet, kinetics
 from preprocessing.parallel import ParallelConfig
 from preprocessing.run import SplitJob, run_split
 from preprocessing.shards import ShardingConfig
-from preprocessing.storage import redact, storage_options_for
+from core.errors import one_line
+from core.redact import redact_url
+from core.s3 import storage_options_for
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
 from preprocessing.transcode import ImageEncoder, VideoEncoder
 from preprocessing.verify import verify_split
@@ -268,7 +270,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
     )
     parallel = ParallelConfig(workers=args.workers, ray_address=args.ray, progress=not args.no_progress)
     report = run_split(job, discovery, parallel)
-    print(report.summary(redact(args.out)))
+    print(report.summary(redact_url(args.out)))
     return 0
 
 
@@ -324,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # DEBUG); published shards are complete, so the same command resumes the work.
         logging.getLogger(__name__).debug("storage failure", exc_info=True)
         resume = "; shards already written are complete, rerun the same command to resume"
-        print(f"error: storage failure ({type(exc).__name__}: {_one_line(exc)})"
+        print(f"error: storage failure ({one_line(exc)})"
               f"{resume if args.command in ('kinetics', 'imagenet') else ''}", file=sys.stderr)  # fmt: skip
         return 1
 
@@ -339,8 +341,3 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # no S3 support installed
         pass
     return tuple(errors)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from preprocessing.items import Discovery, Reject, WorkItem, unique_keys
-from preprocessing.storage import exists, find_files, join, read_text
+from core.storage import exists, find_files, join, read_text
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from preprocessing.items import UNLABELED, Discovery, Reject, WorkItem, unique_keys
-from preprocessing.storage import exists, find_files, read_text
+from core.storage import exists, find_files, read_text
 
 log = logging.getLogger(__name__)
 

@@ -125,17 +125,19 @@ def _run_processes(fn: JobFn, jobs: Sequence[Any], workers: int, bar: tqdm) -> I
 def _run_ray(fn: JobFn, jobs: Sequence[Any], address: str, bar: tqdm) -> Iterator[Any]:
     import ray
 
+    import core
     import preprocessing
 
     started_here = not ray.is_initialized()
     if started_here:
-        # Ship this package to the workers so every node runs the driver's exact code.
-        package_dir = os.path.dirname(os.path.abspath(preprocessing.__file__))
-        if address == "local":  # a private instance: every port on 127.0.0.1 (see pipeline.local_cluster)
-            from pipeline.local_cluster import keep_ray_on_loopback
+        # Ship this package and the core it stands on to the workers, so every node runs the driver's
+        # exact code.
+        package_dirs = [os.path.dirname(os.path.abspath(p.__file__)) for p in (preprocessing, core)]
+        if address == "local":  # a private instance: every port on 127.0.0.1 (see core.loopback)
+            from core.loopback import keep_ray_on_loopback
 
             keep_ray_on_loopback()
-        ray.init(address=address or None, runtime_env={"py_modules": [package_dir]}, log_to_driver=False)
+        ray.init(address=address or None, runtime_env={"py_modules": package_dirs}, log_to_driver=False)
     try:
         counter = ray.remote(num_cpus=0)(_Counter).remote()
         task = ray.remote(num_cpus=1)(_call_in_ray_task)

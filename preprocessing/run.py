@@ -17,7 +17,7 @@ from typing import Any
 
 from preprocessing import __version__
 from preprocessing.items import Discovery, Reject
-from preprocessing.manifest import Manifest, ShardInfo, check_split, manifest_name, rejects_name
+from core.manifest import Manifest, ShardInfo, check_split, manifest_name, rejects_name
 from preprocessing.parallel import ParallelConfig, run_jobs
 from preprocessing.shards import (
     Calibration,
@@ -30,7 +30,7 @@ from preprocessing.shards import (
     seeded_order,
     write_shard,
 )
-from preprocessing.storage import Store
+from core.storage import Store
 from preprocessing.transcode import Encoder
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preprocessing.items import Reject, WorkItem
-from preprocessing.manifest import format_digest, is_sample_key, keys_digest, parse_digest, shard_name
-from preprocessing.storage import Store
+from core.manifest import format_digest, is_sample_key, keys_digest, parse_digest, shard_name
+from core.storage import Store
 from preprocessing.transcode import EncodedSample, Encoder, RejectError
 
 log = logging.getLogger(__name__)

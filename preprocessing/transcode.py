@@ -3,7 +3,7 @@
 Video uses PyAV (libav* + libx264 in-process) rather than the ffmpeg CLI. Measured choice:
 `benchmarks/preprocess.py` runs this tool, a plain PyAV loop and the ffmpeg CLI (the static binary of
 the `imageio-ffmpeg` package, `pip install .[bench]`) on the same clips with the same x264 settings;
-the numbers and the trade-off are in README.md ("Preprocessing", Benchmark). PyAV also needs no
+the numbers and the trade-off are in docs/benchmarks.md ("Preprocessing"). PyAV also needs no
 binary on the workers, spawns no subprocess per clip, keeps the encoded bytes in memory (no temp
 files on the way to S3) and lets the tool see every decoded frame (segment cut, rotation, metadata).
 
@@ -42,7 +42,7 @@ from av.video.frame import PictureType
 from PIL import Image
 
 from preprocessing.items import WorkItem
-from preprocessing.storage import read_input
+from core.storage import read_input
 
 X264_PARAMS = "mbtree=0"
 _MAX_FPS = 1000

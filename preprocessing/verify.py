@@ -16,7 +16,7 @@ from typing import IO, Any
 import av
 from PIL import Image
 
-from preprocessing.manifest import (
+from core.manifest import (
     Manifest,
     ShardInfo,
     check_split,
@@ -25,7 +25,9 @@ from preprocessing.manifest import (
     load_manifest,
     rejects_name,
 )
-from preprocessing.storage import Store, credentials_hint, is_client_error, redact
+from core.errors import credentials_hint, is_client_error
+from core.redact import redact_url
+from core.storage import Store
 
 _MEDIA = {"video": "mp4", "image": "jpg"}
 _META_FIELDS = {
@@ -63,7 +65,7 @@ def verify_split(
     except Exception as exc:  # noqa: BLE001 - storage unusable (no credentials, endpoint down): name the URL
         if not (isinstance(exc, OSError) or is_client_error(exc)):
             raise
-        report.problems.append(f"manifest unreadable at {redact(url)}: {type(exc).__name__}: "
+        report.problems.append(f"manifest unreadable at {redact_url(url)}: {type(exc).__name__}: "
                                f"{' '.join(str(exc).split())}{credentials_hint(exc)}")
         return report
     _check_totals(manifest, report)

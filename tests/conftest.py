@@ -85,10 +85,10 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    from pipeline.local_cluster import keep_ray_on_loopback
+    from core.loopback import keep_ray_on_loopback
 
     keep_ray_on_loopback()  # every port of the test cluster on 127.0.0.1
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
              object_store_memory=300 * 2**20, log_to_driver=False, configure_logging=False)  # fmt: skip
     try:
         yield

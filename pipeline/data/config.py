@@ -2,8 +2,9 @@
 
 Every field is a plain value (int, float, str, bool, list), so OmegaConf can merge YAML and
 ``data.sampling.num_frames=32`` style overrides onto it. Defaults follow the MViT-B 16x4 Kinetics
-recipe (PySlowFast); ``imagenet_defaults()`` gives the image recipe. Validation runs in
-``DataConfig.validate()`` (called by ``build_datasets``), so a bad value fails before any work starts.
+recipe (PySlowFast); ``imagenet_defaults()`` gives the image recipe. A ``DataConfig`` checks its values
+when it is built and again, with ``root`` required, in ``DataConfig.validate()`` (called by
+``load_config`` and ``build_dataset``), so a bad value fails before any work starts.
 
     data:
       root: s3://bucket/k400-shards        # what `python -m preprocessing kinetics --out` wrote
@@ -20,11 +21,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from core.errors import ConfigError
+from core.redact import redact_url
+from core.s3 import storage_options_for
+
 KINETICS_MEAN = [0.45, 0.45, 0.45]
 KINETICS_STD = [0.225, 0.225, 0.225]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-_SPLIT = re.compile(r"^[A-Za-z0-9_-]+$")  # split names are file-name prefixes (preprocessing.manifest)
+_SPLIT = re.compile(r"^[A-Za-z0-9_-]+$")  # split names are file-name prefixes (core.manifest)
 
 
 @dataclass
@@ -128,7 +133,8 @@ class DataConfig:
     rows per batch per worker, where a row is one view (a training view, or one clip x crop in
     evaluation); rounded down to a multiple of the views per sample (at least one sample per batch).
     ``prefetch_batches``: batches each worker fetches ahead while the model steps.
-    ``read_num_cpus``: CPU share of each shard-reading task.
+    ``read_num_cpus``: CPU share of each shard-reading task. ``progress_bars``: Ray Data's
+    per-operator progress bars, redrawn for every epoch's execution (off by default in jobs).
     """
 
     root: str = ""
@@ -140,6 +146,7 @@ class DataConfig:
     seed: int = 0
     prefetch_batches: int = 2
     read_num_cpus: float = 0.25
+    progress_bars: bool = False  # Ray Data's per-operator progress bars (off: one line per epoch is the log)
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -148,29 +155,34 @@ class DataConfig:
     def storage_options(self) -> dict:
         """fsspec options for ``root``: for S3, a non-secret endpoint and the retry policy (read here,
         on the driver, from ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE``, so every read task retries the
-        same way; see ``preprocessing.storage.s3_client_options``). Credentials stay in the env."""
-        if not self.root.startswith(("s3://", "s3a://")):
-            return {}
-        from preprocessing.storage import s3_client_options
+        same way; see ``core.s3.RetryPolicy``). Credentials stay in the env."""
+        return storage_options_for(self.root, self.s3_endpoint_url)
 
-        endpoint = {"endpoint_url": self.s3_endpoint_url} if self.s3_endpoint_url else {}
-        return {**endpoint, **s3_client_options()}
+    def __post_init__(self) -> None:
+        """Every check but ``root`` runs when the config is built (by OmegaConf's ``to_object`` too):
+        ``DataConfig()`` (no shard set yet) is a valid start that code and tests fill in later."""
+        self._check_values()
 
     def validate(self) -> DataConfig:
-        """Raise ValueError naming the first bad field by its full key (``data.batch_size must be >= 1,
-        got 0``); return self. ``pipeline.config.load_config`` traces the key to the file or command line
-        that set it."""
+        """Every check again, ``root`` included, for a config changed after it was built; returns self.
+        Raises ``ConfigError`` keyed by the full key (``data.batch_size``, ``data.sampling.num_frames``),
+        which ``pipeline.config.load_config`` traces to the file or command line that set it."""
+        if not self.root.strip():
+            raise ConfigError("must name the shard set (local path or URL)", "data.root", self.root)
+        self._check_values()
+        return self
+
+    def _check_values(self) -> None:
         s, a, d, sh = self.sampling, self.augment, self.decoder, self.shuffle
 
         def pair(values: list, low: float, high: float | None = None) -> bool:
             return len(values) == 2 and low < values[0] <= values[1] and (high is None or values[1] <= high)
 
-        checks = [
-            (bool(self.root.strip()), "root", "must name the shard set (local path or URL)", self.root),
-            (all(_SPLIT.match(x) for x in (self.train_split, self.val_split)), "train_split / data.val_split",
-             "must match [A-Za-z0-9_-]+", [self.train_split, self.val_split]),
+        checks = [  # (ok, key under data., what a good value is, the value shown)
+            (bool(_SPLIT.match(self.train_split)), "train_split", "must match [A-Za-z0-9_-]+", self.train_split),
+            (bool(_SPLIT.match(self.val_split)), "val_split", "must match [A-Za-z0-9_-]+", self.val_split),
             (not self.s3_endpoint_url or self.s3_endpoint_url.startswith(("http://", "https://")), "s3_endpoint_url",
-             "must be an http:// or https:// URL", _no_userinfo(self.s3_endpoint_url or "")),
+             "must be an http:// or https:// URL", redact_url(self.s3_endpoint_url or "")),
             (self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size),
             (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1", self.eval_batch_size),
             (self.seed >= 0, "seed", "must be >= 0", self.seed),
@@ -213,15 +225,12 @@ class DataConfig:
             (d.device in ("auto", "cpu", "gpu"), "decoder.device", "must be 'auto', 'cpu' or 'gpu'", d.device),
             (d.tasks_in_flight >= 1, "decoder.tasks_in_flight", "must be >= 1", d.tasks_in_flight),
         ]
+        # a rule that compares with another key names it: that key may be the one that was set
+        related = {"augment.eval_short_side": ("data.augment.crop_size",),
+                   "decoder.max_actors": ("data.decoder.min_actors",)}
         for ok, name, rule, value in checks:
             if not ok:
-                raise ValueError(f"data.{name} {rule}, got {value!r}")
-        return self
-
-
-def _no_userinfo(url: str) -> str:
-    """``url`` without a ``user:password@`` part, for error messages."""
-    return re.sub(r"(?<=://)[^/@]*@", "***@", url)
+                raise ConfigError(rule, f"data.{name}", value, related=related.get(name, ()))
 
 
 def imagenet_defaults(root: str = "", **overrides: object) -> DataConfig:

@@ -42,11 +42,9 @@ def load_decord() -> Any:
 
 
 def decord_has_cuda() -> bool:
-    """Whether this Decord build has its CUDA (NVDEC) device API compiled in."""
-    from decord._ffi.function import list_global_func_names
-
-    load_decord()
-    return "device_api.gpu" in list_global_func_names()
+    """Whether this Decord build has its CUDA (NVDEC) device API compiled in (its runtime registers one
+    ``device_api.<kind>`` function per compiled-in device API; see docs/versions.md)."""
+    return "device_api.gpu" in load_decord().list_global_func_names()
 
 
 @dataclass(frozen=True)
@@ -126,14 +124,13 @@ class Decoder:
     """``map_batches`` callable: one batch = one unit (batch) of samples -> views x samples rows."""
 
     def __init__(self, cfg: DataConfig, modality: str, train: bool) -> None:
-        if not logging.getLogger().handlers:  # a fresh actor process: make the start-up line visible
-            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.cfg, self.modality, self.train = cfg, modality, train
         self.views = views_per_sample(cfg, modality, train)
         self.frames = 1 if modality == "image" else cfg.sampling.num_frames
         torch.set_num_threads(max(1, round(cfg.decoder.num_cpus)))
         self.device = DecodeDevice("cpu", 0, "images decode with Pillow on the CPU")
         self._ctx = None
+        gpu_ids: list = []
         if modality == "video":
             decord = load_decord()
             import ray
@@ -141,8 +138,11 @@ class Decoder:
             gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
             self.device = choose_decode_device(cfg.decoder.device, decord_has_cuda(), gpu_ids)
             self._ctx = decord.gpu(self.device.index) if self.device.kind == "gpu" else decord.cpu(0)
-        log.info("decoder actor: %s %s views on %s (%s)", modality, "train" if train else "eval", self.device,
-                 self.device.reason)  # fmt: skip
+        # The driver logged the pool's plan (CPU or GPU shares); an actor says where it decodes at INFO
+        # (a new pool starts every epoch), and warns when it holds a GPU share but decodes on the CPU.
+        gpu_unused = modality == "video" and self.device.kind != "gpu" and bool(gpu_ids)
+        log.log(logging.WARNING if gpu_unused else logging.INFO, "decoder actor: %s %s views on %s (%s)", modality,
+                "train" if train else "eval", self.device, self.device.reason)  # fmt: skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, views, crop = len(batch["kind"]), self.views, self.cfg.augment.crop_size

@@ -33,9 +33,9 @@ import ray
 import torch
 from ray.data import DataIterator
 
-from pipeline.data.plan import FAILED, OK, PAD, Layout, stable_hash
+from pipeline.data.plan import FAILED, OK, PAD, DatasetFacts, Layout, stable_hash
 from pipeline.data.service import CONTEXT_KEY
-from preprocessing.manifest import add_digests, is_sample_key, sample_key_hash
+from core.manifest import add_digests, is_sample_key, sample_key_hash
 
 _MAX_LOGGED_FAILURES = 20
 
@@ -48,7 +48,7 @@ class EpochStats:
     """What one worker received in one epoch. ``merge`` sums workers; then
     ``samples + failed == expected`` shows the count is right, and ``fingerprint == expected_digest``
     shows the samples are the split's own: none lost, none repeated, even when a duplicate and a loss
-    would leave the count unchanged. The fingerprint is ``preprocessing.manifest.keys_digest`` of the
+    would leave the count unchanged. The fingerprint is ``core.manifest.keys_digest`` of the
     keys of the delivered and failed samples (first view only; pad rows excluded), order-independent,
     so workers' parts add up; ``expected_digest`` is the same digest of the manifest's keys.
 
@@ -114,17 +114,17 @@ class ShardLoader:
         device: torch.device | str | None = None,
         prefetch_batches: int = 2,
     ) -> None:
-        info = iterator.get_context().get_config(CONTEXT_KEY)
-        if info is None:
+        facts = iterator.get_context().get_config(CONTEXT_KEY)
+        if not isinstance(facts, DatasetFacts):
             raise ValueError("this iterator does not come from pipeline.data.service.build_dataset")
         self._iterator = iterator
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device) if device is not None else None
         self.prefetch_batches = prefetch_batches
-        self.seed = info["seed"]
-        self.samples, self.per_unit, self.views = info["samples"], info["per_unit"], info["views"]
-        self._cursor = info["cursor"]
-        self.split_digest: int | None = info.get("key_digest")
+        self.seed = facts.seed
+        self.samples, self.per_unit, self.views = facts.samples, facts.per_unit, facts.views
+        self._cursor = facts.cursor
+        self.split_digest = facts.key_digest
         self.stats = EpochStats(-1)
         self._layout: Layout | None = None
         self._done = 0

@@ -241,3 +241,23 @@ def _actor(name: str) -> ray.actor.ActorHandle:
     if name not in _HANDLES:
         _HANDLES[name] = ray.get_actor(name, namespace=CURSOR_NAMESPACE)
     return _HANDLES[name]
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the driver knows about a built dataset and every worker's ``ShardLoader`` needs: the batch
+    geometry, the sizes the epoch accounting checks against, and the cursor to announce epochs to.
+    It travels with the dataset (``DataContext`` config, see ``service.build_dataset``).
+
+    ``key_digest`` is the manifest's digest of all the split's sample keys (None for a manifest written
+    before key digests existed): what a complete epoch's key fingerprint must add up to.
+    """
+
+    samples: int
+    per_unit: int  # samples per batch ("unit")
+    views: int  # rows per sample
+    cursor: CursorRef
+    modality: str  # "video" or "image"
+    train: bool
+    seed: int
+    key_digest: int | None = None

@@ -14,7 +14,6 @@ shard Ray Train gives it.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import ray
 import ray.data
@@ -23,14 +22,14 @@ from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions
 
 from pipeline.data.config import DataConfig
 from pipeline.data.decode import Decoder, decord_has_cuda, pool_gpus_per_actor, views_per_sample
-from pipeline.data.plan import CursorRef, ShardRef, new_cursor
+from pipeline.data.plan import DatasetFacts, ShardRef, new_cursor
 from pipeline.data.source import ShardSource
-from preprocessing.manifest import load_manifest, shard_urls
+from core.manifest import load_manifest, shard_urls
 
 log = logging.getLogger(__name__)
 
 CONTEXT_KEY = "mvit_data"
-"""DataContext config entry a dataset carries to the workers: cursor name, batch geometry, sizes."""
+"""DataContext config entry under which a dataset carries its ``DatasetFacts`` to the workers."""
 
 _EXTENSIONS = {"video": "mp4", "image": "jpg"}
 
@@ -121,29 +120,16 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
     batch_bytes = per_unit * views * 3 * frames * cfg.augment.crop_size**2
     context = ds.context
     context.execution_options.preserve_order = True
+    # Ray Data draws progress bars per operator for every execution (every epoch): thousands of lines
+    # in a job's log. Off unless asked for; the trainer logs one line per epoch.
+    context.enable_progress_bars = cfg.progress_bars
+    context.enable_operator_progress_bars = cfg.progress_bars
+    context.print_on_execution_start = cfg.progress_bars  # "Starting execution" + the plan, every epoch
     # A batch must stay one block: the split hands out whole blocks, one unit per worker in turn.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * batch_bytes + (1 << 20))
-    info = dataset_info(manifest.num_samples, per_unit, views, cursor, manifest.modality, train, cfg.seed,
-                        key_digest=manifest.split_key_digest())  # fmt: skip
-    if info["key_digest"] is None:
+    facts = DatasetFacts(manifest.num_samples, per_unit, views, cursor, manifest.modality, train, cfg.seed,
+                         key_digest=manifest.split_key_digest())  # fmt: skip
+    if facts.key_digest is None:
         log.info("%s: the manifest has no key digests (older preprocessing): epochs are checked by count only", split)
-    context.set_config(CONTEXT_KEY, info)
+    context.set_config(CONTEXT_KEY, facts)
     return ds
-
-
-def dataset_info(
-    samples: int, per_unit: int, views: int, cursor: CursorRef, modality: str, train: bool, seed: int,
-    key_digest: int | None = None,
-) -> dict[str, Any]:
-    """What a worker's ``ShardLoader`` needs to know about the dataset. ``key_digest`` is the manifest's
-    digest of all the split's sample keys (None if unknown): what a complete epoch must add up to."""
-    return {
-        "seed": seed,
-        "samples": samples,
-        "per_unit": per_unit,
-        "views": views,
-        "cursor": cursor,
-        "modality": modality,
-        "train": train,
-        "key_digest": key_digest,
-    }

@@ -28,29 +28,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from core.errors import CheckpointMismatch, UnsafeCheckpoint, weights_only_refusal
 from pipeline.models.mvit import MViT, MViTConfig
 
 StateDict = dict[str, torch.Tensor]
 Format = Literal["native", "slowfast", "pytorchvideo", "torchvision"]
 FORMATS: tuple[str, ...] = ("native", "slowfast", "pytorchvideo", "torchvision")
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model; the message lists every offending key."""
-
-
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint file holds more than tensors and plain containers (pickled code or objects), so it
-    was refused unread. Raised instead of torch's ``UnpicklingError`` so the caller sees which file and
-    why, not a pickle traceback."""
-
-
-def weights_only_error_detail(err: BaseException) -> str:
-    """The one line of a ``torch.load(weights_only=True)`` refusal that says what was refused."""
-    text = str(err)
-    text = text.partition("WeightsUnpickler error:")[2] or text.partition("trusted source.")[2] or text
-    text = text.split("Please use")[0].split("Check the documentation")[0]
-    return next((line.strip() for line in text.splitlines() if line.strip()), "not plain data")
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> object:
@@ -64,7 +47,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> object:
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpoint(
             f"refused to load checkpoint {os.fspath(path)}: it holds more than tensors and plain containers "
-            f"(weights only load failed: {weights_only_error_detail(err)}); only load files from a trusted "
+            f"(weights only load failed: {weights_only_refusal(err)}); only load files from a trusted "
             "source, and then convert them to a plain state dict"
         ) from None
 

@@ -1,16 +1,19 @@
 """Named MViT variants with the reference figures they are checked against.
 
 Each preset is a plain dict of ``MViTConfig`` fields (the YAML files in ``configs/model/`` hold the same
-values) plus the numbers published for it, so the README table and the fidelity tests compare the
+values) plus the numbers published for it, so the docs/models.md table and the fidelity tests compare the
 project's own parameter and FLOP counts against the paper from one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.models.mvit import MViT, MViTConfig
+from pipeline.models.config import MViTConfig
+
+if TYPE_CHECKING:
+    from pipeline.models.mvit import MViT
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,9 @@ def preset_config(name: str, **overrides: Any) -> MViTConfig:
     return MViTConfig.from_dict({**PRESETS[name].config, **overrides})
 
 
-def build_preset(name: str, **overrides: Any) -> MViT:
+def build_preset(name: str, **overrides: Any) -> "MViT":
+    from pipeline.models.mvit import MViT  # torch loads only when a network is built
+
     return MViT(preset_config(name, **overrides))
 
 

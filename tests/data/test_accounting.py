@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.data.loader import EpochStats, ShardLoader
-from pipeline.data.plan import FAILED, OK, PAD
-from pipeline.data.service import CONTEXT_KEY, dataset_info
-from preprocessing.manifest import (
+from pipeline.data.plan import FAILED, OK, PAD, DatasetFacts
+from pipeline.data.service import CONTEXT_KEY
+from core.manifest import (
     Manifest,
     ShardInfo,
     add_digests,
@@ -86,7 +86,7 @@ def _rows(entries: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
 
 def test_a_batch_adds_first_views_of_keyed_samples_to_the_fingerprint() -> None:
     no_cursor: Any = None  # _collect never talks to the epoch cursor
-    info = dataset_info(4, per_unit=3, views=2, cursor=no_cursor, modality="video", train=True, seed=1, key_digest=12345)
+    info = DatasetFacts(4, per_unit=3, views=2, cursor=no_cursor, modality="video", train=True, seed=1, key_digest=12345)
     loader = ShardLoader(_Iterator(info), rank=0, world_size=1)  # type: ignore[arg-type]
     assert loader.split_digest == 12345
     stats = EpochStats(0, 0, 4, expected_digest=12345)

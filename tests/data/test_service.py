@@ -13,8 +13,8 @@ from data_helpers import delivered, rows_by_id, run_cli, run_epoch, shard_keys, 
 from pipeline.data.config import imagenet_defaults
 from pipeline.data.loader import EpochStats
 from pipeline.data.service import build_dataset
-from pipeline.train.loop import check_epoch_identity
-from preprocessing.manifest import keys_digest, load_manifest
+from pipeline.trainer.loop import check_epoch_identity
+from core.manifest import keys_digest, load_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -234,7 +234,7 @@ def test_postgres_keeps_its_data_on_a_volume_claim(docs: list[dict[str, Any]]) -
 
 
 def test_no_secret_values_are_committed(docs: list[dict[str, Any]]) -> None:
-    assert not of_kind(docs, "Secret"), "Secrets are created by hand (README), never rendered from the repo"
+    assert not of_kind(docs, "Secret"), "Secrets are created by hand (docs/deployment.md), never rendered from the repo"
     aws_key_id = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
     for path in sorted(p for p in K8S.rglob("*") if p.is_file()):
         text = path.read_text()

@@ -1,6 +1,6 @@
 """What the manifests name must exist in this repository: the training entry point and its config
 preset (parsed by the real CLI), the preprocessing commands (parsed by the real CLI), the images and
-their Dockerfiles, the one image tag, the Ray version, the Secrets the README tells users to create."""
+their Dockerfiles, the one image tag, the Ray version, the Secrets docs/deployment.md tells users to create."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _overrides(tokens: list[str]) -> dict[str, str]:
 def test_training_entrypoint_runs_the_train_script_on_a_preset_that_exists(
     docs: list[dict[str, Any]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.train.job import main
+    from pipeline.trainer.job import main
 
     tokens = shlex.split(named(docs, "RayJob", "mvit-train")["spec"]["entrypoint"])
     assert tokens[:3] == ["python", "pipeline/train.py", "--config"], tokens
@@ -140,7 +140,7 @@ def test_build_script_builds_every_image_with_that_tag() -> None:
 
 
 def test_build_script_loads_the_dev_images_into_a_local_cluster_under_that_tag() -> None:
-    """The README's dev step never spells the tag: build.sh loads what it built into kind/minikube."""
+    """docs/deployment.md's dev step never spells the tag: build.sh loads what it built into kind/minikube."""
     env = {**os.environ, "DOCKER": "echo", "KIND": "echo kind", "MINIKUBE": "echo minikube"}
     run = lambda *args: subprocess.run(["bash", str(IMAGES / "build.sh"), *args], capture_output=True, text=True,
                                        timeout=60, env=env, cwd=REPO)
@@ -189,14 +189,14 @@ def test_mlflow_image_has_the_postgres_and_s3_clients() -> None:
     assert re.search(r"^USER 1000", text, re.MULTILINE)
 
 
-def _readme_deployment_section() -> str:
-    text = (REPO / "README.md").read_text()
-    match = re.search(r"^## Deployment on Kubernetes\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, "README.md has no '## Deployment on Kubernetes' section"
-    return match.group(1)
+def _deployment_page() -> str:
+    """The whole of docs/deployment.md (the page that tells users how to deploy)."""
+    page = REPO / "docs" / "deployment.md"
+    assert page.is_file(), "docs/deployment.md is missing"
+    return page.read_text()
 
 
-def test_readme_creates_every_secret_the_manifests_use() -> None:
+def test_deployment_page_creates_every_secret_the_manifests_use() -> None:
     wanted: set[tuple[str, str]] = set()
     for overlay in ("dev", "prod"):
         for doc in render(overlay):
@@ -208,14 +208,14 @@ def test_readme_creates_every_secret_the_manifests_use() -> None:
                         ref = entry.get("valueFrom", {}).get("secretKeyRef")
                         if ref:
                             wanted.add((ref["name"], ref["key"]))
-    section = _readme_deployment_section()
+    section = _deployment_page()
     commands = re.findall(r"kubectl create secret generic (\S+)((?:[^\n]*\\\n)*[^\n]*)", section)
     created = {(name, key) for name, rest in commands for key in re.findall(r"--from-literal=([a-z_]+)=", rest)}
-    assert wanted <= created, f"README does not create: {sorted(wanted - created)}"
+    assert wanted <= created, f"docs/deployment.md does not create: {sorted(wanted - created)}"
 
 
-def test_readme_uses_the_real_names() -> None:
-    section = _readme_deployment_section()
+def test_deployment_page_uses_the_real_names() -> None:
+    section = _deployment_page()
     for text in ("k8s/overlays/dev", "k8s/overlays/prod", "k8s/images/build.sh", "mvit-stage=platform",
                  "mvit-interactive-head-svc", "svc/mlflow", "ray job submit", "RAY_AUTH_TOKEN"):
         assert text in section, text

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from shard_helpers import read_manifest, read_rejects, read_samples, run_cli
 
-from preprocessing.manifest import list_shard_urls
+from core.manifest import list_shard_urls
 
 
 def _synsets(raw: Path) -> dict[str, str]:

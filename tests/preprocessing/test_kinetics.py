@@ -13,7 +13,7 @@ import pytest
 from shard_helpers import read_manifest, read_rejects, read_samples, run_cli
 
 from preprocessing import kinetics
-from preprocessing.manifest import list_shard_urls
+from core.manifest import list_shard_urls
 
 
 def _kinetics(raw: Path, out: Path, *extra: str, csv_name: str = "train.csv", videos: str = "train") -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from shard_helpers import read_samples, run_cli
 from torch import nn
 
-from preprocessing.manifest import list_shard_urls
+from core.manifest import list_shard_urls
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import s3fs
 from shard_helpers import cli_env, output_files, run_cli
 
-from preprocessing.manifest import list_shard_urls, load_manifest
+from core.manifest import list_shard_urls, load_manifest
 from preprocessing.verify import verify_split
 
 

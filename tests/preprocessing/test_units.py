@@ -18,11 +18,13 @@ from PIL import Image
 
 from preprocessing.cli import parse_size
 from preprocessing.items import Discovery, WorkItem, sanitize_key, unique_keys
-from preprocessing.manifest import Manifest, ShardInfo, list_shard_urls, load_manifest
+from core.manifest import Manifest, ShardInfo, list_shard_urls, load_manifest
 from preprocessing.parallel import ParallelConfig
 from preprocessing.run import SplitJob, run_split
 from preprocessing.shards import ShardingConfig, add_sample, plan_shards, seeded_order
-from preprocessing.storage import Store, redact, storage_options_for
+from core.redact import redact_url
+from core.s3 import storage_options_for
+from core.storage import Store
 from preprocessing.synth import SynthKinetics, synth_kinetics
 from preprocessing.transcode import ImageEncoder, RejectError, VideoEncoder, even_scaled_size
 
@@ -278,7 +280,7 @@ def test_storage_options_take_endpoint_from_flag_or_env(monkeypatch: pytest.Monk
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # the retry policy travels with the options
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     assert storage_options_for("s3://b/p")["config_kwargs"] == {"retries": {"total_max_attempts": 7, "mode": "standard"}}
-    assert redact("https://user:secret@host/x") == "https://***@host/x"
+    assert redact_url("https://user:secret@host/x") == "https://***@host/x"
 
 
 def test_store_writes_atomically_and_leaves_no_temp(tmp_path: Path) -> None:

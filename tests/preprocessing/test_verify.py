@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from shard_helpers import run_cli
 
-from preprocessing.manifest import format_digest, keys_digest, load_manifest
+from core.manifest import format_digest, keys_digest, load_manifest
 from preprocessing.verify import placement_problem, verify_split
 
 

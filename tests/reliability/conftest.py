@@ -2,7 +2,12 @@
 
 Every test here is one *case*. Its docstring's first line states the expected behaviour; the suite
 prints a summary at the end (cases tried, passed, samples lost) and, when ``RELIABILITY_REPORT`` names
-a file, writes the Markdown table of cases and results that the README carries.
+a file, writes the Markdown table of cases and results that ``docs/reliability.md`` carries:
+
+- ``RELIABILITY_REPORT=docs/reliability.md`` (a file with the ``reliability-cases`` markers): the summary
+  line and the table replace what lies between the markers; the rest of the page is kept;
+- ``RELIABILITY_REPORT=-``: the table is printed with the summary instead of written;
+- any other file: it is overwritten with the table alone.
 
 Tests that move samples through the system account for them with the ``ledger`` fixture: every input is
 either delivered exactly once or recorded as a rejection with a reason; anything else is a lost sample.
@@ -119,21 +124,48 @@ def _table(cases: list[_Case]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _summary(cases: list[_Case]) -> str:
+    passed = sum(c.outcome == "passed" for c in cases)
+    failed = sum(c.outcome == "FAILED" for c in cases)
+    return (f"cases tried: {len(cases)}, passed: {passed}, failed: {failed}, samples lost: "
+            f"{sum(c.lost for c in cases)}, samples duplicated: {sum(c.duplicated for c in cases)}")
+
+
+REPORT_BEGIN, REPORT_END = "<!-- reliability-cases:begin -->", "<!-- reliability-cases:end -->"
+
+
+def with_report(page: str, summary: str, table: str) -> str | None:
+    """``page`` with the summary line (as a code block) and the case table between the markers, replacing
+    what was there; None when the page has no markers."""
+    start, end = page.find(REPORT_BEGIN), page.find(REPORT_END)
+    if start < 0 or end < start:
+        return None
+    block = f"```\n{summary}\n```\n\n{table}"
+    return page[: start + len(REPORT_BEGIN)] + "\n" + block + page[end:]
+
+
+def write_report(report: str, cases: list[_Case]) -> str:
+    """Writes (or prints, for ``-``) the case table where ``RELIABILITY_REPORT`` says; returns what was done."""
+    table = _table(cases)
+    if report == "-":
+        return table
+    path = Path(report)
+    page = path.read_text() if path.is_file() else ""
+    updated = with_report(page, _summary(cases), table)
+    path.write_text(table if updated is None else updated)
+    return f"case table written to {report}" + ("" if updated is None else " (between its markers)")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
     cases = [c for c in _SUITE.cases.values() if c.outcome != "not run"]
     if not cases:
         return
-    passed = sum(c.outcome == "passed" for c in cases)
-    lost = sum(c.lost for c in cases)
-    duplicated = sum(c.duplicated for c in cases)
     terminalreporter.section("reliability summary")
-    terminalreporter.write_line(f"cases tried: {len(cases)}, passed: {passed}, failed: "
-                                f"{sum(c.outcome == 'FAILED' for c in cases)}, samples lost: {lost}, "
-                                f"samples duplicated: {duplicated}")
+    terminalreporter.write_line(_summary(cases))
     report = os.environ.get("RELIABILITY_REPORT")
     if report:
-        Path(report).write_text(_table(cases))
-        terminalreporter.write_line(f"case table written to {report}")
+        for line in write_report(report, cases).rstrip("\n").splitlines():
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -289,7 +289,7 @@ def test_verify_against_s3_without_credentials_is_one_line(s3_server):
 
 def _manifests(root: Path, classes: int = 3) -> None:
     """A shard set's manifests only (no shards): all the driver reads before it starts Ray."""
-    from preprocessing.manifest import Manifest
+    from core.manifest import Manifest
 
     for split in ("train", "val"):
         manifest = Manifest(dataset="kinetics", split=split, modality="video", classes=[f"c{i}" for i in range(classes)],
@@ -325,7 +325,7 @@ def fresh_s3_clients():
 def test_training_with_unusable_s3_data_root_fails_before_ray_starts(s3_server, monkeypatch, no_ray_start,
                                                                      fresh_s3_clients, case):
     """An unusable s3:// data.root fails the job before Ray starts, naming data.root."""
-    from pipeline.train.job import run
+    from pipeline.trainer.job import run
 
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)
@@ -354,7 +354,7 @@ def test_training_with_unusable_s3_data_root_fails_before_ray_starts(s3_server, 
 def test_training_with_unusable_s3_storage_path_fails_before_ray_starts(tmp_path, s3_server, monkeypatch, no_ray_start,
                                                                         case):
     """An unusable s3:// trainer.storage_path fails the job before Ray starts, naming it."""
-    from pipeline.train.job import run
+    from pipeline.trainer.job import run
 
     _manifests(tmp_path / "shards")
     endpoint = s3_server if case == "no such bucket" else f"http://127.0.0.1:{_closed_port()}"
@@ -371,7 +371,7 @@ def test_training_with_unusable_s3_storage_path_fails_before_ray_starts(tmp_path
 
 def test_training_with_an_uncreatable_local_storage_path_fails_before_ray_starts(tmp_path, no_ray_start):
     """An uncreatable local trainer.storage_path fails the job before Ray starts."""
-    from pipeline.train.job import run
+    from pipeline.trainer.job import run
 
     _manifests(tmp_path / "shards")
     (tmp_path / "file").write_text("not a folder")

@@ -31,7 +31,7 @@ from preprocess_helpers import cli, shard_keys, shard_samples
 
 from pipeline.data.loader import EpochStats
 from pipeline.data.service import build_dataset
-from pipeline.train.loop import check_epoch_counts, check_epoch_identity
+from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
 from tests.data.data_helpers import run_epoch, small_config
 

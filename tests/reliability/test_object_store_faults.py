@@ -1,7 +1,7 @@
 """Object-store faults between the pipeline and S3 (moto behind ``faults.FaultProxy``).
 
 Transient faults (HTTP 500/503, connections closed without a response, downloads cut off halfway)
-must be ridden out by the retries (``preprocessing.storage.s3_client_options``) without changing a
+must be ridden out by the retries (``core.s3.RetryPolicy``) without changing a
 byte of output or losing a sample; a permanent outage must stop the run within a bounded time with
 one clear line, leaving nothing partial under a final name.
 """

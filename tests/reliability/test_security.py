@@ -132,7 +132,7 @@ def test_dcp_restore_refuses_pickled_code_in_metadata(tmp_path):
     """DCP restore refuses pickled code in .metadata, naming the file; the code never runs."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from pipeline.trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
     model, optimizer = _tiny_trained()
     good, evil, marker = tmp_path / "good", tmp_path / "evil", tmp_path / "PWNED"
@@ -160,7 +160,7 @@ def test_dcp_restore_refuses_pickled_code_in_a_saved_value(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from pipeline.train.checkpoint import DCP_DIR, TRAIN_STATE_FILE, load_checkpoint
+    from pipeline.trainer.checkpoint import DCP_DIR, TRAIN_STATE_FILE, load_checkpoint
 
     model, optimizer = _tiny_trained()
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -480,7 +480,7 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = ta
 @pytest.fixture
 def hostile_shard(secret_shards, tmp_path) -> tuple[Path, list[str], Path]:
     """A split whose only shard holds one genuine sample and five hostile ones, with a correct manifest."""
-    from preprocessing.manifest import Manifest, ShardInfo, load_manifest
+    from core.manifest import Manifest, ShardInfo, load_manifest
 
     shards, _ = secret_shards
     with tarfile.open(shards / "train-000000.tar") as tar:

@@ -31,7 +31,7 @@ from faults import FaultProxy  # tests/reliability/faults.py
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
-from pipeline.train.job import run
+from pipeline.trainer.job import run
 from tests.train.helpers import demo_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,12 +148,12 @@ def test_worker_sigkill_restarts_from_the_latest_checkpoint_to_identical_weights
 
     assert registered < 6, "the job finished before the worker was killed"
     _assert_same_weights(_weights(runs), reference["weights"])
-    losses = _losses(outcome["job"]["tracking_uri"])
+    losses = _losses(outcome["job"].tracking_uri)
     assert list(losses) == list(range(1, 7))  # one run, a continuous step axis to the same end
     _assert_resumed_after(losses, registered)
     for step, values in losses.items():  # a step redone after the restart repeats the same loss
         assert values == pytest.approx([reference["losses"][step]] * len(values), rel=1e-5), step
-    _, mlflow_run = _mlflow_run(outcome["job"]["tracking_uri"])
+    _, mlflow_run = _mlflow_run(outcome["job"].tracking_uri)
     assert mlflow_run.info.status == "FINISHED"
 
 
@@ -323,7 +323,7 @@ def reference(reliability_shards: Path, ray_cluster: None, s3_server: str,
     assert "error" not in outcome, outcome.get("error")
     fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
     fs.get(f"{prefix}/demo/final_model/", str(tmp / "final"), recursive=True)
-    losses = _losses(outcome["job"]["tracking_uri"])
+    losses = _losses(outcome["job"].tracking_uri)
     return {
         "weights": load_file(str(tmp / "final" / "model.safetensors")),
         "all_losses": losses,
@@ -368,7 +368,7 @@ def test_a_lasting_object_store_outage_fails_the_job_clearly_within_bounds(
     assert not thread.is_alive(), "the job hung on a storage outage"
     elapsed = time.monotonic() - outage
     assert elapsed < 180, f"the job took {elapsed:.0f} s to give up"
-    from pipeline.train.job import JobFailed
+    from pipeline.trainer.job import JobFailed
 
     error = outcome.get("error")
     assert isinstance(error, JobFailed), f"expected a clear job failure, got {error!r}, result {outcome.get('result')}"

@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from pipeline.models.mvit import MViT
-from pipeline.train.checkpoint import TrainState, full_model_state, load_checkpoint, save_checkpoint
-from pipeline.train.optim import OptimConfig, build_optimizer
-from pipeline.train.parallelize import apply_fsdp
+from pipeline.trainer.checkpoint import TrainState, full_model_state, load_checkpoint, save_checkpoint
+from pipeline.trainer.optim import OptimConfig, build_optimizer
+from pipeline.trainer.parallelize import apply_fsdp
 from tests.models.helpers import tiny_config
 
 WORLD = 2

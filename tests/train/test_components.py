@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipeline.models.mvit import MViT
-from pipeline.tracking import REDACTED, flatten, redact
-from pipeline.train.evaluate import VideoAccumulator, topk_correct
-from pipeline.train.optim import LRSchedule, OptimConfig, WarmupCosine, build_optimizer, param_groups, scaled_lr
+from core.redact import REDACTED, redact_mapping
+from pipeline.tracking import flatten
+from pipeline.trainer.evaluate import VideoAccumulator, topk_correct
+from pipeline.trainer.optim import LRSchedule, OptimConfig, WarmupCosine, build_optimizer, param_groups, scaled_lr
 from tests.models.helpers import tiny_config
 
 
@@ -74,7 +75,7 @@ def test_redaction_removes_secret_keys_uri_passwords_and_planted_env_values(monk
         "name": "run",
         "list": ["planted-token-83741", 3],
     }
-    flat = flatten(redact(config))
+    flat = flatten(redact_mapping(config))
     text = repr(flat)
     assert "hunter22" not in text and "planted-token-83741" not in text and "abc" not in text
     assert flat["tracking.tracking_uri"] == f"postgresql://mlflow:{REDACTED}@db:5432/mlflow"
@@ -86,7 +87,7 @@ def test_failure_summary_names_the_root_cause_not_the_collateral_collective_erro
     from ray.train import ControllerError, WorkerGroupError
 
     from pipeline.config import load_config
-    from pipeline.train.job import failure_summary
+    from pipeline.trainer.job import failure_summary
 
     cfg = load_config("configs/experiment/demo.yaml", ["trainer.max_failures=1"])
     workers = WorkerGroupError("...", {
@@ -108,8 +109,8 @@ def test_failure_summary_names_the_root_cause_not_the_collateral_collective_erro
 
 def test_epoch_identity_check_catches_a_duplicate_that_hides_a_loss() -> None:
     from pipeline.data.loader import EpochStats
-    from pipeline.train.loop import check_epoch_counts, check_epoch_identity
-    from preprocessing.manifest import keys_digest
+    from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
+    from core.manifest import keys_digest
 
     split = keys_digest(["a", "b", "c", "d"])
     exact = EpochStats(3, 0, 4, samples=3, failed=1, fingerprint=split, expected_digest=split)

@@ -1,5 +1,6 @@
-"""The README's main job: `ray job submit` of pipeline/train.py to a local Ray cluster with token
-auth, on a synthetic Kinetics dataset, ending in an MLflow run that learned (well above chance)."""
+"""The main job of README.md's demo (scripts/demo.sh): `ray job submit` of pipeline/train.py to a local
+Ray cluster with token auth, on a synthetic Kinetics dataset, ending in an MLflow run that learned (well
+above chance)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,15 @@
 """The function every Ray Train worker runs: it composes the components and reads as the recipe.
 
-    model      pipeline.train.setup      MViT -> device -> FSDP2 per block (+ AC, compile)
-    optimiser  pipeline.train.optim      AdamW groups, LR from the epoch position, scaled by global batch
-    data       pipeline.data             ShardLoader batches (uint8) -> normalise, mix on the device
-    state      pipeline.train.checkpoint DCP checkpoints through ray.train.report; resume incl. data position
-    tracking   pipeline.tracking         MLflow on rank 0, one run per job across restarts
-    metrics    pipeline.train.evaluate   view- and video-level top-1/top-5
+    model        pipeline.trainer.setup       MViT -> device -> parallelize (AC, compile, FSDP2)
+    optimiser    pipeline.trainer.optim       AdamW groups, LR from the epoch position, scaled by global batch
+    data         pipeline.data                ShardLoader batches (uint8) -> normalise, mix on the device
+    checkpoints  pipeline.trainer.checkpoint  CheckpointManager: cadence, DCP through ray.train.report, resume
+    tracking     pipeline.tracking            MLflow on rank 0, one run per job across restarts
+    metrics      pipeline.trainer.evaluate    view- and video-level top-1/top-5
+    progress     pipeline.trainer.progress    the one line per epoch a person reads
+
+``Trainer.run`` reads top to bottom: ``setup`` (resume, tracking), per epoch ``train_epoch`` (which
+calls ``step`` per batch) and ``evaluate``, then ``close`` (export, finish the run).
 
 Reproducibility: every source of randomness is a function of (seed, position): the data service seeds
 per sample and view, mixing per batch, and the torch RNG (stochastic depth, dropout) is reseeded per
@@ -16,6 +20,7 @@ exactly the path the uninterrupted job would have taken.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,17 +30,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ExperimentConfig, build_model_config, from_container
+from pipeline.config import ExperimentConfig, build_model_config
 from pipeline.data.device import mix_batch, normalize, soft_cross_entropy
 from pipeline.data.loader import EpochStats, ShardLoader
 from pipeline.data.plan import stable_hash
 from pipeline.models.mvit import MViT
 from pipeline.tracking import Tracker
-from pipeline.train.checkpoint import TrainState, full_model_state, load_checkpoint, save_checkpoint
-from pipeline.train.evaluate import VideoAccumulator
-from pipeline.train.export import copy_to_storage, export_model
-from pipeline.train.optim import LRSchedule, build_optimizer
-from pipeline.train.setup import WorkerContext, prepare_model
+from pipeline.trainer.checkpoint import CheckpointManager, TrainState, full_model_state
+from pipeline.trainer.evaluate import VideoAccumulator
+from pipeline.trainer.export import copy_to_storage, export_model
+from pipeline.trainer.optim import LRSchedule, build_optimizer
+from pipeline.trainer.progress import EpochProgress, Meter
+from pipeline.trainer.setup import WorkerContext, prepare_model
+from pipeline.trainer.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +90,23 @@ def check_epoch_identity(stats: EpochStats, what: str) -> bool:
     return True
 
 
-class IncompleteCheckpointDownload(OSError):
-    """A checkpoint's files are missing after Ray's per-node download: a consequence of a storage error
-    raised on another rank, which ``job.failure_summary`` reports instead."""
+def quiet_worker_logs() -> None:
+    """The project's INFO lines and every library's warnings reach the driver; library INFO does not.
+
+    Ray Train sets the worker's root logger to INFO, where Ray Train itself reports every
+    ``ray.train.report`` call with its whole metrics dict, and MLflow announces its database migrations
+    and system-metrics thread: hundreds of lines a run, all kept in MLflow or Ray's log files anyway.
+    """
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (by the tracker)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case it was imported already
+    logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
 class Trainer:
     """State and steps of one worker's training run (constructed inside the Ray Train worker)."""
 
-    def __init__(self, cfg: ExperimentConfig, job: dict[str, Any]) -> None:
+    def __init__(self, cfg: ExperimentConfig, job: JobSpec) -> None:
         self.cfg, self.job = cfg, job
         self.ctx = WorkerContext.current()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, before sharding
@@ -100,61 +115,32 @@ class Trainer:
                                    cfg.trainer.activation_checkpointing, cfg.trainer.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.global_batch_size)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, cfg.global_batch_size, cfg.trainer.epochs)
+        self.checkpoints = CheckpointManager(self.model, self.optimizer, cfg.trainer.checkpoint_every_steps)
         self.state = TrainState(world_size=self.ctx.world_size)
         self.train_data = ShardLoader.for_train_worker("train", self.ctx.device, cfg.data.prefetch_batches)
         self.val_data = ShardLoader.for_train_worker("val", self.ctx.device, cfg.data.prefetch_batches)
-        self.tracker = Tracker(cfg.tracking, job["tracking_uri"], enabled=self.ctx.is_main)
+        self.tracker = Tracker(cfg.tracking, job.tracking_uri, enabled=self.ctx.is_main)
+        self.progress = EpochProgress(cfg.trainer.epochs, enabled=self.ctx.is_main)
         self.mean, self.std = cfg.data.augment.mean, cfg.data.augment.std
 
-    # -- state ---------------------------------------------------------------------------------
-    def restore(self) -> None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as directory:
-            try:
-                self.state = load_checkpoint(directory, self.model, self.optimizer)
-            except FileNotFoundError as err:
-                # Ray downloads a remote checkpoint once per node into a shared folder; when that download
-                # fails, the rank that ran it raises the storage error and the others find the folder
-                # incomplete. Registered checkpoints in storage are complete, so say what happened.
-                storage = getattr(checkpoint.filesystem, "type_name", "remote").upper()
-                raise IncompleteCheckpointDownload(
-                    f"checkpoint {checkpoint.path} arrived incomplete on this node: its download from {storage} "
-                    f"storage failed (the storage error is on the rank that downloaded it): {err}") from None
-        log.info("rank %d resumed at epoch %d, step %d, sample %d of the epoch (checkpoint written by %d workers)",
-                 self.ctx.rank, self.state.epoch, self.state.step, self.state.samples_in_epoch, self.state.world_size)
-        self.state.world_size = self.ctx.world_size
-
-    def report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
-        """``ray.train.report`` on every rank (a barrier); with a DCP checkpoint of this rank's shards."""
-        import ray.train
-
-        metrics = {**metrics, "epoch": self.state.epoch, "step": self.state.step}
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="mvit-ckpt-") as tmp:
-            save_checkpoint(tmp, self.model, self.optimizer, self.state)
-            name = f"checkpoint_epoch{self.state.epoch:04d}_step{self.state.step:08d}"
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-
-    # -- training --------------------------------------------------------------------------------
-    def start_tracking(self) -> None:
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Resume from the latest checkpoint (if any), then open (or reopen) the job's MLflow run."""
+        self.state = self.checkpoints.restore(self.ctx.world_size) or self.state
         run_id = self.tracker.start(
             run_name=self.cfg.tracking.run_name or self.cfg.name,
             resume_run_id=self.state.mlflow_run_id,
-            params=self.job["params"],
-            tags={**self.job["tags"], "world_size": str(self.ctx.world_size)},
-            job_key=self.job["job_key"],
+            params=self.job.experiment,
+            tags={**self.job.tags, "world_size": str(self.ctx.world_size)},
+            job_key=self.job.job_key,
         )
         if run_id is not None:
             self.state.mlflow_run_id = run_id
-            for artifact_file, text in self.job.get("texts", {}).items():
+            for artifact_file, text in self.job.texts.items():
                 self.tracker.log_text(text, artifact_file)
+        self.progress.start(self.state.epoch)
 
+    # -- step ------------------------------------------------------------------------------------
     def _reseed(self, step: int, micro: int) -> None:
         torch.manual_seed(stable_hash("torch", self.cfg.seed, step, micro, self.ctx.rank) % 2**63)
 
@@ -170,6 +156,24 @@ class Trainer:
         x, targets = mix_batch(x, batch["label"], self.model_cfg.num_classes, self.cfg.data.augment, batch["mix_seed"])
         return soft_cross_entropy(self.model(x), targets), rows
 
+    def step(self, batch: dict[str, Any], micro: int, progress: float) -> tuple[float, int, float | None]:
+        """Forward and backward of one micro-batch; on the last micro-batch of ``grad_accum_steps`` also
+        the optimiser step at LR position ``progress`` (epochs, fractional). Returns the summed loss, the
+        rows it covered and the LR when an optimiser step was taken (else None)."""
+        accum = self.cfg.trainer.grad_accum_steps
+        self._reseed(self.state.step, micro)
+        loss, rows = self._forward_loss(batch)
+        (loss / accum).backward()
+        if micro + 1 < accum:
+            return loss.item() * rows, rows, None
+        lr = self.schedule.set(progress)
+        if self.cfg.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return loss.item() * rows, rows, lr
+
     def train_epoch(self, epoch: int) -> EpochStats:
         cfg = self.cfg.trainer
         start = self.state.samples_in_epoch if epoch == self.state.epoch else 0
@@ -178,55 +182,43 @@ class Trainer:
         first_batch = self.train_data.layout(0).batches_per_worker - steps_in_epoch
         total_batches = self.train_data.batches_per_epoch(0)
         self.model.train()
-        window = {"loss": 0.0, "rows": 0, "wait": 0.0, "busy": 0.0, "steps": 0}
+        window, whole = Meter(), Meter()  # the logging window, and the whole epoch for its progress line
         micro, clock = 0, time.perf_counter()
         batches: Iterator[dict[str, Any]] = self.train_data.epoch(epoch, start)
         for i, batch in enumerate(batches):
             arrived = time.perf_counter()
-            window["wait"] += arrived - clock
+            window.wait += arrived - clock
             if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch * cfg.grad_accum_steps:
                 clock = time.perf_counter()
                 continue  # smoke runs: drain the epoch (equal counts everywhere) without stepping
-            self._reseed(self.state.step, micro)
-            loss, rows = self._forward_loss(batch)
-            (loss / cfg.grad_accum_steps).backward()
-            window["loss"] += loss.item() * rows
-            window["rows"] += rows
-            micro += 1
-            if micro == cfg.grad_accum_steps:
-                progress = epoch + (first_batch + i + 1) / max(total_batches, 1)
-                lr = self.schedule.set(progress)
-                if self.cfg.optim.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                micro = 0
-                self.state.step += 1
-                window["steps"] += 1
+            progress = epoch + (first_batch + i + 1) / max(total_batches, 1)
+            loss_sum, rows, lr = self.step(batch, micro, progress)
+            window.loss += loss_sum
+            window.rows += rows
+            micro = 0 if lr is not None else micro + 1
+            if lr is not None:
                 self.state.samples_in_epoch = self.train_data.state()["position"]
-                window["busy"] += time.perf_counter() - arrived
-                if self.state.step % self.cfg.tracking.log_every_steps == 0:
-                    self._log_window(window, lr)
-                if cfg.checkpoint_every_steps and self.state.step % cfg.checkpoint_every_steps == 0:
-                    self.report({}, with_checkpoint=True)
-            else:
-                window["busy"] += time.perf_counter() - arrived
+            window.busy += time.perf_counter() - arrived
+            if lr is not None and self.state.step % self.cfg.tracking.log_every_steps == 0:
+                self._log_window(window, whole, lr)
+            if lr is not None and self.checkpoints.due(self.state.step):
+                self.checkpoints.report({}, self.state, with_checkpoint=True)
             clock = time.perf_counter()
+        self._log_window(window, whole, None)  # the rest of the epoch: in the epoch figures, not logged per step
+        self.epoch_meter = whole
         return self.train_data.stats
 
-    def _log_window(self, window: dict[str, float], lr: float) -> None:
-        loss_sum, rows, wait, busy = _all_reduce_mean(
-            [window["loss"], window["rows"], window["wait"], window["busy"]], self.ctx)
-        elapsed = max(wait + busy, 1e-9)
-        self.tracker.log_metrics({
-            "train/loss": loss_sum / max(rows, 1),
-            "train/lr": lr,
-            "train/clips_per_s": rows * self.ctx.world_size / elapsed,
-            "train/data_wait_fraction": wait / elapsed,
-        }, step=self.state.step)
-        for key in window:
-            window[key] = 0.0
+    def _log_window(self, window: Meter, whole: Meter, lr: float | None) -> None:
+        """Collective: the window's figures averaged over ranks, logged per step (when ``lr`` is given),
+        and added to the epoch's."""
+        loss_sum, rows, wait, busy = _all_reduce_mean([window.loss, window.rows, window.wait, window.busy], self.ctx)
+        whole.add(Meter(loss_sum, rows, wait, busy))
+        if lr is not None:
+            self.tracker.log_metrics(Meter(loss_sum, rows, wait, busy).metrics("train/", self.ctx.world_size, lr),
+                                     step=self.state.step)
+        window.reset()
 
+    # -- evaluate --------------------------------------------------------------------------------
     def evaluate(self, epoch: int) -> dict[str, float]:
         self.model.eval()
         acc = VideoAccumulator()
@@ -249,9 +241,9 @@ class Trainer:
         metrics["val/data_identity_checked"] = float(identity_checked)
         return metrics
 
+    # -- the run ---------------------------------------------------------------------------------
     def run(self) -> None:
-        self.restore()
-        self.start_tracking()
+        self.setup()
         cfg = self.cfg.trainer
         status = "FAILED"
         try:
@@ -262,35 +254,44 @@ class Trainer:
                 identity_checked = check_epoch_identity(stats, f"epoch {epoch}")
                 metrics = {f"data/{k}": v for k, v in stats.as_metrics(prefix="").items()}
                 metrics["data/identity_checked"] = float(identity_checked)  # 0: counts only (see the check)
+                metrics.update(self.epoch_meter.metrics("train/epoch_", self.ctx.world_size, None))
                 if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
                     metrics.update(self.evaluate(epoch))
                 self.state.epoch, self.state.samples_in_epoch = epoch + 1, 0
                 top1 = metrics.get("val/video_top1")
                 if top1 is not None and (self.state.best_top1 is None or top1 > self.state.best_top1):
                     self.state.best_top1 = top1
+                metrics.update(self.progress.epoch_done(epoch, metrics, self.schedule.current()))
                 self.tracker.log_metrics({**metrics, "epoch": epoch + 1}, step=self.state.step)
-                self.report(metrics, with_checkpoint=True)
-            self.export()
+                self.checkpoints.report(metrics, self.state, with_checkpoint=True)
             status = "FINISHED"
         finally:
-            # A failure here is retried by Ray from the last checkpoint: keep the run open for it.
-            if status == "FINISHED":
-                self.tracker.finish(status)
+            self.close(status)
+
+    # -- close -----------------------------------------------------------------------------------
+    def close(self, status: str) -> None:
+        """After the last epoch: the final model exported, the MLflow run finished. After a failure the
+        run stays open: Ray retries from the last checkpoint (``max_failures``) and reopens it."""
+        if status != "FINISHED":
+            return
+        self.export()
+        self.tracker.finish(status)
 
     def export(self) -> None:
         weights = full_model_state(self.model)  # collective
         if not self.ctx.is_main:
             return
         with tempfile.TemporaryDirectory(prefix="mvit-export-") as tmp:
-            written = export_model(weights, self.model_cfg, Path(tmp), classes=self.job.get("classes"))
+            written = export_model(weights, self.model_cfg, Path(tmp), classes=self.job.classes)
             for path in written:
                 self.tracker.log_artifact(str(path), "model")
-            if self.job.get("export_dir"):
-                copy_to_storage(written, self.job["export_dir"], self.job.get("storage_options") or {})
+            if self.job.export_dir:
+                copy_to_storage(written, self.job.export_dir, self.job.export_storage_options)
         log.info("exported the final model (%d files)", len(written))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The ``TorchTrainer`` entry point: ``config = {"experiment": ..., "job": ...}``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    Trainer(from_container(config["experiment"]), config["job"]).run()
+def train_loop_per_worker(config: dict[str, JobSpec]) -> None:
+    """The ``TorchTrainer`` entry point: ``config = {"job": JobSpec}``."""
+    quiet_worker_logs()
+    job = config["job"]
+    Trainer(job.config(), job).run()

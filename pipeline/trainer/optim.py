@@ -9,40 +9,10 @@ keeps its meaning when the cluster shape changes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    lr: float = 1.6e-3  # at reference_batch_size; scaled linearly with the global batch
-    reference_batch_size: int = 512
-    min_lr: float = 1.6e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_epochs: float = 30.0
-    clip_grad_norm: float | None = 1.0  # None disables clipping
-
-    def __post_init__(self) -> None:
-        """Messages start with the full key (``optim.lr ...``): ``load_config`` names its source from it."""
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
-        if self.reference_batch_size < 1:
-            raise ValueError(f"optim.reference_batch_size must be >= 1, got {self.reference_batch_size}")
-        for name in ("warmup_epochs", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
-        if not self.eps > 0:
-            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"optim.clip_grad_norm must be > 0 (or null for no clipping), got {self.clip_grad_norm}")
+from pipeline.trainer.config import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
@@ -114,3 +84,7 @@ class LRSchedule:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+    def current(self) -> float:
+        """The LR the last optimiser step used (the schedule's start before any step)."""
+        return float(self.optimizer.param_groups[0].get("lr", self.peak * self.curve(0.0)))

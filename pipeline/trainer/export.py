@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.models.convert import CheckpointMismatch, to_torchvision
-from pipeline.models.mvit import MViTConfig
+from core.errors import CheckpointMismatch
+from pipeline.models.convert import to_torchvision
+from pipeline.models.config import MViTConfig
 
 
 def export_model(weights: dict[str, torch.Tensor], cfg: MViTConfig, out_dir: Path,

@@ -6,8 +6,8 @@ Output objects appear at their final name only when complete:
   or a multipart upload that becomes visible only when it completes).
 
 Credentials are never handled here: s3fs/botocore read them from the environment or the standard
-AWS config files. Only a non-secret endpoint URL and the retry policy (`s3_client_options`) are
-passed in `storage_options`.
+AWS config files. Only a non-secret endpoint URL and the retry policy (``core.s3``) are passed in
+`storage_options`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,77 +24,10 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-_USERINFO = re.compile(r"(?<=://)[^/@]*@")
+from core.errors import credentials_hint, is_client_error
+from core.redact import redact_url
+
 _TMP_DIR = "_state/tmp"
-
-
-DEFAULT_S3_MAX_ATTEMPTS = 4
-DEFAULT_S3_RETRY_MODE = "standard"
-
-
-def s3_client_options() -> dict[str, Any]:
-    """The retry policy of every S3 client the project makes (s3fs `config_kwargs`), from the environment.
-
-    Why explicit: a flaky store must be ridden out, an outage must fail the run in bounded time, and
-    both the same way on every node (the values are read where the options are built, the CLI or the
-    training driver, and travel with the options to every worker process and Ray task).
-
-    - botocore tries each request up to `AWS_MAX_ATTEMPTS` times (default 4) on throttling, 5xx and
-      connection errors, waiting rand(0, 1) x 2^(n-1) s before retry n (`AWS_RETRY_MODE`, default
-      "standard"; at most 1 + 2 + 4 = 7 s per request by default);
-    - s3fs repeats a call that still fails with a throttling (SlowDown), connection or cut-off-body
-      error up to 5 times, 0.1 to 0.8 s apart;
-    - s3fs's timeouts bound each attempt (connect 5 s, read 15 s).
-
-    So a store that fails for a few seconds costs retries, not the run; one that stays down fails a
-    call after about 20 s (about 40 s at worst) with the store's error.
-    """
-    try:
-        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_S3_MAX_ATTEMPTS)
-    except ValueError:
-        raise ValueError(f"AWS_MAX_ATTEMPTS must be an integer, got {os.environ['AWS_MAX_ATTEMPTS']!r}") from None
-    if attempts < 1:
-        raise ValueError(f"AWS_MAX_ATTEMPTS must be >= 1, got {attempts}")
-    mode = os.environ.get("AWS_RETRY_MODE") or DEFAULT_S3_RETRY_MODE
-    if mode not in ("standard", "adaptive", "legacy"):
-        raise ValueError(f"AWS_RETRY_MODE must be standard, adaptive or legacy, got {mode!r}")
-    # total_max_attempts counts the first try, like AWS_MAX_ATTEMPTS (botocore's max_attempts would not).
-    return {"config_kwargs": {"retries": {"total_max_attempts": attempts, "mode": mode}}}
-
-
-def s3_endpoint(endpoint_url: str | None = None) -> str | None:
-    """The S3 endpoint to use: the one given (flag or config), else AWS_ENDPOINT_URL_S3 /
-    AWS_ENDPOINT_URL from the environment, else None (AWS itself)."""
-    return endpoint_url or next((os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), None)
-
-
-def storage_options_for(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    """fsspec options for `url`: for S3, the endpoint (flag, else AWS_ENDPOINT_URL[_S3] env) and the
-    retry policy (`s3_client_options`); nothing for other URLs."""
-    if fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
-        return {}
-    endpoint = s3_endpoint(endpoint_url)
-    return {**({"endpoint_url": endpoint} if endpoint else {}), **s3_client_options()}
-
-
-def redact(url: str) -> str:
-    """`url` without any `user:password@` part, for logs and summaries."""
-    return _USERINFO.sub("***@", url)
-
-
-def is_client_error(exc: BaseException) -> bool:
-    """An error of the S3 client stack that is not an OSError: botocore's NoCredentialsError,
-    EndpointConnectionError, ... (they mean "this store cannot be used", not a bug)."""
-    return type(exc).__module__.split(".", 1)[0] in ("botocore", "aiobotocore")
-
-
-def credentials_hint(exc: BaseException) -> str:
-    """Where credentials are looked for, appended to a "no credentials" error (never the values)."""
-    if type(exc).__name__ not in ("NoCredentialsError", "PartialCredentialsError"):
-        return ""
-    return (" (credentials come only from the environment or the AWS config: AWS_ACCESS_KEY_ID / "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)")
 
 
 def join(url: str, name: str) -> str:
@@ -136,7 +68,7 @@ def find_files(
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
     if not fs.isdir(root):
-        raise FileNotFoundError(f"not a directory: {redact(url)}")
+        raise FileNotFoundError(f"not a directory: {redact_url(url)}")
     found = []
     for path, info in fs.find(root, detail=True).items():
         if info.get("type") == "file" and path.lower().endswith(suffixes):
@@ -237,7 +169,7 @@ class Store:
         # info (HEAD bucket) rather than exists: s3fs's exists answers "no" to any failure, and an
         # outage must be reported as one, not as a missing bucket.
         bucket = root.split("/", 1)[0]
-        missing = FileNotFoundError(f"bucket of {redact(self.url)} does not exist or is not accessible")
+        missing = FileNotFoundError(f"bucket of {redact_url(self.url)} does not exist or is not accessible")
         try:
             fs.info(bucket)
         except FileNotFoundError:
@@ -246,11 +178,11 @@ class Store:
             if not fs.exists(bucket):
                 raise missing from None
         except OSError as exc:
-            raise OSError(f"cannot reach the bucket of {redact(self.url)}: {exc}") from exc
+            raise OSError(f"cannot reach the bucket of {redact_url(self.url)}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - botocore errors that are not OSErrors, named with the URL
             if not is_client_error(exc):
                 raise
-            raise OSError(f"cannot reach the bucket of {redact(self.url)}: {type(exc).__name__}: {exc}"
+            raise OSError(f"cannot reach the bucket of {redact_url(self.url)}: {type(exc).__name__}: {exc}"
                           f"{credentials_hint(exc)}") from exc
 
     def remove_stale_temps(self, belongs: Callable[[str], bool]) -> None:

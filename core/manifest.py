@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from preprocessing.storage import Store, join
+from core.storage import Store, join
 
 FORMAT = "mvit-shards/1"
 # Split names and sample keys become file and tar member names: no path can hide in them.

@@ -2,7 +2,8 @@
 
 Every rank writes its own shard files into a local directory and passes it to ``ray.train.report``;
 Ray merges the ranks' directories into one checkpoint directory in ``RunConfig.storage_path`` (local
-or S3) and keeps the N best/latest. DCP stores tensors by their global names and shapes, so a
+or S3) and keeps the latest N. ``CheckpointManager`` owns the cadence (epoch ends, every N steps) and
+the resume; ``retention`` the number kept. DCP stores tensors by their global names and shapes, so a
 checkpoint written by N workers loads on M workers (resharding on load).
 
 Layout of one checkpoint directory:
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -42,7 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from pipeline.models.convert import UnsafeCheckpoint, weights_only_error_detail
+from core.errors import UnsafeCheckpoint, weights_only_refusal
+
+log = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -67,6 +72,10 @@ class TrainState:
 
 # What DCP's own ``.metadata`` pickle refers to (torch 2.x): its metadata dataclasses, torch.Size, dtypes,
 # layouts (via torch.serialization._get_layout) and the checkpoint path. Nothing here runs code on load.
+# Private names (torch's ``_get_layout``, ``_MEM_FORMAT_ENCODING``, ``_StorageInfo``; Python 3.13's
+# ``pathlib._local``) are what the pickle itself names, so no public alias can stand in for them.
+# tests/test_private_apis.py saves a DCP checkpoint with the installed torch and fails if its metadata
+# names anything outside this set (docs/versions.md).
 _DCP_METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -96,6 +105,8 @@ class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose ``read_metadata`` refuses anything but DCP's metadata classes."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # Mirrors the stock read_metadata, with the unpickler swapped; _get_metadata_path is private
+        # (guarded by tests/test_private_apis.py).
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             try:
@@ -118,7 +129,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
             raise UnsafeCheckpoint(f"refused checkpoint value {read_item.dest_index.fqn!r}: "
-                                   f"{weights_only_error_detail(err)}") from None
+                                   f"{weights_only_refusal(err)}") from None
         super().load_bytes(read_item, io.BytesIO(_plain_bytes(obj)))
 
 
@@ -178,3 +189,71 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the unsharded model weights on CPU (on rank 0; other ranks get an empty dict)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+class IncompleteCheckpointDownload(OSError):
+    """A checkpoint's files are missing after Ray's per-node download: a consequence of a storage error
+    raised on another rank, which ``job.failure_summary`` reports instead."""
+
+
+def retention(keep: int) -> Any:
+    """``RunConfig(checkpoint_config=...)`` for the driver: Ray keeps the latest ``keep`` checkpoints in
+    storage and deletes older ones once a newer one is registered (never a partial one)."""
+    import ray.train
+
+    return ray.train.CheckpointConfig(num_to_keep=keep)
+
+
+class CheckpointManager:
+    """The worker side of checkpointing: when to write one (``due``), writing it through
+    ``ray.train.report`` (``report``) and resuming from the latest (``restore``). How many are kept is
+    decided with it, by ``retention`` on the driver.
+
+    Cadence: a checkpoint at the end of every epoch, and every ``every_steps`` optimiser steps inside
+    one when set (mid-epoch checkpoints carry the position in the epoch, so a restart loses at most
+    ``every_steps`` steps). ``ray.train.report`` is a barrier: every rank calls ``report`` together.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, every_steps: int = 0) -> None:
+        self.model, self.optimizer, self.every_steps = model, optimizer, every_steps
+
+    def due(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (just taken) ends with a mid-epoch checkpoint."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def restore(self, world_size: int) -> TrainState | None:
+        """Collective: loads the latest checkpoint of this job into the model and optimiser (any world
+        size); None when the job starts fresh."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            try:
+                state = load_checkpoint(directory, self.model, self.optimizer)
+            except FileNotFoundError as err:
+                # Ray downloads a remote checkpoint once per node into a shared folder; when that download
+                # fails, the rank that ran it raises the storage error and the others find the folder
+                # incomplete. Registered checkpoints in storage are complete, so say what happened.
+                storage = getattr(checkpoint.filesystem, "type_name", "remote").upper()
+                raise IncompleteCheckpointDownload(
+                    f"checkpoint {checkpoint.path} arrived incomplete on this node: its download from {storage} "
+                    f"storage failed (the storage error is on the rank that downloaded it): {err}") from None
+        log.info("rank %d resumed at epoch %d, step %d, sample %d of the epoch (checkpoint written by %d workers)",
+                 _rank(), state.epoch, state.step, state.samples_in_epoch, state.world_size)
+        state.world_size = world_size
+        return state
+
+    def report(self, metrics: dict[str, float], state: TrainState, with_checkpoint: bool) -> None:
+        """``ray.train.report`` on every rank (a barrier), with a DCP checkpoint of this rank's shards."""
+        import ray.train
+
+        metrics = {**metrics, "epoch": state.epoch, "step": state.step}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="mvit-ckpt-") as tmp:
+            save_checkpoint(tmp, self.model, self.optimizer, state)
+            name = f"checkpoint_epoch{state.epoch:04d}_step{state.step:08d}"
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.errors import one_line
+from core.redact import redact_value
+from core.s3 import pyarrow_target, storage_options_for
 from pipeline.config import (
     ConfigError,
     ExperimentConfig,
@@ -24,10 +27,10 @@ from pipeline.config import (
     to_container,
     to_redacted_yaml,
 )
-from pipeline.tracking import config_hash, git_commit, redact_value, resolve_uri
-from preprocessing.storage import storage_options_for
+from pipeline.tracking import config_hash, git_commit, resolve_uri
+from pipeline.trainer.spec import JobSpec
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger("pipeline.trainer")
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,14 @@ class DatasetInfo:
     classes: list[str]
     manifests: dict[str, str]  # split -> manifest JSON text
     hashes: dict[str, str]  # split -> sha256 of the manifest
+    samples: dict[str, int]  # split -> samples
+    shards: dict[str, int]  # split -> shards
 
 
 def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
-    from preprocessing.manifest import load_manifest
+    from core.manifest import load_manifest
 
-    manifests, hashes, classes = {}, {}, None
+    manifests, hashes, samples, shards, classes = {}, {}, {}, {}, None
     for split in (cfg.data.train_split, cfg.data.val_split):
         try:
             manifest = load_manifest(cfg.data.root, split, cfg.data.storage_options())
@@ -50,19 +55,14 @@ def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
                               "data.root") from None
         except Exception as err:  # noqa: BLE001 - no credentials, endpoint down, access denied: stop here
             raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: cannot read the {split!r} manifest: "
-                              f"{_one_line(err)}") from None
+                              f"{one_line(err)}") from None
         text = manifest.to_json()
         manifests[split], hashes[split] = text, hashlib.sha256(text.encode()).hexdigest()
+        samples[split], shards[split] = manifest.num_samples, len(manifest.shards)
         if classes is not None and manifest.classes != classes:
             raise ConfigError(f"splits {cfg.data.train_split!r} and {split!r} have different class lists")
         classes = manifest.classes
-    return DatasetInfo(list(classes or []), manifests, hashes)
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: message`` on one line with secrets scrubbed, for errors raised by storage clients."""
-    text = redact_value(" ".join(str(err).split())) or "no detail"
-    return f"{type(err).__name__}: {text[:300]}"
+    return DatasetInfo(list(classes or []), manifests, hashes, samples, shards)
 
 
 # The check before the job starts asks once more on a failure, not the job's ten times with backoff:
@@ -77,21 +77,19 @@ def check_storage(cfg: ExperimentConfig) -> None:
 
     Ray Train would only find out when it first writes there (after the workers started and, for S3,
     after its retries); this checks the same place, through the same kind of pyarrow filesystem the job
-    uses (``pipeline.train.storage.storage_target``) with few attempts and a short timeout.
+    uses (``core.s3.pyarrow_target``) with few attempts and a short timeout.
     """
-    from pipeline.train.storage import storage_target
-
     shown = redact_value(cfg.trainer.storage_path)
     try:
-        path, fs = storage_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url, max_attempts=_CHECK_ATTEMPTS,
+        path, fs = pyarrow_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url, max_attempts=_CHECK_ATTEMPTS,
                                   request_timeout_s=_CHECK_REQUEST_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 - e.g. an endpoint URL pyarrow cannot use
-        raise ConfigError(f"trainer.storage_path={shown!r}: storage not usable: {_one_line(err)}") from None
+        raise ConfigError(f"trainer.storage_path={shown!r}: storage not usable: {one_line(err)}") from None
     if fs is None and "://" not in path:
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"trainer.storage_path={shown!r}: cannot create the folder: {_one_line(err)}") from None
+            raise ConfigError(f"trainer.storage_path={shown!r}: cannot create the folder: {one_line(err)}") from None
         return
     try:
         import pyarrow.fs
@@ -102,19 +100,17 @@ def check_storage(cfg: ExperimentConfig) -> None:
         bucket = root.strip("/").split("/", 1)[0]
         info = fs.get_file_info(bucket)
     except Exception as err:  # noqa: BLE001 - any failure here means Ray could not write checkpoints there
-        raise ConfigError(f"trainer.storage_path={shown!r}: storage not reachable: {_one_line(err)}") from None
+        raise ConfigError(f"trainer.storage_path={shown!r}: storage not reachable: {one_line(err)}") from None
     if info.type == pyarrow.fs.FileType.NotFound:
         raise ConfigError(f"trainer.storage_path={shown!r}: bucket {bucket!r} does not exist or is not accessible")
 
 
 def _storage(cfg: ExperimentConfig) -> tuple[str, Any]:
-    """``RunConfig.storage_path`` and filesystem (S3 requests retried and bounded: see storage.py)."""
-    from pipeline.train.storage import storage_target
-
-    return storage_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url)
+    """``RunConfig.storage_path`` and filesystem (S3 requests retried and bounded: see ``core.s3``)."""
+    return pyarrow_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url)
 
 
-def job_description(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storage_path: str) -> dict[str, Any]:
+def job_spec(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storage_path: str) -> JobSpec:
     """What every worker needs besides the config: tracking target, tags, texts to log as artifacts."""
     import ray
     import torch
@@ -129,21 +125,20 @@ def job_description(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str,
         "torch_version": torch.__version__,
         "model_preset": cfg.model.preset,
     }
-    job_key = hashlib.sha256(f"{cfg.name}\0{storage_path}".encode()).hexdigest()[:16]
     export_dir = f"{storage_path.rstrip('/')}/{cfg.name}/final_model"
-    return {
-        "tracking_uri": tracking_uri,
-        "params": resolved,
-        "tags": tags,
-        "job_key": job_key,
-        "classes": data.classes,
-        "texts": {
+    return JobSpec(
+        experiment=resolved,
+        tracking_uri=tracking_uri,
+        job_key=hashlib.sha256(f"{cfg.name}\0{storage_path}".encode()).hexdigest()[:16],
+        classes=data.classes,
+        tags=tags,
+        texts={
             "config/resolved_config.yaml": to_redacted_yaml(cfg),
             **{f"data/{split}.manifest.json": text for split, text in data.manifests.items()},
         },
-        "export_dir": export_dir,
-        "storage_options": storage_options_for(export_dir, cfg.data.s3_endpoint_url),
-    }
+        export_dir=export_dir,
+        export_storage_options=storage_options_for(export_dir, cfg.data.s3_endpoint_url),
+    )
 
 
 def run(cfg: ExperimentConfig) -> Any:
@@ -152,8 +147,9 @@ def run(cfg: ExperimentConfig) -> Any:
     from ray.train.torch import TorchTrainer
 
     from pipeline.data import build_datasets, ray_train_data_config
-    from pipeline.train.distributed import LoopbackTorchConfig
-    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.trainer.checkpoint import retention
+    from pipeline.trainer.distributed import LoopbackTorchConfig
+    from pipeline.trainer.loop import train_loop_per_worker
 
     data = describe_data(cfg)
     if cfg.model.num_classes is None:
@@ -172,24 +168,23 @@ def run(cfg: ExperimentConfig) -> Any:
     check_storage(cfg)
     default_tracking_dir = storage_path if storage_fs is None and "://" not in storage_path else "~/.mvit"
     tracking_uri = resolve_uri(cfg.tracking, default_tracking_dir)
-    job = job_description(cfg, data, tracking_uri, cfg.trainer.storage_path if storage_fs else storage_path)
+    job = job_spec(cfg, data, tracking_uri, cfg.trainer.storage_path if storage_fs else storage_path)
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # plain `python pipeline/train.py`: a local Ray on loopback
-            from pipeline.local_cluster import keep_ray_on_loopback
+            from core.loopback import keep_ray_on_loopback
 
             keep_ray_on_loopback()  # every Ray port on 127.0.0.1 (Ray would also listen on other interfaces)
             # Logical CPUs, not cores: the train worker, the decoder actors and Ray Data's read and
             # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, 4))
+            ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4))
     reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
     datasets = build_datasets(cfg.data, reserved_gpus=reserved)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_container(cfg), "job": job},
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -203,13 +198,13 @@ def run(cfg: ExperimentConfig) -> Any:
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_checkpoints_to_keep),
+            checkpoint_config=retention(cfg.trainer.num_checkpoints_to_keep),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.trainer.ray_train_log_level),
         ),
         datasets=datasets,
         dataset_config=ray_train_data_config(cfg.data),
     )
-    log.info("training %s (%s) on %d %s worker(s); tracking at %s", cfg.name, cfg.model.preset,
-             cfg.trainer.num_workers, "GPU" if cfg.trainer.use_gpu else "CPU", redact_value(tracking_uri))
+    log.info(start_line(cfg, model_cfg, data, tracking_uri))
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray Train wraps every cause; summarised for the user below
@@ -217,6 +212,20 @@ def run(cfg: ExperimentConfig) -> Any:
     if result.error is not None:
         raise JobFailed(failure_summary(cfg, result.error))
     return result, job
+
+
+def start_line(cfg: ExperimentConfig, model_cfg: Any, data: DatasetInfo, tracking_uri: str) -> str:
+    """The job's first line: what trains on what, and where it is tracked."""
+    from pipeline.models.flops import model_stats
+
+    stats = model_stats(model_cfg)  # on the meta device: no memory, no real compute
+    t, v = cfg.data.train_split, cfg.data.val_split
+    return (f"training {cfg.name}: {cfg.model.preset} {model_cfg.num_frames}x{model_cfg.crop_size}^2, "
+            f"{stats.params_m:.2f}M params, {stats.gflops:.2f} GFLOPs/view | world size {cfg.trainer.num_workers} "
+            f"({'GPU' if cfg.trainer.use_gpu else 'CPU'}), global batch {cfg.global_batch_size} | {t} "
+            f"{data.samples[t]} samples in {data.shards[t]} shards, {v} {data.samples[v]} in {data.shards[v]}, "
+            f"{len(data.classes)} classes | {cfg.trainer.epochs} epochs | MLflow {redact_value(tracking_uri)} "
+            f"(experiment {cfg.tracking.experiment!r})")
 
 
 class JobFailed(RuntimeError):
@@ -297,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
           f"view top-1 {metrics.get('val/view_top1', float('nan')):.1f}%")
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
-    print(f"final model: {job['export_dir']}")
-    print(f"MLflow: mlflow ui --backend-store-uri '{redact_value(job['tracking_uri'])}'  (experiment "
+    print(f"final model: {job.export_dir}")
+    print(f"MLflow: mlflow ui --backend-store-uri '{redact_value(job.tracking_uri)}'  (experiment "
           f"{cfg.tracking.experiment!r}); compare runs: python -m pipeline.compare --experiment "
-          f"{cfg.tracking.experiment} --tracking-uri '{redact_value(job['tracking_uri'])}'")
+          f"{cfg.tracking.experiment} --tracking-uri '{redact_value(job.tracking_uri)}'")
     return 0

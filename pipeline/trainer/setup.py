@@ -6,7 +6,6 @@ same sharded model the job builds without going through Ray.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from pipeline.models.mvit import MViT
-from pipeline.train.parallelize import FSDPSettings, apply_fsdp
-
-log = logging.getLogger(__name__)
+from pipeline.trainer.parallelize import FSDPSettings, ParallelSettings, parallelize
 
 
 @dataclass(frozen=True)
@@ -53,16 +50,10 @@ def param_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def prepare_model(model: MViT, ctx: WorkerContext, precision: str, activation_checkpointing: bool,
                   compile_model: bool) -> torch.nn.Module:
-    """Moves, shards (FSDP2 per block, when distributed) and optionally compiles the model."""
-    model.set_grad_checkpointing(activation_checkpointing)
+    """The model on this worker's device, parallelized (``parallelize.parallelize``: AC, compile, FSDP2
+    over all ranks when distributed)."""
     model.to(ctx.device)
-    if dist.is_initialized():
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        apply_fsdp(model, mesh, FSDPSettings(param_dtype=param_dtype(precision, ctx.device)))
-        log.info("FSDP2: %d blocks + root sharded over %d %s ranks", len(model.blocks), ctx.world_size, ctx.device.type)
-    if compile_model:
-        # Compile each block in place (names unchanged, so checkpoints stay portable), not the whole
-        # model: FSDP2's per-block hooks stay at block boundaries, as torchtitan combines the two.
-        for block in model.blocks:
-            block.compile()
-    return model
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,)) if dist.is_initialized() else None
+    settings = ParallelSettings(activation_checkpointing=activation_checkpointing, compile=compile_model,
+                                fsdp=FSDPSettings(param_dtype=param_dtype(precision, ctx.device)))
+    return parallelize(model, mesh, settings)

@@ -1,0 +1,11 @@
+"""The torch-free base that ``preprocessing`` and ``pipeline`` share, one copy of each concern:
+
+- ``storage``   fsspec URLs and the atomic ``Store`` every shard, manifest and artifact goes through
+- ``s3``        the S3 endpoint resolution and the one retry policy, for s3fs and for pyarrow
+- ``manifest``  the shard-set contract (names, manifest schema, key digests)
+- ``redact``    secrets out of URLs, values and mappings before they reach a log, MLflow or a file
+- ``errors``    one-line error text and the error types both sides raise (config, unsafe checkpoints)
+- ``loopback``  the switch that keeps a local Ray on 127.0.0.1
+
+Nothing here imports torch, and nothing imports ``pipeline`` or ``preprocessing``: layers point down.
+"""

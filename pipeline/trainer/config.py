@@ -1,0 +1,83 @@
+"""The trainer's sections of an experiment config: ``trainer:`` (cluster shape, cadence, storage) and
+``optim:`` (AdamW and its schedule). Plain dataclasses with no torch, so the experiment schema
+(``pipeline.config``) can be loaded and checked on a machine, or in a process, that never trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.6e-3  # at reference_batch_size; scaled linearly with the global batch
+    reference_batch_size: int = 512
+    min_lr: float = 1.6e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 30.0
+    clip_grad_norm: float | None = 1.0  # None disables clipping
+
+    def __post_init__(self) -> None:
+        """Raises ``ConfigError`` keyed ``optim.*``: ``load_config`` names the source of that key."""
+        if not self.lr > 0:
+            raise ConfigError("must be > 0", "optim.lr", self.lr)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"must be in [0, optim.lr={self.lr}]", "optim.min_lr", self.min_lr, related=("optim.lr",))
+        if self.reference_batch_size < 1:
+            raise ConfigError("must be >= 1", "optim.reference_batch_size", self.reference_batch_size)
+        for name in ("warmup_epochs", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError("must be >= 0", f"optim.{name}", getattr(self, name))
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("must both be in [0, 1)", "optim.betas", list(self.betas))
+        if not self.eps > 0:
+            raise ConfigError("must be > 0", "optim.eps", self.eps)
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError("must be > 0 (or null for no clipping)", "optim.clip_grad_norm", self.clip_grad_norm)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    grad_accum_steps: int = 1  # micro-batches (of data.batch_size rows) per optimiser step
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only with use_gpu
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every_epochs: int = 1
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = only at epoch end)
+    num_checkpoints_to_keep: int = 2
+    storage_path: str = "runs"  # local dir or s3://bucket/prefix (RunConfig.storage_path)
+    max_failures: int = 0  # automatic restarts from the latest checkpoint
+    max_steps_per_epoch: int = 0  # cap for smoke runs (0 = the whole epoch)
+    # Ray Train's own log lines (worker-group start, every report, every checkpoint): WARNING keeps its
+    # warnings and failures; INFO or DEBUG to see everything it does.
+    ray_train_log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        """Raises ``ConfigError`` keyed ``trainer.*``: ``load_config`` names the source of that key."""
+        for name in ("epochs", "grad_accum_steps", "num_workers", "eval_every_epochs",
+                     "num_checkpoints_to_keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", f"trainer.{name}", getattr(self, name))
+        for name in ("checkpoint_every_steps", "max_failures", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ConfigError("must be >= 0", f"trainer.{name}", getattr(self, name))
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError("must be auto, fp32 or bf16", "trainer.precision", self.precision)
+        if not self.cpus_per_worker > 0:
+            raise ConfigError("must be > 0", "trainer.cpus_per_worker", self.cpus_per_worker)
+        if self.use_gpu and not self.gpus_per_worker > 0:
+            raise ConfigError("must be > 0 with use_gpu", "trainer.gpus_per_worker", self.gpus_per_worker)
+        if not self.storage_path.strip():
+            raise ConfigError("must name a folder or s3:// URL", "trainer.storage_path", self.storage_path)
+        if self.ray_train_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL", "trainer.ray_train_log_level",
+                              self.ray_train_log_level)

@@ -1,0 +1,29 @@
+"""What the driver hands every Ray Train worker: the ``JobSpec``.
+
+It is decided once, on the driver (which checked the config and read the manifests), and travels to
+the workers in ``train_loop_config``, so no worker re-reads a manifest or re-resolves a URI, and every
+rank of every restart works from the same facts. Plain values only: it is pickled by Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    experiment: dict[str, Any]  # the resolved ExperimentConfig as plain values (``pipeline.config.to_container``)
+    tracking_uri: str  # MLflow: tracking.tracking_uri, else MLFLOW_TRACKING_URI, else a SQLite file in storage
+    job_key: str  # identifies the job (name + storage) across restarts and resubmissions: one MLflow run
+    classes: list[str]  # class names, from the shard set's manifest (index = label)
+    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags: commit, hashes, versions, preset
+    texts: dict[str, str] = field(default_factory=dict)  # MLflow artifact path -> text (config, manifests)
+    export_dir: str = ""  # where the final model is copied (storage_path/NAME/final_model)
+    export_storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for export_dir
+
+    def config(self) -> Any:
+        """The typed ``ExperimentConfig`` again, built (and validated) in the worker."""
+        from pipeline.config import from_container
+
+        return from_container(self.experiment)
