@@ -121,6 +121,7 @@ class Trainer:
         self.val_data = ShardLoader.for_train_worker("val", self.ctx.device, cfg.data.prefetch_batches)
         self.tracker = Tracker(cfg.tracking, job.tracking_uri, enabled=self.ctx.is_main)
         self.progress = EpochProgress(cfg.trainer.epochs, enabled=self.ctx.is_main)
+        self.epoch_meter = Meter()  # the last trained epoch's figures (rank-averaged), for its progress line
         self.mean, self.std = cfg.data.augment.mean, cfg.data.augment.std
 
     # -- setup -----------------------------------------------------------------------------------
@@ -211,11 +212,10 @@ class Trainer:
     def _log_window(self, window: Meter, whole: Meter, lr: float | None) -> None:
         """Collective: the window's figures averaged over ranks, logged per step (when ``lr`` is given),
         and added to the epoch's."""
-        loss_sum, rows, wait, busy = _all_reduce_mean([window.loss, window.rows, window.wait, window.busy], self.ctx)
-        whole.add(Meter(loss_sum, rows, wait, busy))
+        averaged = Meter(*_all_reduce_mean([window.loss, window.rows, window.wait, window.busy], self.ctx))
+        whole.add(averaged)
         if lr is not None:
-            self.tracker.log_metrics(Meter(loss_sum, rows, wait, busy).metrics("train/", self.ctx.world_size, lr),
-                                     step=self.state.step)
+            self.tracker.log_metrics(averaged.metrics("train/", self.ctx.world_size, lr), step=self.state.step)
         window.reset()
 
     # -- evaluate --------------------------------------------------------------------------------

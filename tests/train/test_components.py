@@ -135,3 +135,31 @@ def test_epoch_identity_check_catches_a_duplicate_that_hides_a_loss() -> None:
                    expected_digest=split),  # a shard broke off: the missing sample's key is unknown
     ]  # fmt: skip
     assert [check_epoch_identity(stats, "epoch 3") for stats in unknown] == [False] * 4
+
+
+def test_epoch_line_carries_every_figure_and_mlflow_gets_the_timing() -> None:
+    from pipeline.trainer.progress import EpochProgress, Meter, format_epoch_line
+
+    meter = Meter(loss=12.0, rows=8.0, wait=1.0, busy=3.0)  # rank-averaged sums of one epoch
+    figures = meter.metrics("train/epoch_", world_size=2, lr=None)
+    assert figures == {"train/epoch_loss": 1.5, "train/epoch_clips_per_s": 4.0, "train/epoch_data_wait_fraction": 0.25}
+    line = format_epoch_line(3, 10, {**figures, "val/video_top1": 87.5, "val/video_top5": 100.0}, 7.52e-4,
+                             elapsed=82.0, eta=123.0)
+    assert line == ("epoch 4/10 | loss 1.5000 | lr 7.52e-04 | 4.0 clips/s | data wait 25% | "
+                    "val top-1 87.5% top-5 100.0% | elapsed 1:22, ETA 2:03")
+    assert "val top-1" not in format_epoch_line(0, 10, figures, 1e-3, 1.0, 9.0)  # an epoch without evaluation
+
+    progress = EpochProgress(epochs=10, enabled=False)
+    progress.start(first_epoch=4)  # a job resumed at epoch 4: its ETA counts from the resume
+    progress.started -= 30.0  # two epochs of 15 s
+    timing = progress.epoch_done(5, figures, 1e-3)
+    assert timing["time/elapsed_s"] == pytest.approx(30.0, abs=1.0)
+    assert timing["time/eta_s"] == pytest.approx(15.0 * 4, abs=2.0)
+
+
+def test_checkpoint_cadence_is_every_n_steps_or_only_epoch_ends() -> None:
+    from pipeline.trainer.checkpoint import CheckpointManager
+
+    every_3 = CheckpointManager(torch.nn.Linear(1, 1), None, every_steps=3)  # type: ignore[arg-type]
+    assert [s for s in range(1, 10) if every_3.due(s)] == [3, 6, 9]
+    assert not any(CheckpointManager(torch.nn.Linear(1, 1), None).due(s) for s in range(1, 10))  # type: ignore[arg-type]
