@@ -115,7 +115,7 @@ REGISTRY = {
         "tests/reliability/test_security.py -k local_ray_cluster",
     ),
     "ray-job-agent-not-ready-text": PrivateApi(
-        '"No available agent to submit job" (dashboard reply text)', "ray", ("pipeline/local_cluster.py",),
+        '"No available agent to submit job" (dashboard reply text)', "ray", ("pipeline/local_cluster.py", "pipeline/netns_cluster.py"),
         "_AGENT_NOT_READY",
         "find the reply ray job submit gets while the head's job agent is not registered yet and update "
         "_AGENT_NOT_READY, then run scripts/demo.sh or tests/train/test_submit.py",

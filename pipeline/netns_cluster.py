@@ -1,0 +1,605 @@
+"""A multi-node Ray cluster on one machine: one Linux network namespace per node, for tests and for people.
+
+The shape of the KubeRay RayJob (k8s/base/ray-train.yaml) on one machine: a head that runs no tasks
+(``--num-cpus 0``) and serves the dashboard, a GPU-worker group (worker 1 advertises ``mvit_gpu_node``,
+the custom resource the job's driver is placed with) and a CPU-worker group (the other workers advertise
+``mvit_cpu_node``, a marker this cluster adds: the manifests' cpu-workers advertise no custom resource),
+one CPU each, no GPUs. Token auth is on, as in local_cluster (a random token in a 0600 file, every Ray
+process and client gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``).
+
+Everything lives inside namespaces this module creates, named ``mvnc-XXXXXX-*`` (a fresh prefix per
+cluster): a bridge namespace holding the Linux bridge, one namespace per node (head, w1..wN) and a client
+namespace, each joined to the bridge by a veth pair created directly inside the namespaces, on the
+private network ``10.213.0.0/24`` that exists only there. The machine's own namespace gets no address,
+link or route on it, and the namespaces have no route anywhere else: nothing a node opens (even on
+0.0.0.0) is reachable from outside, and nothing in them can reach out. Clients (``ray job submit``,
+``ray status``, drivers) run in the client namespace (``exec``). Each node runs in its own PID
+namespace with its own /proc and its own ``--temp-dir``, so Ray, which finds "its" local raylet by
+scanning processes, sees only its node, as on separate machines; nodes never use core/loopback.py's
+single-machine mode (it forbids other nodes joining).
+
+    python -m pipeline.netns_cluster start --workers 2       # or scripts/netns-cluster start
+    python -m pipeline.netns_cluster status
+    python -m pipeline.netns_cluster exec -- ray status
+    python -m pipeline.netns_cluster exec -- ray job submit --working-dir . -- python pipeline/train.py ...
+    python -m pipeline.netns_cluster stop                     # every process by pid, then the namespaces
+
+Needs root (network namespaces, veth links, a bridge), iproute2's ``ip`` and util-linux's ``unshare``.
+The state (names, addresses, pids, token path, dashboard URL) is a JSON file (``--state``, default
+``.ray_netns_cluster.json`` in the checkout), so ``stop``/``status``/``exec`` work from any process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from core.loopback import LOOPBACK_ENV
+from pipeline.local_cluster import _AGENT_NOT_READY, REPO_ROOT, auth_env, ensure_token, ray_executable
+
+DEFAULT_STATE_FILE = REPO_ROOT / ".ray_netns_cluster.json"
+STATE_ENV = "MVIT_NETNS_STATE"  # overrides the default state file
+NAME_PREFIX = "mvnc-"  # every namespace of every such cluster: mvnc-<6 hex>-<role>
+_PREFIX_RE = re.compile(r"^mvnc-[0-9a-f]{6}$")
+SUBNET = "10.213.0"  # the /24 that exists only inside a cluster's namespaces (each cluster has its own bridge)
+HEAD_HOST, CLIENT_HOST, MAX_WORKERS = 1, 254, 200  # head .1, worker i .(1+i), client .254
+GCS_PORT, DASHBOARD_PORT, AGENT_PORT, CLIENT_SERVER_PORT = 6379, 8265, 52365, 10001  # Ray's defaults
+GPU_GROUP, GPU_RESOURCE = "gpu-workers", "mvit_gpu_node"  # k8s/base/ray-train.yaml's GPU worker group
+CPU_GROUP, CPU_RESOURCE = "cpu-workers", "mvit_cpu_node"  # ... and its CPU group (resource: ours)
+# The cluster's files: token, logs, each node's Ray temp dir. Short on purpose: Ray's Unix sockets live
+# under <temp dir>/session_<date>_<pid>/sockets/ and a socket path may not exceed 107 bytes.
+RUN_ROOT = Path("/tmp")
+# Inherited settings that would point a node or client at another cluster or token, or put a node in
+# single-machine mode (which refuses other nodes).
+_DROPPED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
+                *LOOPBACK_ENV)
+
+
+class NetnsError(RuntimeError):
+    """The namespace cluster cannot be built or used; the message is one line."""
+
+
+@dataclass
+class Node:
+    """One namespace of the cluster: a Ray node (head, worker) or the client namespace."""
+
+    name: str  # head, w1, w2, ..., client
+    namespace: str
+    ip: str
+    group: str  # head, gpu-workers, cpu-workers, client
+    num_cpus: int = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    pid: int | None = None  # the node's `ray start --block` (inside `unshare`); None: not started / client
+    temp_dir: str | None = None  # its Ray --temp-dir
+    log: str | None = None  # stdout/stderr of its `ray start`
+
+
+@dataclass
+class NetnsCluster:
+    """A Ray head and N workers, each in its own network namespace on a private bridge; see the module doc."""
+
+    prefix: str  # mvnc-<6 hex>
+    run_dir: Path  # token, logs, the nodes' Ray temp dirs
+    token_file: Path
+    state_file: Path
+    nodes: list[Node]  # head first, then w1..wN
+    client: Node
+    status: str = "starting"  # starting (possibly half-built) | running
+    _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def bridge_namespace(self) -> str:
+        return f"{self.prefix}-br"
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace of the cluster, the bridge's last (what the others hang on)."""
+        return [n.namespace for n in (*self.nodes, self.client)] + [self.bridge_namespace]
+
+    @property
+    def head(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def workers(self) -> list[Node]:
+        return self.nodes[1:]
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.head.ip}:{GCS_PORT}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.head.ip}:{DASHBOARD_PORT}"
+
+    # ---- clients -------------------------------------------------------------------------------------
+
+    def client_env(self, auth: bool = True) -> dict[str, str]:
+        """Environment of a client in the client namespace: ``ray status`` and ``ray.init`` read RAY_ADDRESS
+        (the GCS), ``ray job ...`` RAY_API_SERVER_ADDRESS (the dashboard); the token unless ``auth=False``."""
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+        env.update(PATH=_venv_path(), RAY_ADDRESS=self.gcs_address, RAY_API_SERVER_ADDRESS=self.dashboard_url)
+        if auth:
+            env.update(auth_env(self.token_file))
+        return env
+
+    def exec(self, cmd: Sequence[str], *, auth: bool = True, env: dict[str, str] | None = None,
+             **kwargs) -> subprocess.CompletedProcess:
+        """Runs ``cmd`` in the client namespace (``subprocess.run`` keyword arguments pass through)."""
+        full_env = {**self.client_env(auth), **(env or {})}
+        return subprocess.run(["ip", "netns", "exec", self.client.namespace, *cmd], env=full_env, **kwargs)
+
+    def submit(self, entrypoint: Sequence[str], working_dir: Path = REPO_ROOT, extra_args: Sequence[str] = (),
+               timeout: float | None = None, attempts: int = 10) -> subprocess.CompletedProcess:
+        """``ray job submit`` from the client namespace (waits for the job); returns it with its output.
+
+        Retried while the dashboard answers that its job agent is not registered yet (no job was created)."""
+        cmd = [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
+               *extra_args, "--", *entrypoint]
+        for attempt in range(1, attempts + 1):
+            done = self.exec(cmd, capture_output=True, text=True, timeout=timeout)
+            if done.returncode == 0 or _AGENT_NOT_READY not in done.stdout + done.stderr or attempt == attempts:
+                return done
+            time.sleep(3)
+        raise AssertionError("unreachable")
+
+    def probe(self, timeout_s: float = 20.0) -> dict:
+        """What the head's dashboard says, asked from the client namespace: ``{"nodes": [...] | None,
+        "agent": bool, "error": str | None}``; each node as Ray's state API lists it (node_id, node_ip,
+        is_head_node, state, resources_total)."""
+        cmd = [sys.executable, "-m", "pipeline.netns_cluster", "_probe", "--dashboard", self.dashboard_url,
+               "--agent", f"{self.head.ip}:{AGENT_PORT}"]
+        try:
+            done = subprocess.run(["ip", "netns", "exec", self.client.namespace, *cmd], cwd=REPO_ROOT,
+                                  env=self.client_env(), capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"nodes": None, "agent": False, "error": f"no answer within {timeout_s}s"}
+        if done.returncode != 0:
+            return {"nodes": None, "agent": False, "error": _last_line(done.stderr) or f"probe exited {done.returncode}"}
+        lines = done.stdout.strip().splitlines()
+        return json.loads(lines[-1]) if lines else {"nodes": None, "agent": False, "error": "probe printed nothing"}
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.probe().get("nodes") or [] if n.get("state") == "ALIVE"]
+
+    # ---- state ---------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {"prefix": self.prefix, "status": self.status, "run_dir": str(self.run_dir),
+                "token_file": str(self.token_file), "state_file": str(self.state_file),
+                "subnet": f"{SUBNET}.0/24", "bridge_namespace": self.bridge_namespace,
+                "gcs_address": self.gcs_address, "dashboard_url": self.dashboard_url,
+                "nodes": [asdict(n) for n in self.nodes], "client": asdict(self.client)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NetnsCluster:
+        return cls(prefix=data["prefix"], run_dir=Path(data["run_dir"]), token_file=Path(data["token_file"]),
+                   state_file=Path(data["state_file"]), nodes=[Node(**n) for n in data["nodes"]],
+                   client=Node(**data["client"]), status=data.get("status", "starting"))
+
+    def save(self) -> None:
+        """Writes the state file atomically (a reader never sees half of it)."""
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, self.state_file)
+
+    # ---- building ------------------------------------------------------------------------------------
+
+    def build_network(self) -> None:
+        """Bridge namespace with bridge ``br0``; each node's and the client's namespace joined to it by a veth
+        pair (``v-<name>`` on the bridge, ``eth0`` inside) created directly inside the namespaces, so the
+        machine's own namespace never holds a link of the cluster. Saves the state before each step."""
+        self.save()
+        br = self.bridge_namespace
+        _add_namespace(br)
+        _ip("-n", br, "link", "add", "br0", "type", "bridge")
+        _ip("-n", br, "link", "set", "br0", "up")
+        for node in (*self.nodes, self.client):
+            _add_namespace(node.namespace)
+            _ip("-n", node.namespace, "link", "set", "lo", "up")
+            port = f"v-{node.name}"
+            _ip("-n", br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", node.namespace)
+            _ip("-n", br, "link", "set", port, "master", "br0", "up")
+            _ip("-n", node.namespace, "addr", "add", f"{node.ip}/24", "dev", "eth0")
+            _ip("-n", node.namespace, "link", "set", "eth0", "up")
+
+    def start_node(self, node: Node, object_store_mb: int) -> None:
+        """``ray start --block`` for ``node`` inside its network namespace and a fresh PID namespace (own /proc)."""
+        node.temp_dir = str(self.run_dir / node.name)
+        node.log = str(self.run_dir / f"{node.name}.log")
+        Path(node.temp_dir).mkdir(parents=True, exist_ok=True)
+        cmd = [ray_executable(), "start", "--node-ip-address", node.ip, "--num-cpus", str(node.num_cpus),
+               "--num-gpus", "0", "--object-store-memory", str(object_store_mb * 2**20), "--temp-dir", node.temp_dir,
+               "--dashboard-agent-listen-port", str(AGENT_PORT), "--disable-usage-stats", "--block"]
+        if node is self.head:
+            cmd += ["--head", "--port", str(GCS_PORT), "--dashboard-host", node.ip, "--dashboard-port",
+                    str(DASHBOARD_PORT), "--ray-client-server-port", str(CLIENT_SERVER_PORT)]
+        else:
+            cmd += ["--address", self.gcs_address]
+        if node.resources:
+            cmd += ["--resources", json.dumps(node.resources)]
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+        # job entrypoints say `python`: this interpreter (the venv) comes first on every node's PATH
+        env.update(auth_env(self.token_file), PATH=_venv_path(), RAY_USAGE_STATS_ENABLED="0")
+        wrapped = ["ip", "netns", "exec", node.namespace, "unshare", "--pid", "--fork", "--mount-proc", *cmd]
+        with open(node.log, "w") as log:
+            proc = subprocess.Popen(wrapped, env=env, cwd=node.temp_dir, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs[node.name] = proc
+        node.pid = proc.pid
+        self.save()
+
+    def wait_ready(self, count: int, timeout_s: float, need_agent: bool = False) -> list[dict]:
+        """Waits until ``count`` nodes are alive (and the head's job agent listens); fails early, with the log's
+        tail, when a node's ``ray start`` exits."""
+        deadline = time.monotonic() + timeout_s
+        last: dict = {}
+        while time.monotonic() < deadline:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    node = next(n for n in self.nodes if n.name == name)
+                    tail = Path(node.log).read_text()[-2000:] if node.log and Path(node.log).exists() else ""
+                    raise NetnsError(f"ray start on {name} ({node.ip}) exited with {proc.returncode}; log {node.log}:\n"
+                                     f"{tail}")
+            last = self.probe()
+            alive = [n for n in last.get("nodes") or [] if n.get("state") == "ALIVE"]
+            if len(alive) >= count and (last.get("agent") or not need_agent):
+                return alive
+            time.sleep(1.0)
+        raise NetnsError(f"the cluster {self.prefix} did not have {count} alive nodes within {timeout_s:.0f}s "
+                         f"(last answer: {last.get('error') or len(last.get('nodes') or [])} nodes); logs in {self.run_dir}")
+
+    # ---- stopping ------------------------------------------------------------------------------------
+
+    def stop(self, grace_s: float = 10.0, keep_files: bool = False) -> None:
+        """Kills every process in the cluster's namespaces (SIGTERM, SIGKILL after ``grace_s``), deletes the
+        namespaces (and with them their links), then the run dir and the state file. Works on a half-built
+        cluster too, and is a no-op for what is already gone."""
+        teardown(self.namespaces, grace_s)
+        for proc in self._procs.values():  # reap our own children (no zombies left behind)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._procs.clear()
+        if not keep_files:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.state_file.unlink(missing_ok=True)
+        self.status = "stopped"
+
+    def leftovers(self) -> dict[str, list]:
+        """What of this cluster still exists: its namespaces, links in the machine's namespace named after it,
+        and its processes: those in its namespaces, its nodes' ``ray start`` pids if they still run, and any
+        process whose command line names its run dir (every Ray process gets its node's temp dir there)."""
+        spaces = sorted(set(self.namespaces) & set(list_namespaces()))
+        links = [line for line in _ip("-o", "link", "show").splitlines() if self.prefix in line]
+        pids = set(namespace_pids(spaces)) | {p for p in (n.pid for n in self.nodes) if p and _alive(p)}
+        marker = str(self.run_dir).encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if marker in cmdline and _alive(int(entry)):
+                    pids.add(int(entry))
+        return {"namespaces": spaces, "links": links, "pids": sorted(pids)}
+
+
+# ---- module functions -------------------------------------------------------------------------------------
+
+
+def new_cluster(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1,
+                state_file: Path = DEFAULT_STATE_FILE, prefix: str | None = None) -> NetnsCluster:
+    """The description of a cluster (nothing is created): fresh prefix, addresses, groups, resources."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise NetnsError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+    if not 0 <= gpu_workers <= workers:
+        raise NetnsError(f"--gpu-workers must be between 0 and --workers ({workers}), got {gpu_workers}")
+    existing = {name.split("-")[1] for name in list_namespaces() if name.startswith(NAME_PREFIX)}
+    while prefix is None or prefix.split("-")[1] in existing or (RUN_ROOT / prefix).exists():
+        prefix = NAME_PREFIX + secrets.token_hex(3)
+    nodes = [Node("head", f"{prefix}-head", f"{SUBNET}.{HEAD_HOST}", "head", num_cpus=0)]
+    for i in range(1, workers + 1):
+        group, resource = (GPU_GROUP, GPU_RESOURCE) if i <= gpu_workers else (CPU_GROUP, CPU_RESOURCE)
+        nodes.append(Node(f"w{i}", f"{prefix}-w{i}", f"{SUBNET}.{HEAD_HOST + i}", group, num_cpus=cpus_per_worker,
+                          resources={resource: 1.0}))
+    client = Node("client", f"{prefix}-client", f"{SUBNET}.{CLIENT_HOST}", "client")
+    run_dir = RUN_ROOT / prefix
+    return NetnsCluster(prefix, run_dir, run_dir / "token", Path(state_file), nodes, client)
+
+
+def start(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1, object_store_mb: int = 512,
+          state_file: Path = DEFAULT_STATE_FILE, timeout_s: float = 240.0) -> NetnsCluster:
+    """Builds the namespaces and bridge, starts the head, then the workers, and waits until every node is
+    alive and the head accepts jobs. On any failure it tears down what it built (logs kept) and raises."""
+    require_netns()
+    state_file = Path(state_file)
+    if state_file.exists():
+        raise NetnsError(f"a netns cluster is already recorded in {state_file}; stop it first "
+                         f"(python -m pipeline.netns_cluster --state {state_file} stop)")
+    cluster = new_cluster(workers, gpu_workers, cpus_per_worker, state_file)
+    cluster.run_dir.mkdir(mode=0o700, parents=True)
+    try:
+        ensure_token(cluster.token_file)
+        cluster.build_network()
+        cluster.start_node(cluster.head, object_store_mb)
+        cluster.wait_ready(1, timeout_s)
+        for worker in cluster.workers:
+            cluster.start_node(worker, object_store_mb)
+        cluster.wait_ready(len(cluster.nodes), timeout_s, need_agent=True)
+        cluster.status = "running"
+        cluster.save()
+        return cluster
+    except BaseException:
+        cluster.stop(keep_files=True)
+        raise
+
+
+def load(state_file: Path = DEFAULT_STATE_FILE) -> NetnsCluster:
+    state_file = Path(state_file)
+    if not state_file.exists():
+        raise NetnsError(f"no netns cluster recorded in {state_file} (start one: python -m pipeline.netns_cluster start)")
+    return NetnsCluster.from_json(json.loads(state_file.read_text()))
+
+
+def require_netns() -> None:
+    """Raises NetnsError (one line) unless this process can build namespaces: root, ``ip``, ``unshare``."""
+    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
+        if shutil.which(tool) is None:
+            raise NetnsError(f"the netns cluster needs `{tool}` ({package}), which is not on PATH")
+    if os.geteuid() != 0:
+        raise NetnsError("the netns cluster needs root: network namespaces, veth links and a bridge need "
+                         "CAP_SYS_ADMIN and CAP_NET_ADMIN (run it with sudo)")
+
+
+def list_namespaces() -> list[str]:
+    """Names of the machine's named network namespaces (``ip netns list``)."""
+    if shutil.which("ip") is None:
+        return []
+    return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
+
+
+def namespace_pids(names: Iterable[str]) -> dict[int, str]:
+    """{pid: namespace} of every process whose network namespace is one of ``names`` (what ``ip netns pids``
+    reports, for several namespaces in one pass over /proc). Zombies (no namespace left) are not listed."""
+    inodes = {}
+    for name in names:
+        try:
+            st = os.stat(f"/run/netns/{name}")
+        except OSError:
+            continue
+        inodes[(st.st_dev, st.st_ino)] = name
+    found: dict[int, str] = {}
+    if not inodes:
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in inodes and _alive(int(entry)):
+            found[int(entry)] = inodes[(st.st_dev, st.st_ino)]
+    return found
+
+
+def teardown(namespaces: Sequence[str], grace_s: float = 10.0) -> None:
+    """Kills every process in ``namespaces`` by pid (SIGTERM, then SIGKILL after ``grace_s``), then deletes
+    the namespaces (which removes their veth ends and the bridge). Only processes found *inside* these
+    namespaces are signalled; a namespace that does not exist is skipped."""
+    present = [n for n in namespaces if n in set(list_namespaces())]
+    # An open handle keeps each namespace (and its inode number) alive until we are done with it.
+    handles = [os.open(f"/run/netns/{n}", os.O_RDONLY) for n in present]
+    try:
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            deadline = time.monotonic() + wait_s
+            signalled: set[int] = set()
+            while True:
+                pids = namespace_pids(present)
+                if not pids:
+                    break
+                for pid in set(pids) - signalled:  # new processes (a restarting worker) get the signal too
+                    _signal(pid, sig)
+                    signalled.add(pid)
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        left = namespace_pids(present)
+        if left:
+            raise NetnsError(f"processes {sorted(left)} survived SIGKILL in {sorted(set(left.values()))}")
+        for name in present:
+            _ip("netns", "delete", name)
+    finally:
+        for fd in handles:
+            os.close(fd)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _add_namespace(name: str) -> None:
+    try:
+        _ip("netns", "add", name)
+    except NetnsError as err:
+        raise NetnsError(f"cannot create network namespace {name} ({err}); the netns cluster needs root with "
+                         "CAP_SYS_ADMIN and CAP_NET_ADMIN") from None
+
+
+def _ip(*args: str) -> str:
+    try:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise NetnsError("the netns cluster needs `ip` (iproute2), which is not on PATH") from None
+    if done.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)}: {_last_line(done.stderr) or f'exit {done.returncode}'}")
+    return done.stdout
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _venv_path() -> str:
+    return str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+
+
+def _probe_main(dashboard: str, agent: str | None) -> int:
+    """Runs inside the client namespace (with the token in its environment): prints Ray's node list (the
+    public state API) and whether the head's job agent port accepts connections, as one JSON object."""
+    result: dict = {"nodes": None, "agent": False, "error": None}
+    try:
+        from ray.util.state import list_nodes
+
+        keys = ("node_id", "node_ip", "is_head_node", "state", "resources_total")
+        rows = list_nodes(address=dashboard, limit=10000, timeout=5, raise_on_missing_output=False)
+        result["nodes"] = [{k: (row.get(k) if isinstance(row, dict) else getattr(row, k, None)) for k in keys}
+                           for row in rows]
+    except Exception as err:  # noqa: BLE001 - not up yet, refused, ...: the caller polls again
+        result["error"] = _last_line(f"{type(err).__name__}: {err}")
+    if agent:
+        host, port = agent.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            result["agent"] = True
+        except OSError:
+            pass
+    print(json.dumps(result))
+    return 0
+
+
+def _print_status(cluster: NetnsCluster) -> int:
+    existing = set(list_namespaces())
+    print(f"netns cluster {cluster.prefix} ({cluster.status}); state {cluster.state_file}")
+    print(f"  GCS {cluster.gcs_address}, dashboard {cluster.dashboard_url} (token auth on; reachable only from "
+          f"the cluster's namespaces: use exec)")
+    print(f"  token {cluster.token_file}, logs and Ray temp dirs in {cluster.run_dir}")
+    nodes = {n.get("node_ip"): n for n in (cluster.probe().get("nodes") or []) if n.get("state") == "ALIVE"}
+    for node in (*cluster.nodes, cluster.client):
+        ns_state = "ok" if node.namespace in existing else "MISSING"
+        ray_state = ""
+        if node is not cluster.client:
+            info = nodes.get(node.ip)
+            ray_state = (f"ray ALIVE, resources {_short_resources(info.get('resources_total') or {})}" if info
+                         else "ray not alive")
+        pid = f"pid {node.pid}{'' if node.pid and _alive(node.pid) else ' (gone)'}" if node.pid else ""
+        print(f"  {node.name:<7} {node.ip:<13} {node.group:<12} netns {node.namespace} [{ns_state}] {pid} {ray_state}")
+    healthy = all(n in existing for n in cluster.namespaces) and len(nodes) == len(cluster.nodes)
+    return 0 if healthy else 1
+
+
+def _short_resources(resources: dict) -> str:
+    shown = {k: v for k, v in resources.items() if not k.startswith("node:") and "memory" not in k}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "none"
+
+
+def _orphans(known: str | None = None) -> list[str]:
+    prefixes = sorted({n.rsplit("-", 1)[0] for n in list_namespaces() if n.startswith(NAME_PREFIX)} - {known})
+    return [p for p in prefixes if _PREFIX_RE.match(p)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.netns_cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state", type=Path, default=Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_FILE),
+                        help=f"the cluster's state file (default: ${STATE_ENV} or {DEFAULT_STATE_FILE})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{start,stop,status,exec}")
+    start_p = sub.add_parser("start", help="build the namespaces and start the head and the workers")
+    start_p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
+    start_p.add_argument("--gpu-workers", type=int, default=1,
+                         help=f"how many of them form the GPU-worker group ({GPU_RESOURCE}; default 1), the rest "
+                              f"the CPU-worker group ({CPU_RESOURCE}); no real GPUs either way")
+    start_p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs each worker advertises (default 1)")
+    start_p.add_argument("--object-store-mb", type=int, default=512, help="object store per node (default 512)")
+    start_p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the nodes (default 240)")
+    stop_p = sub.add_parser("stop", help="kill every process of the cluster, delete its namespaces and files")
+    stop_p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    stop_p.add_argument("--keep-files", action="store_true", help="keep the run dir (logs, Ray temp dirs)")
+    stop_p.add_argument("--prefix", help="stop the namespaces mvnc-XXXXXX-* of a cluster whose state file is lost")
+    sub.add_parser("status", help="namespaces, pids and Ray nodes of the cluster")
+    exec_p = sub.add_parser("exec", help="run a command in the client namespace with RAY_ADDRESS and the token set "
+                                         "(exec -- CMD ...)")
+    exec_p.add_argument("cmd", nargs=argparse.REMAINDER)
+    probe_p = sub.add_parser("_probe")  # internal: runs inside the client namespace (NetnsCluster.probe)
+    probe_p.add_argument("--dashboard", required=True)
+    probe_p.add_argument("--agent")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "_probe":
+            return _probe_main(args.dashboard, args.agent)
+        if args.command == "start":
+            cluster = start(args.workers, args.gpu_workers, args.cpus_per_worker, args.object_store_mb, args.state,
+                            args.timeout)
+            groups = ", ".join(f"{w.name} {w.ip} ({w.group}: {', '.join(w.resources)})" for w in cluster.workers)
+            print(f"netns cluster {cluster.prefix}: head {cluster.head.ip} (0 CPUs), workers {groups}; "
+                  f"client namespace {cluster.client.namespace} ({cluster.client.ip})")
+            print(f"  GCS {cluster.gcs_address}, dashboard {cluster.dashboard_url} (token auth on, "
+                  f"reachable only from the cluster's namespaces)")
+            print("  e.g. scripts/netns-cluster exec -- ray status; stop: scripts/netns-cluster stop")
+            return 0
+        if args.command == "stop" and args.prefix:
+            if not _PREFIX_RE.match(args.prefix):
+                parser.error(f"--prefix must look like mvnc-1a2b3c, got {args.prefix!r}")
+            names = [n for n in list_namespaces() if n.startswith(args.prefix + "-")]
+            teardown(sorted(names, key=lambda n: n.endswith("-br")), args.grace)
+            if not args.keep_files:
+                shutil.rmtree(RUN_ROOT / args.prefix, ignore_errors=True)
+            print(f"stopped {args.prefix}: deleted {len(names)} namespaces")
+            return 0
+        if args.command == "status" and not args.state.exists():
+            print(f"no netns cluster recorded in {args.state}")
+            for prefix in _orphans():
+                print(f"  namespaces of another cluster: {prefix}-* (its own state file, or stop --prefix {prefix})")
+            return 1
+        cluster = load(args.state)
+        if args.command == "stop":
+            cluster.stop(args.grace, args.keep_files)
+            print(f"stopped {cluster.prefix}")
+            return 0
+        if args.command == "status":
+            return _print_status(cluster)
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("exec needs a command after --")
+        try:
+            return cluster.exec(cmd).returncode
+        except KeyboardInterrupt:
+            return 130
+    except NetnsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
