@@ -603,11 +603,17 @@ class R(FileSystemReader):
     }, scanner.found
 
 
+# Underscore names the standard library documents as public API (not private, whatever the name says).
+DOCUMENTED_UNDERSCORE = {
+    "os._exit",  # https://docs.python.org/3/library/os.html#os._exit: how a forked child ends
+}
+
+
 def test_no_unregistered_private_api() -> None:
     """Every private library name the code uses is in REGISTRY, for the file that uses it."""
     registered = {(f, key) for entry in REGISTRY.values() for f in entry.where for key in entry.scan}
     unregistered = sorted((f, name) for f, names in _private_uses().items() for name in names
-                          if (f, name) not in registered)
+                          if (f, name) not in registered and name not in DOCUMENTED_UNDERSCORE)
     assert not unregistered, (
         "private APIs of dependencies used but not registered: "
         + "; ".join(f"{name} in {f}" for f, name in unregistered)

@@ -112,7 +112,17 @@ class DecoderPoolConfig:
     cluster has GPUs, on the CPU otherwise; "cpu" / "gpu" force it. ``num_gpus`` is the GPU share
     each actor requests on the GPU path (actors share a GPU with the trainer). ``threads`` are
     Decord's decoding threads per actor. ``tasks_in_flight``: batches queued per actor so it never
-    waits for its next input.
+    waits for its next input. ``resources``: custom Ray resources each actor requests, which pins the
+    pool to the nodes that advertise them (e.g. ``{mvit_cpu_node: 0.01}`` for the CPU worker group).
+
+    Bounds, so that no fault turns into a silent hang (docs/data.md, "Faults"): ``isolate`` decodes each
+    sample in a child process of the actor (``isolation``); a sample whose decode crashes or is killed
+    is retried ``sample_retries`` times, one that runs past ``sample_timeout_s`` is cut off, and either
+    is then counted FAILED with its reason while the epoch goes on. ``recycle_after``: samples a child
+    decodes before it is replaced (bounds what Decord leaks; 0 = never). ``max_restarts``: how often
+    Ray restarts a dead actor and retries its batch (Ray Data's default is unlimited).
+    ``start_timeout_s``: how long an epoch waits for its ``min_actors`` to be placed before it fails
+    naming what is missing.
     """
 
     min_actors: int = 1
@@ -122,6 +132,13 @@ class DecoderPoolConfig:
     num_gpus: float = 0.2
     threads: int = 1
     tasks_in_flight: int = 2
+    resources: dict[str, float] = field(default_factory=dict)
+    isolate: bool = True
+    sample_timeout_s: float = 60.0
+    sample_retries: int = 1
+    recycle_after: int = 1000
+    max_restarts: int = 3
+    start_timeout_s: float = 300.0
 
 
 @dataclass
@@ -135,6 +152,9 @@ class DataConfig:
     ``prefetch_batches``: batches each worker fetches ahead while the model steps.
     ``read_num_cpus``: CPU share of each shard-reading task. ``progress_bars``: Ray Data's
     per-operator progress bars, redrawn for every epoch's execution (off by default in jobs).
+    ``read_max_retries``: how often Ray retries a read task whose process died (Ray Data's default is
+    unlimited). ``batch_timeout_s``: the longest a worker waits for its next batch before it stops the
+    job with a diagnosis (what the data service is waiting for) instead of waiting silently.
     """
 
     root: str = ""
@@ -147,6 +167,8 @@ class DataConfig:
     prefetch_batches: int = 2
     read_num_cpus: float = 0.25
     progress_bars: bool = False  # Ray Data's per-operator progress bars (off: one line per epoch is the log)
+    read_max_retries: int = 3
+    batch_timeout_s: float = 900.0
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -224,6 +246,15 @@ class DataConfig:
             (d.threads >= 0, "decoder.threads", "must be >= 0", d.threads),
             (d.device in ("auto", "cpu", "gpu"), "decoder.device", "must be 'auto', 'cpu' or 'gpu'", d.device),
             (d.tasks_in_flight >= 1, "decoder.tasks_in_flight", "must be >= 1", d.tasks_in_flight),
+            (d.sample_timeout_s > 0, "decoder.sample_timeout_s", "must be > 0", d.sample_timeout_s),
+            (d.sample_retries >= 0, "decoder.sample_retries", "must be >= 0", d.sample_retries),
+            (d.recycle_after >= 0, "decoder.recycle_after", "must be >= 0 (0 = never)", d.recycle_after),
+            (d.max_restarts >= 0, "decoder.max_restarts", "must be >= 0", d.max_restarts),
+            (d.start_timeout_s > 0, "decoder.start_timeout_s", "must be > 0", d.start_timeout_s),
+            (self.read_max_retries >= 0, "read_max_retries", "must be >= 0", self.read_max_retries),
+            (self.batch_timeout_s > 0, "batch_timeout_s", "must be > 0", self.batch_timeout_s),
+            (_custom_resources(d.resources), "decoder.resources",
+             "must map custom resource names (not CPU/GPU/memory) to amounts > 0", dict(d.resources)),
         ]
         # a rule that compares with another key names it: that key may be the one that was set
         related = {"augment.eval_short_side": ("data.augment.crop_size",),
@@ -231,6 +262,11 @@ class DataConfig:
         for ok, name, rule, value in checks:
             if not ok:
                 raise ConfigError(rule, f"data.{name}", value, related=related.get(name, ()))
+
+
+def _custom_resources(resources: dict) -> bool:
+    """Custom Ray resources only: CPU and GPU shares have their own keys, which the pool plan checks."""
+    return all(k not in ("CPU", "GPU", "memory", "object_store_memory") and v > 0 for k, v in resources.items())
 
 
 def imagenet_defaults(root: str = "", **overrides: object) -> DataConfig:

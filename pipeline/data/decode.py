@@ -8,7 +8,8 @@ views need, Pillow's JPEG draft mode for DCT-domain downscaling by 2/4/8).
 
 Decode context: ``decord.gpu(i)`` (NVDEC) when Decord was built with CUDA and Ray gave the actor a
 GPU, ``decord.cpu(0)`` otherwise; chosen per actor at start-up and logged. A sample that fails to
-decode becomes ``views`` rows with status FAILED and the error text, never an exception.
+decode becomes ``views`` rows with status FAILED and the reason, never an exception: whether its
+decode raised or, with ``decoder.isolate`` (see ``isolation``), crashed, was killed or hung.
 """
 
 from __future__ import annotations
@@ -121,30 +122,63 @@ class _ScaledDecodeError(Exception):
 
 
 class Decoder:
-    """``map_batches`` callable: one batch = one unit (batch) of samples -> views x samples rows."""
+    """``map_batches`` callable: one batch = one unit (batch) of samples -> views x samples rows.
+
+    With ``decoder.isolate`` (the default) each sample is decoded in a child process
+    (``isolation.DecodeProcess``): a sample that crashes, gets killed or hangs its decoder becomes
+    FAILED rows with the reason, and the actor goes on. Without it, decoding runs in the actor itself.
+    """
 
     def __init__(self, cfg: DataConfig, modality: str, train: bool) -> None:
+        from core import faults
+
         self.cfg, self.modality, self.train = cfg, modality, train
         self.views = views_per_sample(cfg, modality, train)
         self.frames = 1 if modality == "image" else cfg.sampling.num_frames
-        torch.set_num_threads(max(1, round(cfg.decoder.num_cpus)))
         self.device = DecodeDevice("cpu", 0, "images decode with Pillow on the CPU")
-        self._ctx = None
         gpu_ids: list = []
         if modality == "video":
-            decord = load_decord()
             import ray
 
             gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
             self.device = choose_decode_device(cfg.decoder.device, decord_has_cuda(), gpu_ids)
-            self._ctx = decord.gpu(self.device.index) if self.device.kind == "gpu" else decord.cpu(0)
+        self._faults = faults.current()  # planted faults (reliability drills); empty unless MVIT_FAULTS is set
+        d = cfg.decoder
+        if d.isolate:
+            from pipeline.data.isolation import ChildSettings, DecodeProcess
+
+            settings = ChildSettings(cfg, modality, train, self.device.kind, self.device.index)
+            self._process = DecodeProcess(settings, timeout_s=d.sample_timeout_s, retries=d.sample_retries,
+                                          recycle_after=d.recycle_after)  # fmt: skip
+            self._local = None
+        else:
+            self._process = None
+            self._local = SampleDecoder(cfg, modality, train, self.device.kind, self.device.index)
         # The driver logged the pool's plan (CPU or GPU shares); an actor says where it decodes at INFO
         # (a new pool starts every epoch), and warns when it holds a GPU share but decodes on the CPU.
         gpu_unused = modality == "video" and self.device.kind != "gpu" and bool(gpu_ids)
-        log.log(logging.WARNING if gpu_unused else logging.INFO, "decoder actor: %s %s views on %s (%s)", modality,
-                "train" if train else "eval", self.device, self.device.reason)  # fmt: skip
+        log.log(logging.WARNING if gpu_unused else logging.INFO, "decoder actor: %s %s views on %s (%s)%s", modality,
+                "train" if train else "eval", self.device, self.device.reason,
+                ", each sample in a child process" if d.isolate else "")  # fmt: skip
+
+    def __del__(self) -> None:
+        process = getattr(self, "_process", None)
+        if process is not None:
+            process.close()
+
+    def _decode_one(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
+        if self._process is not None:
+            return self._process.decode(data, meta, key, epoch, self._faults if not self._faults.empty else None)
+        kind = self._faults.decode_fault(key, 1)
+        if kind:
+            from core.faults import fire_decode_fault
+
+            fire_decode_fault(kind)
+        return self._local.decode(data, meta, key, epoch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.data.isolation import SampleFailed
+
         n, views, crop = len(batch["kind"]), self.views, self.cfg.augment.crop_size
         rows = n * views
         video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
@@ -160,10 +194,13 @@ class Decoder:
                 status[block], errors[block] = FAILED, [str(batch["error"][i])] * views
                 continue
             try:
-                video[block] = self.decode(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
-                                           int(batch["epoch"][i]))  # fmt: skip
+                video[block] = self._decode_one(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
+                                                int(batch["epoch"][i]))  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a bad sample is skipped and counted, never fatal
-                message = f"{type(exc).__name__}: {exc}"[:300]
+                if self._process is not None and not isinstance(exc, SampleFailed):
+                    raise  # the isolation itself broke (not the sample): Ray Data's bounded retries take over
+                message = str(exc) if isinstance(exc, SampleFailed) else f"{type(exc).__name__}: {exc}"
+                message = message[:300]
                 log.warning("skipping sample %s: %s", key, message)
                 status[block], errors[block] = FAILED, [message] * views
                 video[block] = 0
@@ -179,6 +216,25 @@ class Decoder:
             "epoch": repeat("epoch"),
             "error": np.asarray(errors, dtype=object),
         }
+
+
+class SampleDecoder:
+    """One sample's bytes -> its views: Decord (video) or Pillow (JPEG), then sampling and augmentation.
+
+    Runs wherever ``Decoder`` puts it: in the decode child process, or in the actor itself.
+    """
+
+    def __init__(self, cfg: DataConfig, modality: str, train: bool, device_kind: str = "cpu",
+                 device_index: int = 0) -> None:  # fmt: skip
+        self.cfg, self.modality, self.train = cfg, modality, train
+        self.views = views_per_sample(cfg, modality, train)
+        torch.set_num_threads(max(1, round(cfg.decoder.num_cpus)))
+        self._ctx = None
+        if modality == "video":
+            decord = load_decord()
+            if device_kind == "gpu" and not decord_has_cuda():
+                raise RuntimeError("GPU decoding asked for, but Decord was built without CUDA")
+            self._ctx = decord.gpu(device_index) if device_kind == "gpu" else decord.cpu(0)
 
     # ---- one sample ---------------------------------------------------------------------------
 

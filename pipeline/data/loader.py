@@ -24,6 +24,8 @@ loudly instead of hanging a collective or silently repeating data.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -102,6 +104,15 @@ class EpochStats:
         return asdict(self)
 
 
+class DataStalled(RuntimeError):
+    """A worker waited too long for its next batch; the message says for what."""
+
+
+def _resources(values: dict[str, float]) -> str:
+    shown = {k: v for k, v in values.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
 class ShardLoader:
     """Iterates one worker's split of a dataset built by ``service.build_dataset``."""
 
@@ -125,6 +136,7 @@ class ShardLoader:
         self.samples, self.per_unit, self.views = facts.samples, facts.per_unit, facts.views
         self._cursor = facts.cursor
         self.split_digest = facts.key_digest
+        self._facts = facts
         self.stats = EpochStats(-1)
         self._layout: Layout | None = None
         self._done = 0
@@ -167,7 +179,7 @@ class ShardLoader:
         batches = self._iterator.iter_batches(
             batch_size=self.rows_per_batch, batch_format="numpy", prefetch_batches=self.prefetch_batches
         )
-        for step, rows in enumerate(batches):
+        for step, rows in enumerate(self._with_deadline(batches, epoch)):
             self._check_unit(rows, epoch, layout, step)
             batch = self._collect(rows, stats, epoch, step)
             stats.batches += 1
@@ -178,6 +190,56 @@ class ShardLoader:
                 f"rank {self.rank} got {stats.batches} batches in epoch {epoch}, the plan has "
                 f"{layout.batches_per_worker}: was the dataset split into {self.world_size} parts?"
             )
+
+    def _with_deadline(self, batches: Iterator[dict[str, np.ndarray]], epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """``batches``, but a wait longer than ``data.batch_timeout_s`` for the next one raises
+        ``DataStalled`` naming what the data service waits for, instead of blocking this rank forever.
+
+        Ray Data's iterator has no timeout of its own, so a thread pulls from it into a one-slot queue.
+        """
+        timeout = self._facts.batch_timeout_s
+        slot: queue.Queue = queue.Queue(maxsize=1)
+        done = object()
+
+        def pump() -> None:
+            try:
+                for rows in batches:
+                    slot.put(("rows", rows))
+                slot.put(("done", done))
+            except BaseException as err:  # noqa: BLE001 - handed to the consuming thread, which raises it
+                slot.put(("error", err))
+
+        threading.Thread(target=pump, name=f"mvit-batches-{epoch}", daemon=True).start()
+        step = 0
+        while True:
+            try:
+                kind, item = slot.get(timeout=timeout)
+            except queue.Empty:
+                raise DataStalled(self._stall_text(epoch, step, f"no batch for {timeout:g} s (data.batch_timeout_s)")) from None
+            if kind == "done":
+                return
+            if kind == "error":
+                if "Timed out while starting actors" in str(item):
+                    raise DataStalled(self._stall_text(epoch, step, "the decoder actors were not placed within "
+                                                       "data.decoder.start_timeout_s")) from item  # fmt: skip
+                raise item
+            yield item
+            step += 1
+
+    def _stall_text(self, epoch: int, step: int, what: str) -> str:
+        """One line: which rank waited for what, and whether the cluster can place the decoder actors."""
+        need = dict(self._facts.decoder_resources)
+        text = (f"rank {self.rank}: the data service stopped delivering in epoch {epoch} before batch {step}: {what}. "
+                f"Decoder actors need {_resources(need)} each, {self._facts.decoder_min_actors} at least")
+        try:
+            free, total = ray.available_resources(), ray.cluster_resources()
+        except Exception:  # noqa: BLE001 - the diagnosis is best effort; the stall itself is certain
+            return text
+        short = {k: (free.get(k, 0.0), total.get(k, 0.0)) for k, v in need.items() if free.get(k, 0.0) + 1e-9 < v}
+        if short:
+            missing = ", ".join(f"{k} (free {f:g} of {t:g})" for k, (f, t) in short.items())
+            return f"{text}; the cluster lacks {missing}: add nodes, or lower data.decoder.* / trainer.* demands"
+        return f"{text}; the cluster has room for them (free: {_resources(free)}): a stage is stuck, see the Ray Data logs"
 
     def _check_unit(self, rows: dict[str, np.ndarray], epoch: int, layout: Layout, step: int) -> None:
         expected = step * self.world_size + self.rank

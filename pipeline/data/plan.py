@@ -261,3 +261,7 @@ class DatasetFacts:
     train: bool
     seed: int
     key_digest: int | None = None
+    # what one decoder actor asks Ray for, and how many an epoch starts with: a stalled worker names them
+    decoder_resources: tuple[tuple[str, float], ...] = ()
+    decoder_min_actors: int = 1
+    batch_timeout_s: float = 900.0  # data.batch_timeout_s

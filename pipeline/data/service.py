@@ -14,6 +14,8 @@ shard Ray Train gives it.
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 
 import ray
 import ray.data
@@ -102,20 +104,31 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
         split, manifest.num_samples, len(shards), views, per_unit, per_unit * views, cfg.decoder.min_actors,
         cfg.decoder.max_actors, f"GPU ({gpus} each)" if gpus else "CPU",
     )  # fmt: skip
-    ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus)
-    ds = ds.repartition(target_num_rows_per_block=per_unit, strict=True)
-    ds = ds.map_batches(
-        Decoder,
-        fn_constructor_kwargs={"cfg": cfg, "modality": manifest.modality, "train": train},
-        batch_size=per_unit,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(
-            min_size=cfg.decoder.min_actors, max_size=cfg.decoder.max_actors,
-            max_tasks_in_flight_per_actor=cfg.decoder.tasks_in_flight,
-        ),
-        num_cpus=cfg.decoder.num_cpus,
-        num_gpus=gpus,
-    )  # fmt: skip
+    # Bounded retries everywhere (Ray Data's defaults are unlimited: a read or a batch that kills its
+    # process would be replayed forever). A bad sample never kills the actor (``isolation``), so what
+    # exhausts these is a lost node or a broken set-up, and the job fails saying so.
+    # Ray 2.60 has no named parameters for a task's retries or an actor's restarts yet (ray_remote_args,
+    # deprecated for removal in 2.64: docs/versions.md).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+        ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus,
+                                      ray_remote_args={"max_retries": cfg.read_max_retries})
+        ds = ds.repartition(target_num_rows_per_block=per_unit, strict=True)
+        ds = ds.map_batches(
+            Decoder,
+            fn_constructor_kwargs={"cfg": cfg, "modality": manifest.modality, "train": train},
+            batch_size=per_unit,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(
+                min_size=cfg.decoder.min_actors, max_size=cfg.decoder.max_actors,
+                max_tasks_in_flight_per_actor=cfg.decoder.tasks_in_flight,
+            ),
+            num_cpus=cfg.decoder.num_cpus,
+            num_gpus=gpus,
+            resources=dict(cfg.decoder.resources) or None,
+            max_restarts=cfg.decoder.max_restarts,  # the rest of **ray_remote_args
+            max_task_retries=cfg.decoder.max_restarts,
+        )  # fmt: skip
     frames = 1 if manifest.modality == "image" else cfg.sampling.num_frames
     batch_bytes = per_unit * views * 3 * frames * cfg.augment.crop_size**2
     context = ds.context
@@ -125,10 +138,15 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
     context.enable_progress_bars = cfg.progress_bars
     context.enable_operator_progress_bars = cfg.progress_bars
     context.print_on_execution_start = cfg.progress_bars  # "Starting execution" + the plan, every epoch
+    # An epoch whose decoder actors cannot be placed (e.g. after a node loss the trainers took the CPUs)
+    # fails after this long instead of waiting forever (Ray Data's default); the loader names what is missing.
+    context.wait_for_min_actors_s = int(math.ceil(cfg.decoder.start_timeout_s))
     # A batch must stay one block: the split hands out whole blocks, one unit per worker in turn.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * batch_bytes + (1 << 20))
+    demand = {"CPU": cfg.decoder.num_cpus, **({"GPU": gpus} if gpus else {}), **cfg.decoder.resources}
     facts = DatasetFacts(manifest.num_samples, per_unit, views, cursor, manifest.modality, train, cfg.seed,
-                         key_digest=manifest.split_key_digest())  # fmt: skip
+                         key_digest=manifest.split_key_digest(), decoder_resources=tuple(sorted(demand.items())),
+                         decoder_min_actors=cfg.decoder.min_actors, batch_timeout_s=cfg.batch_timeout_s)  # fmt: skip
     if facts.key_digest is None:
         log.info("%s: the manifest has no key digests (older preprocessing): epochs are checked by count only", split)
     context.set_config(CONTEXT_KEY, facts)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.errors import ConfigError
 
@@ -48,6 +48,9 @@ class TrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only with use_gpu
+    # custom Ray resources each worker requests: pins the workers to a node group, e.g.
+    # {mvit_gpu_node: 0.01} for k8s/base/ray-train.yaml's GPU workers
+    worker_resources: dict[str, float] = field(default_factory=dict)
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     compile: bool = False
     activation_checkpointing: bool = False
@@ -76,6 +79,11 @@ class TrainerConfig:
             raise ConfigError("must be > 0", "trainer.cpus_per_worker", self.cpus_per_worker)
         if self.use_gpu and not self.gpus_per_worker > 0:
             raise ConfigError("must be > 0 with use_gpu", "trainer.gpus_per_worker", self.gpus_per_worker)
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not amount > 0:
+                raise ConfigError("must map custom resource names (not CPU/GPU: see trainer.cpus_per_worker, "
+                                  "trainer.gpus_per_worker) to amounts > 0", "trainer.worker_resources",
+                                  dict(self.worker_resources))
         if not self.storage_path.strip():
             raise ConfigError("must name a folder or s3:// URL", "trainer.storage_path", self.storage_path)
         if self.ray_train_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

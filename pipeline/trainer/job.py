@@ -171,15 +171,25 @@ def run(cfg: ExperimentConfig) -> Any:
     job = job_spec(cfg, data, tracking_uri, cfg.trainer.storage_path if storage_fs else storage_path)
 
     if not ray.is_initialized():
+        from core import faults
+
+        # A planted fault plan (fire drills, the reliability suite) must reach every process of the job,
+        # also on a cluster whose workers did not start with it in their environment.
+        plan = os.environ.get(faults.ENV)
+        runtime_env = {"env_vars": {faults.ENV: plan}} if plan else None
+        if plan:
+            faults.parse(plan)  # a malformed plan stops here, before any worker starts
+            log.warning("fault plan %s=%s is active: faults will be planted in this job", faults.ENV, plan)
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(runtime_env=runtime_env)
         else:  # plain `python pipeline/train.py`: a local Ray on loopback
             from core.loopback import keep_ray_on_loopback
 
             keep_ray_on_loopback()  # every Ray port on 127.0.0.1 (Ray would also listen on other interfaces)
             # Logical CPUs, not cores: the train worker, the decoder actors and Ray Data's read and
             # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
-            ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4))
+            ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4),
+                     runtime_env=runtime_env)
     reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
     datasets = build_datasets(cfg.data, reserved_gpus=reserved)
     trainer = TorchTrainer(
@@ -189,7 +199,8 @@ def run(cfg: ExperimentConfig) -> Any:
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
-                                  **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {})},
+                                  **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {}),
+                                  **cfg.trainer.worker_resources},
         ),
         # TorchConfig that keeps torch.distributed on loopback when every rank is on 127.0.0.1
         torch_config=LoopbackTorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),

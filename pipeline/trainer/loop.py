@@ -19,8 +19,10 @@ exactly the path the uninterrupted job would have taken.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from core import faults
 from pipeline.config import ExperimentConfig, build_model_config
 from pipeline.data.device import mix_batch, normalize, soft_cross_entropy
 from pipeline.data.loader import EpochStats, ShardLoader
@@ -61,6 +64,23 @@ def _gather(obj: Any, ctx: WorkerContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def node_address() -> str:
+    """This process's node as the cluster knows it: the node's IP address (Ray's view), else the host's."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - placement is informative; a plain process names its host
+        pass
+    return socket.gethostname()
+
+
+def placement_text(placement: list[str]) -> str:
+    """``rank:node`` pairs in rank order, e.g. ``0:10.213.0.2,1:10.213.0.3`` (an MLflow tag value)."""
+    return ",".join(f"{rank}:{node}" for rank, node in enumerate(placement))
 
 
 def check_epoch_counts(stats: EpochStats, what: str) -> None:
@@ -126,19 +146,26 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Resume from the latest checkpoint (if any), then open (or reopen) the job's MLflow run."""
+        """Resume from the latest checkpoint (if any), then open (or reopen) the job's MLflow run and
+        record where this attempt's ranks run."""
+        placement = _gather(node_address(), self.ctx)  # collective: every rank says where it is
+        log.info("rank %d of %d on node %s", self.ctx.rank, self.ctx.world_size, placement[self.ctx.rank])
         self.state = self.checkpoints.restore(self.ctx.world_size) or self.state
         run_id = self.tracker.start(
             run_name=self.cfg.tracking.run_name or self.cfg.name,
             resume_run_id=self.state.mlflow_run_id,
             params=self.job.experiment,
-            tags={**self.job.tags, "world_size": str(self.ctx.world_size)},
+            tags={**self.job.tags, "world_size": str(self.ctx.world_size), "placement": placement_text(placement)},
             job_key=self.job.job_key,
         )
         if run_id is not None:
             self.state.mlflow_run_id = run_id
             for artifact_file, text in self.job.texts.items():
                 self.tracker.log_text(text, artifact_file)
+            # The tags name the latest attempt's placement; one file per attempt keeps them all
+            self.tracker.log_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch,
+                                              "ranks": dict(enumerate(placement))}, indent=1),
+                                  f"placement/from-step-{self.state.step:08d}.json")
         self.progress.start(self.state.epoch)
 
     # -- step ------------------------------------------------------------------------------------
@@ -162,6 +189,7 @@ class Trainer:
         the optimiser step at LR position ``progress`` (epochs, fractional). Returns the summed loss, the
         rows it covered and the LR when an optimiser step was taken (else None)."""
         accum = self.cfg.trainer.grad_accum_steps
+        faults.check_step(self.ctx.rank, self.state.step + 1)  # a planted failure (MVIT_FAULTS), else nothing
         self._reseed(self.state.step, micro)
         loss, rows = self._forward_loss(batch)
         (loss / accum).backward()
@@ -230,6 +258,7 @@ class Trainer:
                     continue
                 acc.add(self.model(x), batch["label"], batch["video_id"])
         stats = EpochStats.merge(_gather(self.val_data.stats, self.ctx))
+        self._report_failures(stats, f"validation after epoch {epoch}", f"data/failed-val-{epoch:04d}.json")
         check_epoch_counts(stats, f"validation after epoch {epoch}")
         identity_checked = check_epoch_identity(stats, f"validation after epoch {epoch}")
         parts = _gather(acc, self.ctx)
@@ -241,6 +270,17 @@ class Trainer:
         metrics["val/data_identity_checked"] = float(identity_checked)
         return metrics
 
+    def _report_failures(self, stats: EpochStats, what: str, artifact_file: str) -> None:
+        """Samples counted FAILED (the epoch went on without them): their keys and reasons, in the log and
+        in MLflow, so a poison sample is found by name, not only as a count."""
+        if not stats.failed or not self.ctx.is_main:
+            return
+        shown = "; ".join(f"{key}: {reason}" for key, reason in stats.failures[:5])
+        more = f" (and {stats.failed - 5} more)" if stats.failed > 5 else ""
+        log.warning("%s: %d samples failed and were skipped: %s%s", what, stats.failed, shown, more)
+        self.tracker.log_text(json.dumps({"failed": stats.failed, "listed": [list(f) for f in stats.failures]},
+                                         indent=1), artifact_file)  # fmt: skip
+
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.setup()
@@ -249,6 +289,7 @@ class Trainer:
         try:
             for epoch in range(self.state.epoch, cfg.epochs):
                 stats = EpochStats.merge(_gather(self.train_epoch(epoch), self.ctx))
+                self._report_failures(stats, f"epoch {epoch}", f"data/failed-epoch-{epoch:04d}.json")
                 # Every rank holds the same merged stats, so every rank raises together.
                 check_epoch_counts(stats, f"epoch {epoch}")
                 identity_checked = check_epoch_identity(stats, f"epoch {epoch}")

@@ -1,0 +1,166 @@
+"""No silent hang: every fault that used to leave a job waiting forever now ends in bounded time, either
+absorbed (a poison sample counted FAILED while the epoch goes on) or as one line naming the cause.
+
+Faults are planted with ``MVIT_FAULTS`` (core/faults.py) in the real code paths; the training jobs are
+the small demo job of test_training_faults.py, run by ``pipeline/train.py`` on the session's Ray, which
+carries the plan to every worker and actor through the job's runtime environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import faults
+from tests.data.data_helpers import shard_keys, small_config
+from tests.train.helpers import demo_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "experiment" / "demo.yaml"
+
+
+def _job(shards: Path, runs: Path, plan: dict, timeout: float, **extra: object) -> tuple[subprocess.CompletedProcess, float]:
+    """The small 2-worker demo job with ``plan`` planted; (its outcome, seconds it ran)."""
+    import ray
+
+    overrides = demo_overrides(shards, runs, **{"trainer.num_workers": 2, "data.batch_size": 2,
+                                                "data.eval_batch_size": 4, "optim.reference_batch_size": 4, **extra})
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, faults.ENV: json.dumps(plan)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "pipeline" / "train.py"), "--config", str(DEMO), *overrides],
+                          env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return done, time.monotonic() - started
+
+
+def _error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, done.stderr[-4000:]
+    return lines[0]
+
+
+def test_unplaceable_decoder_actors_fail_in_bounded_time_naming_what_is_missing(
+    reliability_shards: Path, ray_cluster: None
+) -> None:
+    """Decoder actors that cannot be placed end the epoch after decoder.start_timeout_s, naming the missing resource."""
+    from pipeline.data.loader import DataStalled, ShardLoader
+    from pipeline.data.service import build_dataset
+
+    cfg = small_config(str(reliability_shards))
+    cfg.decoder.resources = {"mvit_cpu_node": 1.0}  # the CPU group, gone (this cluster never had it)
+    cfg.decoder.start_timeout_s = 5
+    loader = ShardLoader(build_dataset(cfg, "train", train=True).iterator(), prefetch_batches=1)
+    started = time.monotonic()
+    with pytest.raises(DataStalled) as raised:
+        for _ in loader.epoch(0, 0):
+            pass
+    assert time.monotonic() - started < 120
+    message = str(raised.value)
+    assert "the decoder actors were not placed within data.decoder.start_timeout_s" in message
+    assert "need {CPU: 1, mvit_cpu_node: 1} each, 1 at least" in message
+    assert "the cluster lacks mvit_cpu_node (free 0 of 0)" in message
+
+
+@pytest.mark.slow
+def test_poison_samples_in_a_job_are_counted_failed_by_name_and_training_goes_on(
+    reliability_shards: Path, ray_cluster: None, tmp_path: Path, ledger: object
+) -> None:
+    """A segfault, an abort, an OOM kill and a hang planted in four videos: the job finishes, each is FAILED with key and reason."""
+    from mlflow.tracking import MlflowClient
+
+    keys = shard_keys(reliability_shards, "train")
+    poison = dict(zip(keys[:4], ("segfault", "abort", "kill", "hang")))
+    runs = tmp_path / "runs"
+    done, took = _job(reliability_shards, runs, {"decode": poison}, timeout=900,
+                      **{"data.decoder.sample_timeout_s": 5, "data.decoder.sample_retries": 1})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    for name in ("data/failed", "data/samples", "data/identity_checked"):
+        history = [m.value for m in client.get_metric_history(run.info.run_id, name)]
+        expected = {"data/failed": 4.0, "data/samples": len(keys) - 4.0, "data/identity_checked": 1.0}[name]
+        assert history == [expected, expected], (name, history)  # both epochs: the others delivered, all accounted
+    for epoch in (0, 1):
+        path = client.download_artifacts(run.info.run_id, f"data/failed-epoch-{epoch:04d}.json", str(tmp_path))
+        listed = json.loads(Path(path).read_text())
+        reasons = dict(listed["listed"])
+        assert set(reasons) == set(poison)
+        assert all(f"killed by {sig}" in reasons[k] for k, sig in
+                   zip(keys[:3], ("SIGSEGV", "SIGABRT", "SIGKILL")))  # fmt: skip
+        assert "did not finish within decoder.sample_timeout_s=5 s" in reasons[keys[3]]
+    assert "samples failed and were skipped" in done.stderr
+    ledger.account(inputs=keys, delivered=keys[4:], rejected=keys[:4])
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_mid_epoch_ends_the_job_promptly_naming_it(
+    reliability_shards: Path, ray_cluster: None, tmp_path: Path
+) -> None:
+    """Rank 1 raises before step 2 while rank 0 waits in a collective: the job ends within bounds, naming rank 1's error."""
+    done, took = _job(reliability_shards, tmp_path / "runs", {"raise_at": {"rank": 1, "step": 2}}, timeout=600)
+    assert done.returncode == 1
+    line = _error_line(done)
+    assert "rank 1: core.faults.PlantedFault: planted failure on rank 1 before step 2" in line or \
+        "rank 1: PlantedFault: planted failure on rank 1 before step 2" in line, line
+    assert took < 300, took  # a whole uninterrupted job takes about 100 s here
+
+
+@pytest.mark.slow
+def test_a_data_service_that_stops_delivering_ends_the_job_with_a_diagnosis(
+    reliability_shards: Path, ray_cluster: None, tmp_path: Path
+) -> None:
+    """A decode that hangs inside the actor itself (isolation off): the ranks stop after data.batch_timeout_s, saying why."""
+    victim = shard_keys(reliability_shards, "train")[5]
+    done, took = _job(reliability_shards, tmp_path / "runs", {"decode": {victim: "hang"}}, timeout=600,
+                      **{"data.decoder.isolate": False, "data.batch_timeout_s": 20})  # fmt: skip
+    assert done.returncode == 1
+    line = _error_line(done)
+    assert "the data service stopped delivering in epoch 0" in line and "no batch for 20 s (data.batch_timeout_s)" in line
+    assert "a stage is stuck" in line, line
+    assert took < 300, took
+
+
+def test_a_decoder_actor_dying_past_its_restarts_fails_the_epoch_instead_of_retrying_forever(
+    reliability_shards: Path, ray_cluster: None
+) -> None:
+    """decoder.max_restarts=0 and the actor SIGKILLed mid-epoch: the epoch raises instead of replaying the batch forever."""
+    import threading
+
+    import psutil
+
+    from pipeline.data.loader import ShardLoader
+    from pipeline.data.service import build_dataset
+
+    cfg = small_config(str(reliability_shards), batch_size=2)
+    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
+    cfg.decoder.max_restarts = 0
+    cfg.augment.repeated_aug = 1
+    loader = ShardLoader(build_dataset(cfg, "train", train=True).iterator(), prefetch_batches=1)
+    outcome: dict[str, object] = {}
+
+    def consume() -> None:
+        try:
+            outcome["batches"] = sum(1 for _ in loader.epoch(0, 0))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            outcome["error"] = exc
+
+    def decoders() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if any("MapBatches(Decoder)" in c for c in p.info["cmdline"] or ())]
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    deadline = time.monotonic() + 300
+    while not decoders():
+        assert consumer.is_alive() and time.monotonic() < deadline, "no decoder actor started"
+        time.sleep(0.1)
+    for proc in decoders():
+        proc.kill()
+    consumer.join(timeout=300)
+    assert not consumer.is_alive(), "the epoch is still waiting after the actor died with no restarts left"
+    assert "error" in outcome, outcome
+    assert "ActorDiedError" in type(outcome["error"]).__name__ + str(outcome["error"]), outcome["error"]
