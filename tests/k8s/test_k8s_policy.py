@@ -109,14 +109,17 @@ def test_gpu_workers_request_gpus_tolerate_the_taint_and_use_the_gpu_image() -> 
         if doc["metadata"]["name"] == "mvit-preprocess":
             continue
         groups = {g["groupName"]: g for g in cluster_spec(doc)["workerGroupSpecs"]}
-        assert set(groups) == {"cpu-workers", "gpu-workers"}
-        pod = groups["gpu-workers"]["template"]["spec"]
-        resources = pod["containers"][0]["resources"]
-        assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
-        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert pod["containers"][0]["image"].rsplit("/", 1)[-1].startswith("mvit-gpu:")
+        # the training job also trains on spot GPUs (patches/spot-gpu-workers.yaml)
+        gpu_groups = {"gpu-workers", "gpu-spot-workers"} if doc["metadata"]["name"] == "mvit-train" else {"gpu-workers"}
+        assert set(groups) == {"cpu-workers"} | gpu_groups
+        for name in gpu_groups:
+            pod = groups[name]["template"]["spec"]
+            resources = pod["containers"][0]["resources"]
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1, name
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], name
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"], name
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
+            assert pod["containers"][0]["image"].rsplit("/", 1)[-1].startswith("mvit-gpu:"), name
         cpu_pod = groups["cpu-workers"]["template"]["spec"]
         assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
 

@@ -45,11 +45,13 @@ def test_training_entrypoint_runs_the_train_script_on_a_preset_that_exists(
     assert resolved["data"]["root"] == overrides["data.root"]
     if overlay == "prod":
         assert resolved["trainer"]["use_gpu"] is True
-        gpu_group = next(g for g in cluster_spec(named(docs, "RayJob", "mvit-train"))["workerGroupSpecs"]
-                         if g["groupName"] == "gpu-workers")
-        gpus = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        # the GPU groups together (prod: gpu-workers on demand, gpu-spot-workers) hold every trainer
+        gpus = 0
+        for group in cluster_spec(named(docs, "RayJob", "mvit-train"))["workerGroupSpecs"]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            gpus += int(limits.get("nvidia.com/gpu", 0)) * group["maxReplicas"]
         needed = resolved["trainer"]["num_workers"] * resolved["trainer"]["gpus_per_worker"]
-        assert needed <= gpus * gpu_group["maxReplicas"], "more GPU workers than the GPU group can hold"
+        assert needed <= gpus, "more GPU workers than the GPU groups can hold"
         # GPU decoder actors share each trainer's GPU
         assert resolved["trainer"]["gpus_per_worker"] + resolved["data"]["decoder"]["num_gpus"] <= 1.0
     else:

@@ -91,6 +91,8 @@ def test_ray_resources_match_the_kuberay_v1_schema(docs: list[dict[str, Any]]) -
         "worker group without maxReplicas",
         "auth mode typo",
         "apiVersion v1alpha1",
+        "backoffLimit as a string",
+        "negative backoffLimit",
     ],
 )
 def test_the_kuberay_schema_rejects_what_kuberay_would(mutation: str) -> None:
@@ -106,6 +108,10 @@ def test_the_kuberay_schema_rejects_what_kuberay_would(mutation: str) -> None:
         del spec["workerGroupSpecs"][0]["maxReplicas"]
     elif mutation == "auth mode typo":
         spec["authOptions"]["mode"] = "Token"
+    elif mutation == "backoffLimit as a string":
+        job["spec"]["backoffLimit"] = "3"
+    elif mutation == "negative backoffLimit":
+        job["spec"]["backoffLimit"] = -1
     else:
         job["apiVersion"] = "ray.io/v1alpha1"
     assert _kuberay_errors(job), f"the schema accepted a RayJob with {mutation}"
