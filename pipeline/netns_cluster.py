@@ -1,14 +1,21 @@
 """A multi-node Ray cluster on one machine: one Linux network namespace per node, for tests and for people.
 
 The shape of the KubeRay RayJob (k8s/base/ray-train.yaml) on one machine: a head that runs no tasks
-(``--num-cpus 0``) and serves the dashboard, a GPU-worker group (worker 1 advertises ``mvit_gpu_node``,
-the custom resource the job's driver is placed with) and a CPU-worker group (the other workers advertise
-``mvit_cpu_node``, a marker this cluster adds: the manifests' cpu-workers advertise no custom resource),
-one CPU each, no GPUs. Token auth is on, as in local_cluster (a random token in a 0600 file, every Ray
-process and client gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``).
+(``--num-cpus 0``) and serves the dashboard, a GPU-worker group (workers 1..K, ``--gpu-workers K``,
+default 1, advertise ``mvit_gpu_node``, the custom resource the job's driver is placed with) and a
+CPU-worker group (the other workers advertise ``mvit_cpu_node``, a marker this cluster adds: the
+manifests' cpu-workers advertise no custom resource), one CPU each by default, no GPUs. Token auth is
+on, as in local_cluster (a random token in a 0600 file, every Ray process and client gets
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``).
+
+With ``--s3`` the cluster also has an S3 node: a moto server at ``http://10.213.0.253:5000`` in its own
+network and PID namespace, a bucket (``mvit``) created on it, and fresh random dummy credentials (a 0600
+file in the run dir) that every Ray node and every ``exec`` client gets in its environment with the
+endpoint (``AWS_ENDPOINT_URL``), as the KubeRay manifests give every pod the S3 Secret: never through a
+job's runtime_env, which Ray writes to its runtime_env_agent.log in clear and shows in ``ray job list``.
 
 Everything lives inside namespaces this module creates, named ``mvnc-XXXXXX-*`` (a fresh prefix per
-cluster): a bridge namespace holding the Linux bridge, one namespace per node (head, w1..wN) and a client
+cluster): a bridge namespace holding the Linux bridge, one namespace per node (head, w1..wN, s3) and a client
 namespace, each joined to the bridge by a veth pair created directly inside the namespaces, on the
 private network ``10.213.0.0/24`` that exists only there. The machine's own namespace gets no address,
 link or route on it, and the namespaces have no route anywhere else: nothing a node opens (even on
@@ -16,12 +23,16 @@ link or route on it, and the namespaces have no route anywhere else: nothing a n
 ``ray status``, drivers) run in the client namespace (``exec``). Each node runs in its own PID
 namespace with its own /proc and its own ``--temp-dir``, so Ray, which finds "its" local raylet by
 scanning processes, sees only its node, as on separate machines; nodes never use core/loopback.py's
-single-machine mode (it forbids other nodes joining).
+single-machine mode (it forbids other nodes joining). The namespaces share the machine's host name, which
+/etc/hosts resolves to 127.0.0.1, so every node gets ``GLOO_SOCKET_IFNAME=eth0`` (else torch.distributed's
+gloo would advertise loopback to the other ranks).
 
     python -m pipeline.netns_cluster start --workers 2       # or scripts/netns-cluster start
+    python -m pipeline.netns_cluster start --workers 4 --gpu-workers 2 --s3   # the job across nodes (docs/cluster.md)
     python -m pipeline.netns_cluster status
     python -m pipeline.netns_cluster exec -- ray status
     python -m pipeline.netns_cluster exec -- ray job submit --working-dir . -- python pipeline/train.py ...
+    python -m pipeline.netns_cluster where SUBMISSION_ID      # the node each actor and task of that job ran on
     python -m pipeline.netns_cluster stop                     # every process by pid, then the namespaces
 
 Needs root (network namespaces, veth links, a bridge), iproute2's ``ip`` and util-linux's ``unshare``.
@@ -53,11 +64,14 @@ DEFAULT_STATE_FILE = REPO_ROOT / ".ray_netns_cluster.json"
 STATE_ENV = "MVIT_NETNS_STATE"  # overrides the default state file
 NAME_PREFIX = "mvnc-"  # every namespace of every such cluster: mvnc-<6 hex>-<role>
 _PREFIX_RE = re.compile(r"^mvnc-[0-9a-f]{6}$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SUBNET = "10.213.0"  # the /24 that exists only inside a cluster's namespaces (each cluster has its own bridge)
-HEAD_HOST, CLIENT_HOST, MAX_WORKERS = 1, 254, 200  # head .1, worker i .(1+i), client .254
+HEAD_HOST, S3_HOST, CLIENT_HOST, MAX_WORKERS = 1, 253, 254, 200  # head .1, worker i .(1+i), S3 .253, client .254
 GCS_PORT, DASHBOARD_PORT, AGENT_PORT, CLIENT_SERVER_PORT = 6379, 8265, 52365, 10001  # Ray's defaults
 GPU_GROUP, GPU_RESOURCE = "gpu-workers", "mvit_gpu_node"  # k8s/base/ray-train.yaml's GPU worker group
 CPU_GROUP, CPU_RESOURCE = "cpu-workers", "mvit_cpu_node"  # ... and its CPU group (resource: ours)
+S3_GROUP, S3_PORT, DEFAULT_BUCKET = "s3", 5000, "mvit"  # the optional S3 node: moto on 10.213.0.253:5000
+S3_REGION = "us-east-1"
 # The cluster's files: token, logs, each node's Ray temp dir. Short on purpose: Ray's Unix sockets live
 # under <temp dir>/session_<date>_<pid>/sockets/ and a socket path may not exceed 107 bytes.
 RUN_ROOT = Path("/tmp")
@@ -65,6 +79,12 @@ RUN_ROOT = Path("/tmp")
 # single-machine mode (which refuses other nodes).
 _DROPPED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
                 *LOOPBACK_ENV)
+# With an S3 node, inherited AWS settings that would point a node or client at another account, role,
+# endpoint or region than the cluster's own (s3_env sets the rest).
+_DROPPED_AWS_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                    "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CA_BUNDLE")
 
 
 class NetnsError(RuntimeError):
@@ -73,17 +93,17 @@ class NetnsError(RuntimeError):
 
 @dataclass
 class Node:
-    """One namespace of the cluster: a Ray node (head, worker) or the client namespace."""
+    """One namespace of the cluster: a Ray node (head, worker), the S3 node or the client namespace."""
 
-    name: str  # head, w1, w2, ..., client
+    name: str  # head, w1, w2, ..., s3, client
     namespace: str
     ip: str
-    group: str  # head, gpu-workers, cpu-workers, client
+    group: str  # head, gpu-workers, cpu-workers, s3, client
     num_cpus: int = 0
     resources: dict[str, float] = field(default_factory=dict)
-    pid: int | None = None  # the node's `ray start --block` (inside `unshare`); None: not started / client
+    pid: int | None = None  # its `ray start --block` / `moto_server` (inside `unshare`); None: not started, client
     temp_dir: str | None = None  # its Ray --temp-dir
-    log: str | None = None  # stdout/stderr of its `ray start`
+    log: str | None = None  # stdout/stderr of its `ray start` / `moto_server`
 
 
 @dataclass
@@ -94,9 +114,11 @@ class NetnsCluster:
     run_dir: Path  # token, logs, the nodes' Ray temp dirs
     token_file: Path
     state_file: Path
-    nodes: list[Node]  # head first, then w1..wN
+    nodes: list[Node]  # head first, then w1..wN (the Ray nodes)
     client: Node
     status: str = "starting"  # starting (possibly half-built) | running
+    s3: Node | None = None  # the optional S3 node (moto), no Ray process
+    s3_bucket: str | None = None  # the bucket `start` created on it
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -106,7 +128,15 @@ class NetnsCluster:
     @property
     def namespaces(self) -> list[str]:
         """Every namespace of the cluster, the bridge's last (what the others hang on)."""
-        return [n.namespace for n in (*self.nodes, self.client)] + [self.bridge_namespace]
+        return [n.namespace for n in self.members] + [self.bridge_namespace]
+
+    @property
+    def members(self) -> list[Node]:
+        """Every namespace's node: the Ray nodes, the S3 node (if any), the client."""
+        return [*self.nodes, *([self.s3] if self.s3 else []), self.client]
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.members if n.name == name)
 
     @property
     def head(self) -> Node:
@@ -124,13 +154,47 @@ class NetnsCluster:
     def dashboard_url(self) -> str:
         return f"http://{self.head.ip}:{DASHBOARD_PORT}"
 
+    @property
+    def s3_endpoint(self) -> str | None:
+        """``http://10.213.0.253:5000`` with an S3 node, else None."""
+        return f"http://{self.s3.ip}:{S3_PORT}" if self.s3 else None
+
+    @property
+    def s3_credentials_file(self) -> Path:
+        return self.run_dir / "s3-credentials.json"
+
+    def s3_env(self) -> dict[str, str]:
+        """The S3 settings every Ray node and client of a cluster with an S3 node gets: the endpoint
+        (``AWS_ENDPOINT_URL``, which core/s3.py and botocore read), the region, the cluster's random dummy
+        credentials (moto accepts any), no AWS config files and no instance metadata lookups; empty without
+        an S3 node. As in k8s/base/ray-train.yaml, these reach the Ray processes as the nodes' environment,
+        never through a job's runtime_env (which Ray stores, shows in ``ray job list`` and the dashboard, and
+        writes to its logs)."""
+        if self.s3 is None:
+            return {}
+        env = {"AWS_ENDPOINT_URL": str(self.s3_endpoint), "AWS_DEFAULT_REGION": S3_REGION,
+               "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+               "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials", "AWS_EC2_METADATA_DISABLED": "true"}
+        if self.s3_credentials_file.exists():  # not yet (or no longer) on a half-built (half-stopped) cluster
+            keys = json.loads(self.s3_credentials_file.read_text())
+            env.update(AWS_ACCESS_KEY_ID=keys["access_key_id"], AWS_SECRET_ACCESS_KEY=keys["secret_access_key"])
+        return env
+
+    def _base_env(self) -> dict[str, str]:
+        """This process's environment without the settings that would point elsewhere, plus the S3 node's."""
+        dropped = (*_DROPPED_ENV, *(_DROPPED_AWS_ENV if self.s3 else ()))
+        env = {k: v for k, v in os.environ.items() if k not in dropped}
+        env.update(self.s3_env(), PATH=_venv_path())
+        return env
+
     # ---- clients -------------------------------------------------------------------------------------
 
     def client_env(self, auth: bool = True) -> dict[str, str]:
         """Environment of a client in the client namespace: ``ray status`` and ``ray.init`` read RAY_ADDRESS
-        (the GCS), ``ray job ...`` RAY_API_SERVER_ADDRESS (the dashboard); the token unless ``auth=False``."""
-        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-        env.update(PATH=_venv_path(), RAY_ADDRESS=self.gcs_address, RAY_API_SERVER_ADDRESS=self.dashboard_url)
+        (the GCS), ``ray job ...`` RAY_API_SERVER_ADDRESS (the dashboard); the token unless ``auth=False``;
+        with an S3 node, its endpoint and credentials (``s3_env``)."""
+        env = self._base_env()
+        env.update(RAY_ADDRESS=self.gcs_address, RAY_API_SERVER_ADDRESS=self.dashboard_url)
         if auth:
             env.update(auth_env(self.token_file))
         return env
@@ -174,6 +238,25 @@ class NetnsCluster:
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.probe().get("nodes") or [] if n.get("state") == "ALIVE"]
 
+    def where(self, submission_id: str, timeout_s: float = 60.0) -> dict:
+        """Where a submitted job's actors and tasks ran, as Ray's state API recorded it (asked from the client
+        namespace): ``{"job_ids": [...], "actors": [...], "tasks": [...]}``, each actor ``{"class_name",
+        "state", "node_ip", "node"}`` and each task ``{"name", "state", "node_ip", "node"}``, ``node`` being
+        this cluster's name for it (head, w1, ...). Finished tasks and dead actors are kept by Ray (up to its
+        limits), so this works after the job ended."""
+        cmd = [sys.executable, "-m", "pipeline.netns_cluster", "_where", "--dashboard", self.dashboard_url,
+               submission_id]
+        done = subprocess.run(["ip", "netns", "exec", self.client.namespace, *cmd], cwd=REPO_ROOT,
+                              env=self.client_env(), capture_output=True, text=True, timeout=timeout_s)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise NetnsError(f"cannot list where job {submission_id} ran: {_last_line(done.stderr) or 'no answer'}")
+        found = json.loads(lines[-1])
+        names = {n.ip: n.name for n in self.nodes}
+        for row in (*found["actors"], *found["tasks"]):
+            row["node"] = names.get(row["node_ip"])
+        return found
+
     # ---- state ---------------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
@@ -181,13 +264,16 @@ class NetnsCluster:
                 "token_file": str(self.token_file), "state_file": str(self.state_file),
                 "subnet": f"{SUBNET}.0/24", "bridge_namespace": self.bridge_namespace,
                 "gcs_address": self.gcs_address, "dashboard_url": self.dashboard_url,
-                "nodes": [asdict(n) for n in self.nodes], "client": asdict(self.client)}
+                "nodes": [asdict(n) for n in self.nodes], "client": asdict(self.client),
+                "s3": asdict(self.s3) if self.s3 else None, "s3_endpoint": self.s3_endpoint,
+                "s3_bucket": self.s3_bucket}
 
     @classmethod
     def from_json(cls, data: dict) -> NetnsCluster:
         return cls(prefix=data["prefix"], run_dir=Path(data["run_dir"]), token_file=Path(data["token_file"]),
                    state_file=Path(data["state_file"]), nodes=[Node(**n) for n in data["nodes"]],
-                   client=Node(**data["client"]), status=data.get("status", "starting"))
+                   client=Node(**data["client"]), status=data.get("status", "starting"),
+                   s3=Node(**data["s3"]) if data.get("s3") else None, s3_bucket=data.get("s3_bucket"))
 
     def save(self) -> None:
         """Writes the state file atomically (a reader never sees half of it)."""
@@ -209,7 +295,7 @@ class NetnsCluster:
         _add_namespace(br)
         _ip("-n", br, "link", "add", "br0", "type", "bridge")
         _ip("-n", br, "link", "set", "br0", "up")
-        for node in (*self.nodes, self.client):
+        for node in self.members:
             _add_namespace(node.namespace)
             _ip("-n", node.namespace, "link", "set", "lo", "up")
             port = f"v-{node.name}"
@@ -233,15 +319,53 @@ class NetnsCluster:
             cmd += ["--address", self.gcs_address]
         if node.resources:
             cmd += ["--resources", json.dumps(node.resources)]
-        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-        # job entrypoints say `python`: this interpreter (the venv) comes first on every node's PATH
-        env.update(auth_env(self.token_file), PATH=_venv_path(), RAY_USAGE_STATS_ENABLED="0")
+        # job entrypoints say `python`: this interpreter (the venv) comes first on every node's PATH (_base_env);
+        # with an S3 node, every Ray process of the node (drivers, tasks, actors) inherits its settings
+        # GLOO_SOCKET_IFNAME: the namespaces share the machine's host name and /etc/hosts, where it resolves
+        # to 127.0.0.1, so gloo (torch.distributed on CPU) would advertise loopback to the other ranks; each
+        # node's one interface to the others is eth0 (on real machines the host name resolves to their address)
+        env = {**self._base_env(), **auth_env(self.token_file), "RAY_USAGE_STATS_ENABLED": "0",
+               "GLOO_SOCKET_IFNAME": "eth0"}
+        self._spawn(node, cmd, env, cwd=node.temp_dir)
+
+    def _spawn(self, node: Node, cmd: Sequence[str], env: dict[str, str], cwd: str | Path) -> None:
+        """``cmd`` inside ``node``'s network namespace and a fresh PID namespace (own /proc), output to its log."""
         wrapped = ["ip", "netns", "exec", node.namespace, "unshare", "--pid", "--fork", "--mount-proc", *cmd]
-        with open(node.log, "w") as log:
-            proc = subprocess.Popen(wrapped, env=env, cwd=node.temp_dir, stdin=subprocess.DEVNULL, stdout=log,
+        with open(str(node.log), "w") as log:
+            proc = subprocess.Popen(wrapped, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self._procs[node.name] = proc
         node.pid = proc.pid
+        self.save()
+
+    def start_s3(self, bucket: str, timeout_s: float) -> None:
+        """The S3 node: a moto server on ``10.213.0.253:5000`` in its own network and PID namespace (its
+        objects live in its memory, gone with it), fresh random dummy credentials in a 0600 file, and
+        ``bucket`` created through it from the client namespace (which also proves it answers)."""
+        assert self.s3 is not None
+        keys = {"access_key_id": "MVNC" + secrets.token_hex(8).upper(), "secret_access_key": secrets.token_hex(20)}
+        fd = os.open(self.s3_credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+        self.s3.log = str(self.run_dir / "s3.log")
+        env = {"PATH": _venv_path(), "HOME": str(self.run_dir), "LANG": os.environ.get("LANG", "C.UTF-8")}
+        self._spawn(self.s3, [str(Path(sys.executable).with_name("moto_server")), "-H", self.s3.ip, "-p",
+                              str(S3_PORT)], env, cwd=self.run_dir)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            proc = self._procs[self.s3.name]
+            if proc.poll() is not None:
+                raise NetnsError(f"moto_server on {self.s3.ip} exited with {proc.returncode}; log {self.s3.log}:\n"
+                                 f"{Path(self.s3.log).read_text()[-2000:]}")
+            done = self.exec([sys.executable, "-c", _MAKE_BUCKET, bucket], auth=False, capture_output=True, text=True,
+                             timeout=60)
+            if done.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise NetnsError(f"the S3 node {self.s3_endpoint} did not create bucket {bucket!r} within "
+                                 f"{timeout_s:.0f}s: {_last_line(done.stderr)}; log {self.s3.log}")
+            time.sleep(0.5)
+        self.s3_bucket = bucket
         self.save()
 
     def wait_ready(self, count: int, timeout_s: float, need_agent: bool = False) -> list[dict]:
@@ -252,9 +376,10 @@ class NetnsCluster:
         while time.monotonic() < deadline:
             for name, proc in self._procs.items():
                 if proc.poll() is not None:
-                    node = next(n for n in self.nodes if n.name == name)
+                    node = self.node(name)
                     tail = Path(node.log).read_text()[-2000:] if node.log and Path(node.log).exists() else ""
-                    raise NetnsError(f"ray start on {name} ({node.ip}) exited with {proc.returncode}; log {node.log}:\n"
+                    what = "moto_server" if node is self.s3 else "ray start"
+                    raise NetnsError(f"{what} on {name} ({node.ip}) exited with {proc.returncode}; log {node.log}:\n"
                                      f"{tail}")
             last = self.probe()
             alive = [n for n in last.get("nodes") or [] if n.get("state") == "ALIVE"]
@@ -288,7 +413,7 @@ class NetnsCluster:
         process whose command line names its run dir (every Ray process gets its node's temp dir there)."""
         spaces = sorted(set(self.namespaces) & set(list_namespaces()))
         links = [line for line in _ip("-o", "link", "show").splitlines() if self.prefix in line]
-        pids = set(namespace_pids(spaces)) | {p for p in (n.pid for n in self.nodes) if p and _alive(p)}
+        pids = set(namespace_pids(spaces)) | {p for p in (n.pid for n in self.members) if p and _alive(p)}
         marker = str(self.run_dir).encode()
         for entry in os.listdir("/proc"):
             if entry.isdigit() and int(entry) != os.getpid():
@@ -305,8 +430,9 @@ class NetnsCluster:
 
 
 def new_cluster(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1,
-                state_file: Path = DEFAULT_STATE_FILE, prefix: str | None = None) -> NetnsCluster:
-    """The description of a cluster (nothing is created): fresh prefix, addresses, groups, resources."""
+                state_file: Path = DEFAULT_STATE_FILE, prefix: str | None = None, s3: bool = False) -> NetnsCluster:
+    """The description of a cluster (nothing is created): fresh prefix, addresses, groups, resources;
+    with ``s3``, an S3 node (moto) at .253."""
     if not 1 <= workers <= MAX_WORKERS:
         raise NetnsError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     if not 0 <= gpu_workers <= workers:
@@ -320,24 +446,31 @@ def new_cluster(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1
         nodes.append(Node(f"w{i}", f"{prefix}-w{i}", f"{SUBNET}.{HEAD_HOST + i}", group, num_cpus=cpus_per_worker,
                           resources={resource: 1.0}))
     client = Node("client", f"{prefix}-client", f"{SUBNET}.{CLIENT_HOST}", "client")
+    s3_node = Node("s3", f"{prefix}-s3", f"{SUBNET}.{S3_HOST}", S3_GROUP) if s3 else None
     run_dir = RUN_ROOT / prefix
-    return NetnsCluster(prefix, run_dir, run_dir / "token", Path(state_file), nodes, client)
+    return NetnsCluster(prefix, run_dir, run_dir / "token", Path(state_file), nodes, client, s3=s3_node)
 
 
 def start(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1, object_store_mb: int = 512,
-          state_file: Path = DEFAULT_STATE_FILE, timeout_s: float = 240.0) -> NetnsCluster:
-    """Builds the namespaces and bridge, starts the head, then the workers, and waits until every node is
-    alive and the head accepts jobs. On any failure it tears down what it built (logs kept) and raises."""
+          state_file: Path = DEFAULT_STATE_FILE, timeout_s: float = 240.0, s3: bool = False,
+          s3_bucket: str = DEFAULT_BUCKET) -> NetnsCluster:
+    """Builds the namespaces and bridge, starts the S3 node (with ``s3``: moto, bucket ``s3_bucket`` made),
+    the head, then the workers, and waits until every node is alive and the head accepts jobs. On any
+    failure it tears down what it built (logs kept) and raises."""
     require_netns()
+    if s3 and not _BUCKET_RE.match(s3_bucket):
+        raise NetnsError(f"--s3-bucket must be an S3 bucket name (3-63 of a-z 0-9 . -), got {s3_bucket!r}")
     state_file = Path(state_file)
     if state_file.exists():
         raise NetnsError(f"a netns cluster is already recorded in {state_file}; stop it first "
                          f"(python -m pipeline.netns_cluster --state {state_file} stop)")
-    cluster = new_cluster(workers, gpu_workers, cpus_per_worker, state_file)
+    cluster = new_cluster(workers, gpu_workers, cpus_per_worker, state_file, s3=s3)
     cluster.run_dir.mkdir(mode=0o700, parents=True)
     try:
         ensure_token(cluster.token_file)
         cluster.build_network()
+        if s3:  # first: the nodes get its settings in their environment when they start
+            cluster.start_s3(s3_bucket, timeout_s)
         cluster.start_node(cluster.head, object_store_mb)
         cluster.wait_ready(1, timeout_s)
         for worker in cluster.workers:
@@ -474,6 +607,15 @@ def _venv_path() -> str:
     return str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
 
 
+# Run in the client namespace by start_s3: creates the bucket on the S3 node (fails while it is not up yet).
+_MAKE_BUCKET = """
+import os, sys
+import boto3, botocore.config
+config = botocore.config.Config(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 1})
+boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], config=config).create_bucket(Bucket=sys.argv[1])
+"""
+
+
 def _probe_main(dashboard: str, agent: str | None) -> int:
     """Runs inside the client namespace (with the token in its environment): prints Ray's node list (the
     public state API) and whether the head's job agent port accepts connections, as one JSON object."""
@@ -498,6 +640,49 @@ def _probe_main(dashboard: str, agent: str | None) -> int:
     return 0
 
 
+def _where_main(dashboard: str, submission_id: str) -> int:
+    """Runs inside the client namespace: the actors and tasks of the Ray jobs a submission started, with the
+    address of the node each ran on, as one JSON object (see ``NetnsCluster.where``)."""
+    from ray.util.state import list_actors, list_jobs, list_nodes, list_tasks
+
+    def get(row, key):  # noqa: ANN001, ANN202 - the state API's rows are dataclasses or dicts
+        return row.get(key) if isinstance(row, dict) else getattr(row, key, None)
+
+    common = {"address": dashboard, "limit": 10000, "timeout": 30, "raise_on_missing_output": False}
+    ips = {get(n, "node_id"): get(n, "node_ip") for n in list_nodes(**common)}
+    job_ids = sorted({get(j, "job_id") for j in list_jobs(address=dashboard, limit=10000, timeout=30)
+                      if get(j, "submission_id") == submission_id and get(j, "job_id")})
+    result: dict = {"job_ids": job_ids, "actors": [], "tasks": []}
+    for job_id in job_ids:
+        for row in list_actors(filters=[("job_id", "=", job_id)], detail=True, **common):
+            result["actors"].append({"class_name": get(row, "class_name"), "state": str(get(row, "state")),
+                                     "node_ip": ips.get(get(row, "node_id"))})
+        for row in list_tasks(filters=[("job_id", "=", job_id)], detail=True, **common):
+            if str(get(row, "type")).endswith("NORMAL_TASK"):
+                result["tasks"].append({"name": get(row, "name"), "state": str(get(row, "state")),
+                                        "node_ip": ips.get(get(row, "node_id"))})
+    print(json.dumps(result))
+    return 0
+
+
+def _print_where(cluster: NetnsCluster, submission_id: str) -> int:
+    found = cluster.where(submission_id)
+    if not found["job_ids"]:
+        print(f"no Ray job of submission {submission_id!r} is known to the cluster")
+        return 1
+    groups = {n.ip: n.group for n in cluster.nodes}
+    print(f"submission {submission_id}: Ray job(s) {', '.join(found['job_ids'])}")
+    counts: dict[tuple, int] = {}
+    for kind, key in (("actor", "class_name"), ("task", "name")):
+        for row in found[f"{kind}s"]:
+            place = (kind, str(row[key]), row["node"] or "?", row["node_ip"] or "not placed")
+            counts[place] = counts.get(place, 0) + 1
+    width = max((len(name) for _, name, _, _ in counts), default=0)
+    for (kind, name, node, ip), count in sorted(counts.items(), key=lambda item: (item[0][0], item[0][2], item[0][1])):
+        print(f"  {kind:<5} {count:>3} x {name:<{width}}  on {node:<5} {ip:<13} {groups.get(ip, '')}")
+    return 0
+
+
 def _print_status(cluster: NetnsCluster) -> int:
     existing = set(list_namespaces())
     print(f"netns cluster {cluster.prefix} ({cluster.status}); state {cluster.state_file}")
@@ -505,10 +690,15 @@ def _print_status(cluster: NetnsCluster) -> int:
           f"the cluster's namespaces: use exec)")
     print(f"  token {cluster.token_file}, logs and Ray temp dirs in {cluster.run_dir}")
     nodes = {n.get("node_ip"): n for n in (cluster.probe().get("nodes") or []) if n.get("state") == "ALIVE"}
-    for node in (*cluster.nodes, cluster.client):
+    if cluster.s3:
+        print(f"  S3 {cluster.s3_endpoint} (moto; bucket {cluster.s3_bucket!r}; dummy credentials in "
+              f"{cluster.s3_credentials_file}, set for every node and for exec)")
+    for node in cluster.members:
         ns_state = "ok" if node.namespace in existing else "MISSING"
         ray_state = ""
-        if node is not cluster.client:
+        if node is cluster.s3:
+            ray_state = "moto S3 server"
+        elif node is not cluster.client:
             info = nodes.get(node.ip)
             ray_state = (f"ray ALIVE, resources {_short_resources(info.get('resources_total') or {})}" if info
                          else "ray not alive")
@@ -533,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", type=Path, default=Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_FILE),
                         help=f"the cluster's state file (default: ${STATE_ENV} or {DEFAULT_STATE_FILE})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{start,stop,status,exec}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{start,stop,status,exec,where}")
     start_p = sub.add_parser("start", help="build the namespaces and start the head and the workers")
     start_p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
     start_p.add_argument("--gpu-workers", type=int, default=1,
@@ -542,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     start_p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs each worker advertises (default 1)")
     start_p.add_argument("--object-store-mb", type=int, default=512, help="object store per node (default 512)")
     start_p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the nodes (default 240)")
+    start_p.add_argument("--s3", action="store_true",
+                         help=f"add an S3 node: a moto server at http://{SUBNET}.{S3_HOST}:{S3_PORT} in its own "
+                              "namespace, its endpoint and dummy credentials in every node's and exec's environment")
+    start_p.add_argument("--s3-bucket", default=DEFAULT_BUCKET,
+                         help=f"the bucket created on the S3 node (default {DEFAULT_BUCKET})")
     stop_p = sub.add_parser("stop", help="kill every process of the cluster, delete its namespaces and files")
     stop_p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
     stop_p.add_argument("--keep-files", action="store_true", help="keep the run dir (logs, Ray temp dirs)")
@@ -550,6 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     exec_p = sub.add_parser("exec", help="run a command in the client namespace with RAY_ADDRESS and the token set "
                                          "(exec -- CMD ...)")
     exec_p.add_argument("cmd", nargs=argparse.REMAINDER)
+    where_p = sub.add_parser("where", help="on which node each actor and task of a submitted job ran (Ray's state API)")
+    where_p.add_argument("submission_id", help="the id `ray job submit` printed (raysubmit_... or --submission-id)")
+    where_p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    where_int = sub.add_parser("_where")  # internal: runs inside the client namespace (NetnsCluster.where)
+    where_int.add_argument("--dashboard", required=True)
+    where_int.add_argument("submission_id")
     probe_p = sub.add_parser("_probe")  # internal: runs inside the client namespace (NetnsCluster.probe)
     probe_p.add_argument("--dashboard", required=True)
     probe_p.add_argument("--agent")
@@ -558,14 +759,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "_probe":
             return _probe_main(args.dashboard, args.agent)
+        if args.command == "_where":
+            return _where_main(args.dashboard, args.submission_id)
         if args.command == "start":
             cluster = start(args.workers, args.gpu_workers, args.cpus_per_worker, args.object_store_mb, args.state,
-                            args.timeout)
+                            args.timeout, s3=args.s3, s3_bucket=args.s3_bucket)
             groups = ", ".join(f"{w.name} {w.ip} ({w.group}: {', '.join(w.resources)})" for w in cluster.workers)
             print(f"netns cluster {cluster.prefix}: head {cluster.head.ip} (0 CPUs), workers {groups}; "
                   f"client namespace {cluster.client.namespace} ({cluster.client.ip})")
             print(f"  GCS {cluster.gcs_address}, dashboard {cluster.dashboard_url} (token auth on, "
                   f"reachable only from the cluster's namespaces)")
+            if cluster.s3:
+                print(f"  S3 node {cluster.s3_endpoint} (moto), bucket s3://{cluster.s3_bucket}; its endpoint and "
+                      f"dummy credentials are in every node's environment and exec's")
             print("  e.g. scripts/netns-cluster exec -- ray status; stop: scripts/netns-cluster stop")
             return 0
         if args.command == "stop" and args.prefix:
@@ -589,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _print_status(cluster)
+        if args.command == "where":
+            if args.json:
+                print(json.dumps(cluster.where(args.submission_id)))
+                return 0
+            return _print_where(cluster, args.submission_id)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             parser.error("exec needs a command after --")
