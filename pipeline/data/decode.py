@@ -164,7 +164,10 @@ class Decoder:
     def __del__(self) -> None:
         process = getattr(self, "_process", None)
         if process is not None:
-            process.close()
+            try:
+                process.close()
+            except (OSError, EOFError):  # at interpreter exit the zygote may be gone first: nothing to close
+                pass
 
     def _decode_one(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
         if self._process is not None:

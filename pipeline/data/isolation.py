@@ -27,9 +27,10 @@ asks the kernel to kill it when its parent goes, so a hung child never outlives 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
+import math
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 300  # the zygote imports torch and Decord before it answers
 _CONTROL_BYTES = 1 << 16
+_HEADER_BYTES = 1 << 12
 
 
 class SampleFailed(Exception):
@@ -91,14 +93,14 @@ def _serve(conn: Connection) -> None:
     from core.faults import fire_decode_fault
     from pipeline.data.decode import SampleDecoder
 
-    settings: ChildSettings = conn.recv()
+    settings: ChildSettings = conn.recv()  # from the actor (the child trusts its actor, not the reverse)
     try:
         decoder = SampleDecoder(settings.cfg, settings.modality, settings.train, settings.device_kind,
                                 settings.device_index)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the actor raises it: a broken set-up is not a bad sample
-        conn.send(("init-error", f"{type(exc).__name__}: {exc}"))
+        _send_header(conn, "init-error", message=f"{type(exc).__name__}: {exc}")
         return
-    conn.send(("ready", None))
+    _send_header(conn, "ready")
     while True:
         try:
             message = conn.recv()
@@ -110,9 +112,34 @@ def _serve(conn: Connection) -> None:
         try:
             if fault:
                 fire_decode_fault(fault)
-            conn.send(("ok", decoder.decode(data, meta, key, epoch)))
+            views = np.ascontiguousarray(decoder.decode(data, meta, key, epoch))
         except Exception as exc:  # noqa: BLE001 - reported to the actor, which records the sample FAILED
-            conn.send(("error", f"{type(exc).__name__}: {exc}"[:300]))
+            _send_header(conn, "error", message=f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        _send_header(conn, "ok", dtype=str(views.dtype), shape=list(views.shape))
+        conn.send_bytes(memoryview(views).cast("B"))
+
+
+def _send_header(conn: Connection, status: str, **fields: Any) -> None:
+    """Child -> actor messages are JSON and raw bytes, never pickles: a child that untrusted media
+    has compromised must not be able to make the actor run code by what it sends back."""
+    conn.send_bytes(json.dumps({"status": status, **fields}).encode())
+
+
+def _read_reply(conn: Connection) -> tuple[str, Any]:
+    """(status, views or message) from the child; anything malformed is an error of that sample."""
+    try:
+        header = json.loads(conn.recv_bytes(_HEADER_BYTES))
+        status = str(header.get("status"))
+    except (ValueError, AttributeError):
+        return "error", "the decode process sent a malformed reply"
+    if status != "ok":
+        return status, str(header.get("message", ""))[:300]
+    shape = tuple(int(n) for n in header.get("shape", ()))
+    data = conn.recv_bytes()
+    if header.get("dtype") != "uint8" or len(data) != math.prod(shape):
+        return "error", f"the decode process sent {header.get('dtype')} {list(shape)} in {len(data)} bytes"
+    return "ok", np.frombuffer(data, np.uint8).reshape(shape)
 
 
 # ---- the zygote: imports once, forks children, reaps them --------------------------------------------
@@ -124,7 +151,7 @@ def _zygote_main(control: socket.socket) -> None:
     import pipeline.data.decode
 
     pipeline.data.decode.load_decord()
-    control.send(pickle.dumps(("ready",)))
+    control.send(_control(["ready"]))
     while True:
         try:
             raw = control.recv(_CONTROL_BYTES)
@@ -132,7 +159,7 @@ def _zygote_main(control: socket.socket) -> None:
             return
         if not raw:
             return
-        request = pickle.loads(raw)
+        request = json.loads(raw)
         if request[0] == "fork":
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             pid = os.fork()
@@ -148,13 +175,17 @@ def _zygote_main(control: socket.socket) -> None:
                 finally:
                     os._exit(code)
             theirs.close()
-            socket.send_fds(control, [pickle.dumps(("forked", pid))], [ours.fileno()])
+            socket.send_fds(control, [_control(["forked", pid])], [ours.fileno()])
             ours.close()
         elif request[0] == "wait":
             _, pid, timeout = request
-            control.send(pickle.dumps(("exit", _reap(pid, timeout))))
+            control.send(_control(["exit", _reap(pid, timeout)]))
         else:
             return
+
+
+def _control(message: list) -> bytes:
+    return json.dumps(message).encode()
 
 
 def _reap(pid: int, timeout: float) -> int | None:
@@ -191,36 +222,36 @@ class _Zygote:
         except (OSError, EOFError) as err:
             self.close()
             raise RuntimeError(f"the decode zygote could not start: {err or exit_text(self.process.poll())}") from None
-        if reply != ("ready",):
+        if reply != ["ready"]:
             self.close()
             raise RuntimeError(f"the decode zygote could not start: {reply}")
         self.control.settimeout(60)
         self._ready = True
 
-    def _recv(self) -> tuple:
+    def _recv(self) -> list:
         raw = self.control.recv(_CONTROL_BYTES)
         if not raw:
             raise EOFError(f"the decode zygote {exit_text(self.process.poll())}")
-        return pickle.loads(raw)
+        return json.loads(raw)
 
     def fork(self) -> tuple[int, Connection]:
         if not self._ready:
             self._wait_ready()
-        self.control.send(pickle.dumps(("fork",)))
+        self.control.send(_control(["fork"]))
         raw, fds, _, _ = socket.recv_fds(self.control, _CONTROL_BYTES, 1)
         if not raw or not fds:
             raise EOFError(f"the decode zygote {exit_text(self.process.poll())}")
-        _, pid = pickle.loads(raw)
-        return pid, Connection(fds[0])
+        _, pid = json.loads(raw)
+        return int(pid), Connection(fds[0])
 
     def wait(self, pid: int, timeout: float) -> int | None:
         """The child's exit code once it has ended (None if it is still running after ``timeout``)."""
-        self.control.send(pickle.dumps(("wait", pid, timeout)))
+        self.control.send(_control(["wait", pid, timeout]))
         return self._recv()[1]
 
     def close(self) -> None:
         try:
-            self.control.send(pickle.dumps(("quit",)))
+            self.control.send(_control(["quit"]))
         except OSError:
             pass
         self.control.close()
@@ -249,7 +280,7 @@ class DecodeProcess:
         self._served = 0
         try:
             self._conn.send(self.settings)
-            reply = self._conn.recv() if self._conn.poll(_START_TIMEOUT_S) else ("init-error", "no answer")
+            reply = _read_reply(self._conn) if self._conn.poll(_START_TIMEOUT_S) else ("init-error", "no answer")
         except (EOFError, OSError):
             reply = ("init-error", exit_text(self._zygote.wait(self.pid, 5)))
         if reply[0] != "ready":
@@ -267,13 +298,16 @@ class DecodeProcess:
                 conn.send(None)
             except OSError:
                 kill = True
-        code = self._zygote.wait(pid, 0 if kill else 5)
-        if code is None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            code = self._zygote.wait(pid, 5)
+        try:
+            code = self._zygote.wait(pid, 0 if kill else 5)
+            if code is None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                code = self._zygote.wait(pid, 5)
+        except (OSError, EOFError):  # the zygote is gone (the actor is shutting down): so is the child
+            code = None
         conn.close()
         return code
 
@@ -298,7 +332,7 @@ class DecodeProcess:
             try:
                 self._conn.send((data, meta, key, epoch, planted))
                 ready = self._conn.poll(self.timeout_s)
-                reply = self._conn.recv() if ready else None
+                reply = _read_reply(self._conn) if ready else None
             except (EOFError, OSError):  # the child died while receiving or decoding
                 ready, reply = True, None
             self._served += 1

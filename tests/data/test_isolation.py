@@ -216,3 +216,25 @@ def test_fault_plans_are_checked() -> None:
     plan = faults.parse('{"decode": {"k": "hang:2"}, "raise_at": {"rank": 1, "step": 3}}')
     assert [plan.decode_fault("k", a) for a in (1, 2, 3)] == ["hang", "hang", None]
     assert plan.raise_at == (1, 3) and plan.decode_fault("other", 1) is None
+
+
+def test_replies_from_the_child_are_checked_data_never_pickles() -> None:
+    """What a decode child sends back is JSON plus raw uint8 bytes: a pickle or a mis-sized array is a failed sample."""
+    import multiprocessing
+    import pickle
+
+    from pipeline.data.isolation import _read_reply
+
+    ours, theirs = multiprocessing.Pipe()
+    theirs.send_bytes(json.dumps({"status": "ok", "dtype": "uint8", "shape": [2, 2]}).encode())
+    theirs.send_bytes(bytes([1, 2, 3, 4]))
+    status, views = _read_reply(ours)
+    assert status == "ok" and views.tolist() == [[1, 2], [3, 4]]
+    theirs.send_bytes(pickle.dumps(("ok", np.zeros(3))))  # what a compromised child might try
+    assert _read_reply(ours) == ("error", "the decode process sent a malformed reply")
+    theirs.send_bytes(json.dumps({"status": "ok", "dtype": "object", "shape": [1]}).encode())
+    theirs.send_bytes(b"x")
+    assert _read_reply(ours)[0] == "error"
+    theirs.send_bytes(json.dumps({"status": "ok", "dtype": "uint8", "shape": [3]}).encode())
+    theirs.send_bytes(b"xx")
+    assert _read_reply(ours) == ("error", "the decode process sent uint8 [3] in 2 bytes")

@@ -131,7 +131,7 @@ def test_a_decoder_actor_dying_past_its_restarts_fails_the_epoch_instead_of_retr
     """decoder.max_restarts=0 and the actor SIGKILLed mid-epoch: the epoch raises instead of replaying the batch forever."""
     import threading
 
-    import psutil
+    from processes import local_processes
 
     from pipeline.data.loader import ShardLoader
     from pipeline.data.service import build_dataset
@@ -149,8 +149,8 @@ def test_a_decoder_actor_dying_past_its_restarts_fails_the_epoch_instead_of_retr
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             outcome["error"] = exc
 
-    def decoders() -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"]) if any("MapBatches(Decoder)" in c for c in p.info["cmdline"] or ())]
+    def decoders() -> list:
+        return local_processes("MapBatches(Decoder)")
 
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
