@@ -103,6 +103,32 @@ class EpochStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def carry(self, before: dict[str, int] | None = None) -> dict[str, int]:
+        """What a checkpoint taken now keeps of this (merged, partial) epoch, so that the epoch resumed
+        from it, on any number of workers, can still be checked whole (``with_carry``). ``before``: the
+        carry this epoch was itself resumed with."""
+        before = before or {"position": self.start, "samples": 0, "failed": 0, "unkeyed": 0, "fingerprint": 0}
+        if before["position"] != self.start:
+            raise ValueError(f"carry from position {before['position']} for an epoch resumed at {self.start}")
+        return {"position": self.start + self.samples + self.failed,
+                "samples": before["samples"] + self.samples, "failed": before["failed"] + self.failed,
+                "unkeyed": before["unkeyed"] + self.unkeyed,
+                "fingerprint": add_digests([before["fingerprint"], self.fingerprint])}
+
+    def with_carry(self, carry: dict[str, int] | None, split_digest: int | None) -> EpochStats:
+        """This (merged) resumed epoch plus what the samples before its resume position added up to:
+        the whole epoch, as if read at once, so ``complete`` and the identity check cover all of it.
+        Unchanged when there is no carry, or it does not end where this epoch resumed."""
+        if carry is None or self.start == 0 or carry.get("position") != self.start:
+            return self
+        whole = EpochStats(self.epoch, 0, self.expected + carry["samples"] + carry["failed"],
+                           expected_digest=split_digest)  # fmt: skip
+        for name in _COUNTS:
+            setattr(whole, name, getattr(self, name) + carry.get(name, 0))
+        whole.fingerprint = add_digests([carry["fingerprint"], self.fingerprint])
+        whole.failures = list(self.failures)
+        return whole
+
 
 class DataStalled(RuntimeError):
     """A worker waited too long for its next batch; the message says for what."""

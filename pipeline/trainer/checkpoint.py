@@ -63,6 +63,8 @@ class TrainState:
     mlflow_run_id: str | None = None
     world_size: int = 1
     best_top1: float | None = None
+    # The epoch so far, merged over ranks (``EpochStats.carry``): a resumed epoch is checked whole with it
+    epoch_carry: dict | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainState":

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from core.errors import ConfigError
 
@@ -45,6 +46,10 @@ class TrainerConfig:
     epochs: int = 30
     grad_accum_steps: int = 1  # micro-batches (of data.batch_size rows) per optimiser step
     num_workers: int = 1
+    # Elastic: fewer than num_workers (down to this) when nodes are lost, more again when they return
+    # (Ray Train's elastic mode); None = a fixed size of num_workers
+    min_workers: Optional[int] = None
+    resize_check_s: float = 60.0  # how often a running elastic group looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only with use_gpu
@@ -59,6 +64,10 @@ class TrainerConfig:
     num_checkpoints_to_keep: int = 2
     storage_path: str = "runs"  # local dir or s3://bucket/prefix (RunConfig.storage_path)
     max_failures: int = 0  # automatic restarts from the latest checkpoint
+    # Preemption notices (a node drained by Ray: spot reclaim, eviction): checked every N optimiser steps
+    # (0 = never); on one, checkpoint and wait for the node to go, up to this long past its deadline
+    preemption_check_every_steps: int = 1
+    preemption_wait_s: float = 60.0
     max_steps_per_epoch: int = 0  # cap for smoke runs (0 = the whole epoch)
     # Ray Train's own log lines (worker-group start, every report, every checkpoint): WARNING keeps its
     # warnings and failures; INFO or DEBUG to see everything it does.
@@ -70,7 +79,13 @@ class TrainerConfig:
                      "num_checkpoints_to_keep"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", f"trainer.{name}", getattr(self, name))
-        for name in ("checkpoint_every_steps", "max_failures", "max_steps_per_epoch"):
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"must be in [1, trainer.num_workers={self.num_workers}] (or null: a fixed size)",
+                              "trainer.min_workers", self.min_workers, related=("trainer.num_workers",))
+        for name in ("resize_check_s", "preemption_wait_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError("must be >= 0", f"trainer.{name}", getattr(self, name))
+        for name in ("checkpoint_every_steps", "max_failures", "max_steps_per_epoch", "preemption_check_every_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError("must be >= 0", f"trainer.{name}", getattr(self, name))
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -89,3 +104,12 @@ class TrainerConfig:
         if self.ray_train_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL", "trainer.ray_train_log_level",
                               self.ray_train_log_level)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """``ScalingConfig.num_workers`` of an elastic group: (min, max)."""
+        return (self.min_workers or self.num_workers, self.num_workers)

@@ -196,7 +196,8 @@ def run(cfg: ExperimentConfig) -> Any:
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
+            num_workers=cfg.trainer.worker_range if cfg.trainer.elastic else cfg.trainer.num_workers,
+            elastic_resize_monitor_interval_s=cfg.trainer.resize_check_s,
             use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
                                   **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {}),
@@ -232,7 +233,8 @@ def start_line(cfg: ExperimentConfig, model_cfg: Any, data: DatasetInfo, trackin
     stats = model_stats(model_cfg)  # on the meta device: no memory, no real compute
     t, v = cfg.data.train_split, cfg.data.val_split
     return (f"training {cfg.name}: {cfg.model.preset} {model_cfg.num_frames}x{model_cfg.crop_size}^2, "
-            f"{stats.params_m:.2f}M params, {stats.gflops:.2f} GFLOPs/view | world size {cfg.trainer.num_workers} "
+            f"{stats.params_m:.2f}M params, {stats.gflops:.2f} GFLOPs/view | world size {cfg.trainer.num_workers}"
+            f"{' (elastic, down to %d)' % cfg.trainer.min_workers if cfg.trainer.elastic else ''} "
             f"({'GPU' if cfg.trainer.use_gpu else 'CPU'}), global batch {cfg.global_batch_size} | {t} "
             f"{data.samples[t]} samples in {data.shards[t]} shards, {v} {data.samples[v]} in {data.shards[v]}, "
             f"{len(data.classes)} classes | {cfg.trainer.epochs} epochs | MLflow {redact_value(tracking_uri)} "
@@ -249,6 +251,25 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failure|Exit)\b.
 # reported only when no rank failed otherwise.
 _COLLATERAL = re.compile(r"gloo|nccl|ProcessGroup|Connection closed by peer|Connection reset by peer|"
                          r"IncompleteCheckpointDownload|should have been created by another process", re.IGNORECASE)
+
+
+# A worker Ray Train lost (its process, or its whole node, died) fails Ray Train's health check, whose error
+# describes the worker: ``A worker health check failed. Worker info: Worker(... metadata=ActorMetadata(...
+# node_id='<hex>', node_ip='10.0.0.3', ...)`` (ray/train/v2/_internal/execution/worker_group/worker_group.py).
+_WORKER_NODE_IP = re.compile(r"node_ip='([^']+)'")
+_WORKER_NODE_ID = re.compile(r"node_id='([0-9a-f]+)'")
+
+
+def _lost_worker_node(err: BaseException) -> str:
+    """`` on node IP (node id ABC...)`` for a worker whose health check failed (Ray's description of the
+    worker names its node), else ``""``: a lost node is named in the one line, not only in Ray's log."""
+    if getattr(err, "health_check_failure", None) is None:
+        return ""
+    text = str(err)
+    ip, node_id = _WORKER_NODE_IP.search(text), _WORKER_NODE_ID.search(text)
+    if ip is None:
+        return ""
+    return f" on node {ip.group(1)}" + (f" (node id {node_id.group(1)[:12]})" if node_id else "")
 
 
 def _innermost(err: BaseException) -> BaseException:
@@ -277,9 +298,9 @@ def failure_summary(cfg: ExperimentConfig, err: BaseException) -> str:
     if getattr(cause, "controller_failure", None) is not None:
         where, detail = "controller", _raised_line(_innermost(cause.controller_failure))
     elif getattr(cause, "worker_failures", None):
-        ranked = [(rank, _raised_line(_innermost(e))) for rank, e in sorted(cause.worker_failures.items())]
-        rank, detail = next(((r, d) for r, d in ranked if not _COLLATERAL.search(d)), ranked[0])
-        where = f"rank {rank}"
+        ranked = [(rank, _raised_line(_innermost(e)), e) for rank, e in sorted(cause.worker_failures.items())]
+        rank, detail, error = next(((r, d, e) for r, d, e in ranked if not _COLLATERAL.search(d)), ranked[0])
+        where = f"rank {rank}{_lost_worker_node(error)}"
     else:
         where, detail = "", _raised_line(cause)
     return (f"training job {cfg.name!r} failed (automatic restarts allowed: trainer.max_failures="

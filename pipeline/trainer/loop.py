@@ -133,8 +133,11 @@ class Trainer:
         self.model_cfg = build_model_config(cfg.model)
         self.model = prepare_model(MViT(self.model_cfg), self.ctx, cfg.trainer.precision,
                                    cfg.trainer.activation_checkpointing, cfg.trainer.compile)
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.global_batch_size)
-        self.schedule = LRSchedule(self.optimizer, cfg.optim, cfg.global_batch_size, cfg.trainer.epochs)
+        # The global batch of this attempt: an elastic group that lost workers takes smaller steps, so its
+        # LR follows the linear scaling rule for the batch it really has (equal to the config's at full size)
+        global_batch = self.ctx.world_size * cfg.data.batch_size * cfg.trainer.grad_accum_steps
+        self.optimizer = build_optimizer(self.model, cfg.optim, global_batch)
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, global_batch, cfg.trainer.epochs)
         self.checkpoints = CheckpointManager(self.model, self.optimizer, cfg.trainer.checkpoint_every_steps)
         self.state = TrainState(world_size=self.ctx.world_size)
         self.train_data = ShardLoader.for_train_worker("train", self.ctx.device, cfg.data.prefetch_batches)
@@ -142,6 +145,8 @@ class Trainer:
         self.tracker = Tracker(cfg.tracking, job.tracking_uri, enabled=self.ctx.is_main)
         self.progress = EpochProgress(cfg.trainer.epochs, enabled=self.ctx.is_main)
         self.epoch_meter = Meter()  # the last trained epoch's figures (rank-averaged), for its progress line
+        self.epoch_carry: dict | None = None  # the epoch in progress before this attempt resumed it
+        self._preemption_answered = False
         self.mean, self.std = cfg.data.augment.mean, cfg.data.augment.std
 
     # -- setup -----------------------------------------------------------------------------------
@@ -162,7 +167,9 @@ class Trainer:
             self.state.mlflow_run_id = run_id
             for artifact_file, text in self.job.texts.items():
                 self.tracker.log_text(text, artifact_file)
-            # The tags name the latest attempt's placement; one file per attempt keeps them all
+            # The tags name the latest attempt's placement; one file per attempt keeps them all, and the
+            # world_size metric shows every (re)start at the step it resumed from
+            self.tracker.log_metrics({"world_size": float(self.ctx.world_size)}, step=self.state.step)
             self.tracker.log_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch,
                                               "ranks": dict(enumerate(placement))}, indent=1),
                                   f"placement/from-step-{self.state.step:08d}.json")
@@ -206,7 +213,9 @@ class Trainer:
     def train_epoch(self, epoch: int) -> EpochStats:
         cfg = self.cfg.trainer
         start = self.state.samples_in_epoch if epoch == self.state.epoch else 0
-        self.state.epoch, self.state.samples_in_epoch = epoch, start
+        # A resumed epoch carries the figures of its samples before ``start`` (any world size wrote them)
+        self.epoch_carry = self.state.epoch_carry if start else None
+        self.state.epoch, self.state.samples_in_epoch, self.state.epoch_carry = epoch, start, self.epoch_carry
         steps_in_epoch = self.train_data.batches_per_epoch(start)
         first_batch = self.train_data.layout(0).batches_per_worker - steps_in_epoch
         total_batches = self.train_data.batches_per_epoch(0)
@@ -231,11 +240,49 @@ class Trainer:
             if lr is not None and self.state.step % self.cfg.tracking.log_every_steps == 0:
                 self._log_window(window, whole, lr)
             if lr is not None and self.checkpoints.due(self.state.step):
-                self.checkpoints.report({}, self.state, with_checkpoint=True)
+                self.checkpoint_mid_epoch()
+            if lr is not None and cfg.preemption_check_every_steps and self.state.step % cfg.preemption_check_every_steps == 0:
+                self.answer_preemption()
             clock = time.perf_counter()
         self._log_window(window, whole, None)  # the rest of the epoch: in the epoch figures, not logged per step
         self.epoch_meter = whole
         return self.train_data.stats
+
+    def checkpoint_mid_epoch(self) -> None:
+        """Collective: a checkpoint at this step boundary, with the epoch's figures so far (merged over
+        ranks) so that the epoch resumed from it is still checked whole, on any number of workers."""
+        partial = EpochStats.merge(_gather(self.train_data.stats, self.ctx))
+        carry = partial.carry(self.epoch_carry)
+        if carry["position"] != self.state.samples_in_epoch:  # cannot happen while the plan holds; say so if it does
+            log.warning("epoch %d: %d samples counted before position %d; the resumed epoch will be checked by "
+                        "counts only", self.state.epoch, carry["position"], self.state.samples_in_epoch)  # fmt: skip
+            carry = None
+        self.state.epoch_carry = carry
+        self.checkpoints.report({}, self.state, with_checkpoint=True)
+
+    def answer_preemption(self) -> None:
+        """Collective (every rank asks Ray Train, which agrees on one answer): when a node of this job is
+        being drained (a spot reclaim, a Kubernetes eviction: see docs/training.md), checkpoint at this step
+        boundary and wait for the node to go, so the restart redoes no step. If the node is still there
+        after its deadline (the drain was called off), training goes on."""
+        import ray.train
+
+        notice = ray.train.get_preemption_info()
+        if notice is None or self._preemption_answered:
+            return
+        self._preemption_answered = True
+        deadline = notice.deadline_ms / 1000 if notice.deadline_ms else time.time() + self.cfg.trainer.preemption_wait_s
+        if not self.checkpoints.due(self.state.step):  # else the periodic one was just taken at this very step
+            self.checkpoint_mid_epoch()  # (a second one would reuse its folder name, which retention then deletes)
+        if self.ctx.is_main:
+            log.warning("preemption notice for node(s) %s (ranks %s), %.0f s before the deadline: checkpointed at "
+                        "step %d; waiting for the node to leave", ", ".join(n[:12] for n in notice.preempted_node_ids),
+                        notice.preempted_ranks, deadline - time.time(), self.state.step)  # fmt: skip
+            self.tracker.log_metrics({"preemption/notices": 1.0}, step=self.state.step)
+        while time.time() < deadline + self.cfg.trainer.preemption_wait_s:
+            time.sleep(1.0)
+        log.warning("rank %d: the preempted node is still here %g s after its deadline; training goes on",
+                    self.ctx.rank, self.cfg.trainer.preemption_wait_s)
 
     def _log_window(self, window: Meter, whole: Meter, lr: float | None) -> None:
         """Collective: the window's figures averaged over ranks, logged per step (when ``lr`` is given),
@@ -289,6 +336,7 @@ class Trainer:
         try:
             for epoch in range(self.state.epoch, cfg.epochs):
                 stats = EpochStats.merge(_gather(self.train_epoch(epoch), self.ctx))
+                stats = stats.with_carry(self.epoch_carry, self.train_data.split_digest)  # whole, if it was resumed
                 self._report_failures(stats, f"epoch {epoch}", f"data/failed-epoch-{epoch:04d}.json")
                 # Every rank holds the same merged stats, so every rank raises together.
                 check_epoch_counts(stats, f"epoch {epoch}")
@@ -298,7 +346,7 @@ class Trainer:
                 metrics.update(self.epoch_meter.metrics("train/epoch_", self.ctx.world_size, None))
                 if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
                     metrics.update(self.evaluate(epoch))
-                self.state.epoch, self.state.samples_in_epoch = epoch + 1, 0
+                self.state.epoch, self.state.samples_in_epoch, self.state.epoch_carry = epoch + 1, 0, None
                 top1 = metrics.get("val/video_top1")
                 if top1 is not None and (self.state.best_top1 is None or top1 > self.state.best_top1):
                     self.state.best_top1 = top1

@@ -119,3 +119,36 @@ def test_merge_adds_workers_parts_and_refuses_other_epochs_or_datasets() -> None
         EpochStats.merge([parts[0], EpochStats(3, 0, 3, expected_digest=digest)])
     resumed = EpochStats.merge([EpochStats(2, 1, 2, expected_digest=None)])
     assert not resumed.identity_checkable
+
+
+def _part(epoch: int, start: int, expected: int, keys: list[str], failed: list[str] = ()) -> EpochStats:
+    stats = EpochStats(epoch, start, expected)
+    stats.samples, stats.failed = len(keys), len(failed)
+    stats.fingerprint = keys_digest([*keys, *failed])
+    return stats
+
+
+def test_an_epoch_resumed_on_another_world_size_is_checked_whole_with_its_carry() -> None:
+    """The merged figures at a checkpoint (the carry) plus the resumed part equal the whole epoch, so the
+    identity check covers an epoch resumed after a restart or an elastic resize, and still catches a duplicate."""
+    keys = [f"k{i:02d}" for i in range(10)]
+    digest = keys_digest(keys)
+    first = EpochStats.merge([_part(3, 0, 10, keys[0:2], failed=["k02"]), _part(3, 0, 10, keys[3:4])])
+    carry = first.carry()
+    assert carry == {"position": 4, "samples": 3, "failed": 1, "unkeyed": 0, "fingerprint": keys_digest(keys[:4])}
+    # resumed at 4 on one worker, checkpointed again at 7, then resumed at 7 on three workers
+    middle = _part(3, 4, 6, keys[4:7])
+    carry2 = middle.carry(carry)
+    assert carry2["position"] == 7 and carry2["samples"] == 6
+    last = EpochStats.merge([_part(3, 7, 3, keys[7:8]), _part(3, 7, 3, keys[8:9]), _part(3, 7, 3, keys[9:10])])
+    assert not last.identity_checkable  # alone, the rest of an epoch cannot be checked
+    whole = last.with_carry(carry2, digest)
+    assert whole.start == 0 and whole.expected == 10 and whole.complete and whole.identity_checkable
+    assert whole.fingerprint == digest and (whole.samples, whole.failed) == (9, 1)
+    wrong = _part(3, 7, 3, ["k00", "k08", "k09"])  # k07 lost, k00 twice: the counts agree, the identity does not
+    assert wrong.with_carry(carry2, digest).complete
+    assert wrong.with_carry(carry2, digest).fingerprint != digest
+    # a carry that does not end where the epoch resumed is not used (counts only, as without one)
+    assert last.with_carry(carry, digest) is last
+    with pytest.raises(ValueError, match="carry from position 0 for an epoch resumed at 4"):
+        middle.carry(first.carry() | {"position": 0})

@@ -125,42 +125,42 @@ def test_a_data_service_that_stops_delivering_ends_the_job_with_a_diagnosis(
     assert took < 300, took
 
 
-def test_a_decoder_actor_dying_past_its_restarts_fails_the_epoch_instead_of_retrying_forever(
-    reliability_shards: Path, ray_cluster: None
+
+@pytest.mark.slow
+def test_a_decoder_actor_dying_past_its_restarts_fails_the_job_instead_of_retrying_forever(
+    reliability_shards: Path, ray_cluster: None, tmp_path: Path
 ) -> None:
-    """decoder.max_restarts=0 and the actor SIGKILLed mid-epoch: the epoch raises instead of replaying the batch forever."""
-    import threading
+    """decoder.max_restarts=0 and the actor SIGKILLed while decoding: the job fails with the actor's death, not a replay."""
+    import ray
 
     from processes import local_processes
 
-    from pipeline.data.loader import ShardLoader
-    from pipeline.data.service import build_dataset
-
-    cfg = small_config(str(reliability_shards), batch_size=2)
-    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
-    cfg.decoder.max_restarts = 0
-    cfg.augment.repeated_aug = 1
-    loader = ShardLoader(build_dataset(cfg, "train", train=True).iterator(), prefetch_batches=1)
-    outcome: dict[str, object] = {}
-
-    def consume() -> None:
-        try:
-            outcome["batches"] = sum(1 for _ in loader.epoch(0, 0))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            outcome["error"] = exc
-
-    def decoders() -> list:
-        return local_processes("MapBatches(Decoder)")
-
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    deadline = time.monotonic() + 300
-    while not decoders():
-        assert consumer.is_alive() and time.monotonic() < deadline, "no decoder actor started"
-        time.sleep(0.1)
-    for proc in decoders():
-        proc.kill()
-    consumer.join(timeout=300)
-    assert not consumer.is_alive(), "the epoch is still waiting after the actor died with no restarts left"
-    assert "error" in outcome, outcome
-    assert "ActorDiedError" in type(outcome["error"]).__name__ + str(outcome["error"]), outcome["error"]
+    keys = shard_keys(reliability_shards, "train")
+    overrides = demo_overrides(reliability_shards, tmp_path / "runs", **{
+        "data.decoder.isolate": False, "data.decoder.max_restarts": 0, "data.batch_timeout_s": 200,
+        "data.decoder.min_actors": 1, "data.decoder.max_actors": 1})  # fmt: skip
+    plan = {"decode": {key: "hang" for key in keys}}  # every decode hangs: a killed actor was always mid-batch
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, faults.ENV: json.dumps(plan)}
+    earlier = {p.pid for p in local_processes("MapBatches(Decoder)")}  # idle actors of earlier datasets
+    started = time.monotonic()
+    job = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "train.py"), "--config", str(DEMO), *overrides],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    killed: set[int] = set()
+    try:
+        while job.poll() is None and time.monotonic() - started < 400:
+            for proc in local_processes("MapBatches(Decoder)"):
+                # an actor a few seconds old has taken its first batch and hangs in it
+                if proc.pid not in earlier | killed and time.time() - proc.create_time() > 8:
+                    proc.kill()
+                    killed.add(proc.pid)
+            time.sleep(1.0)
+        stderr = job.communicate(timeout=120)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    took = time.monotonic() - started
+    assert killed, "no decoder actor was found to kill"
+    assert job.returncode == 1, stderr[-3000:]
+    line = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert line and "ActorDiedError" in line[0] and "DataStalled" not in line[0], stderr[-3000:]
+    assert took < 300, took  # the first death ends it: no replay, no wait for data.batch_timeout_s

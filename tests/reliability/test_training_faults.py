@@ -28,6 +28,7 @@ import psutil
 import pytest
 import torch
 from faults import FaultProxy  # tests/reliability/faults.py
+from processes import local_processes
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
@@ -67,6 +68,13 @@ def _losses(uri: str) -> dict[int, list[float]]:
     for metric in client.get_metric_history(mlflow_run.info.run_id, "train/loss"):
         out.setdefault(metric.step, []).append(metric.value)
     return dict(sorted(out.items()))
+
+
+def _identity_checked(uri: str) -> list[float]:
+    """``data/identity_checked`` per trained epoch: 1 where the epoch's samples were checked against the
+    manifest's keys, including an epoch resumed from a mid-epoch checkpoint (its carry)."""
+    client, mlflow_run = _mlflow_run(uri)
+    return [m.value for m in client.get_metric_history(mlflow_run.info.run_id, "data/identity_checked")]
 
 
 def _weights(runs: Path) -> dict[str, torch.Tensor]:
@@ -112,12 +120,7 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 600, al
 
 
 def _processes(marker: str) -> list[psutil.Process]:
-    """This machine's processes whose command line (Ray sets it to ``ray::Class.method``) has ``marker``."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(marker in part for part in proc.info["cmdline"] or ()):
-            found.append(proc)
-    return found
+    return local_processes(marker)
 
 
 def _assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -155,6 +158,7 @@ def test_worker_sigkill_restarts_from_the_latest_checkpoint_to_identical_weights
         assert values == pytest.approx([reference["losses"][step]] * len(values), rel=1e-5), step
     _, mlflow_run = _mlflow_run(outcome["job"].tracking_uri)
     assert mlflow_run.info.status == "FINISHED"
+    assert _identity_checked(outcome["job"].tracking_uri) == [1.0, 1.0]  # the resumed epoch checked whole
 
 
 def _train_cmd(overrides: list[str]) -> list[str]:
@@ -196,6 +200,8 @@ def test_killed_driver_rerun_resumes_from_storage_on_another_worker_count(
         assert values == pytest.approx([reference["losses"][step]] * len(values), rel=1e-4, abs=1e-5), step
     _, mlflow_run = _mlflow_run(uri)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["world_size"] == "1"
+    # the epoch the rerun resumed mid-way, on another worker count, is checked whole (every sample once)
+    assert _identity_checked(uri) == [1.0, 1.0]
     got = _weights(runs)
     assert got.keys() == reference["weights"].keys()
 
