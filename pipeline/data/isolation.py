@@ -281,25 +281,27 @@ class DecodeProcess:
         try:
             self._conn.send(self.settings)
             reply = _read_reply(self._conn) if self._conn.poll(_START_TIMEOUT_S) else ("init-error", "no answer")
-        except (EOFError, OSError):
-            reply = ("init-error", exit_text(self._zygote.wait(self.pid, 5)))
+        except (EOFError, OSError):  # it died while starting: how it ended is the reason
+            reply = ("init-error", exit_text(self._stop(ask=False, grace=5)))
         if reply[0] != "ready":
-            self._stop(kill=True)
+            self._stop(ask=False, grace=0)
             raise RuntimeError(f"the decode process could not start: {reply[1]}")
 
-    def _stop(self, kill: bool) -> int | None:
-        """Ends the child (asking first unless ``kill``); returns its exit code."""
+    def _stop(self, ask: bool, grace: float) -> int | None:
+        """Ends the child and returns its exit code: asks it to exit first if ``ask``, waits ``grace``
+        seconds for it to end by itself, then kills it. The zygote reaps it exactly once, so the pid is
+        never signalled after it could have been reused."""
         pid, conn = self.pid, self._conn
         self.pid = self._conn = None
         if pid is None:
             return None
-        if not kill:
+        if ask:
             try:
                 conn.send(None)
             except OSError:
-                kill = True
+                pass
         try:
-            code = self._zygote.wait(pid, 0 if kill else 5)
+            code = self._zygote.wait(pid, grace)
             if code is None:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -312,7 +314,7 @@ class DecodeProcess:
         return code
 
     def close(self) -> None:
-        self._stop(kill=False)
+        self._stop(ask=True, grace=5)
         self._zygote.close()
 
     def start(self) -> None:
@@ -325,7 +327,7 @@ class DecodeProcess:
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):
             if self.pid is None or (self.recycle_after and self._served >= self.recycle_after):
-                self._stop(kill=False)
+                self._stop(ask=True, grace=5)
                 self._start()
             planted = fault.decode_fault(key, attempt) if fault is not None else None
             started = time.monotonic()
@@ -342,14 +344,12 @@ class DecodeProcess:
                     return value
                 raise SampleFailed(value)
             if not ready:  # still running after the deadline: a hang
-                self._stop(kill=True)
+                self._stop(ask=False, grace=0)
                 self.restarts += 1
                 raise SampleFailed(f"decode did not finish within decoder.sample_timeout_s={self.timeout_s:g} s "
                                    f"(killed; a hang, as in dmlc/decord#269)")
             # The connection closed: the child has ended (or is ending); the zygote says how.
-            code = self._zygote.wait(self.pid, 5)
-            self._stop(kill=True)
-            how = exit_text(code)
+            how = exit_text(self._stop(ask=False, grace=5))
             self.restarts += 1
             log.warning("decode process %s on sample %s after %.1f s (attempt %d of %d)", how, key,
                         time.monotonic() - started, attempt, attempts)  # fmt: skip
