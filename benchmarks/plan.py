@@ -103,7 +103,7 @@ def measure_decode(cfg, workdir: Path, count: int, rounds: int) -> tuple[float, 
     _, shards = bench.prepare(workdir, videos=8, copies=8, seconds=10, size="1280x720")
     manifest = json.loads((shards / "train.manifest.json").read_text())
     samples = bench.shard_samples(shards)
-    from pipeline.data.decode import SampleDecoder
+    from pipeline.data.sample_decode import SampleDecoder
 
     torch.set_num_threads(1)
     decoder = SampleDecoder(cfg.data, "video", train=True)

@@ -16,6 +16,14 @@ from typing import Any, NamedTuple
 import av  # noqa: F401  # import PyAV before anything loads decord: decord's bundled libav breaks PyAV's libvpx
 import pytest
 
+# the reliability cases' table, summary and ledger (tests/cases.py), installed here so they see every test
+from tests.cases import (  # noqa: F401
+    ledger,
+    pytest_collection_modifyitems,
+    pytest_runtest_logreport,
+    pytest_terminal_summary,
+)
+
 _FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -88,7 +96,9 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
     from core.loopback import keep_ray_on_loopback
 
     keep_ray_on_loopback()  # every port of the test cluster on 127.0.0.1
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
+    # The dashboard serves Ray's state API: Ray Train's PlacementGroupCleaner asks it every second, and the
+    # no-hang cases read Ray's own task and actor records from it.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=_free_port(),
              object_store_memory=300 * 2**20, log_to_driver=False, configure_logging=False)  # fmt: skip
     try:
         yield

@@ -1,5 +1,9 @@
 """The decoder actor: encoded samples in, uint8 views out (``map_batches`` callable class).
 
+This module stays free of torch and torchvision (seconds of imports and hundreds of MB per process):
+with ``decoder.isolate`` the actor never decodes itself, its child does (``sample_decode``, imported by
+the child's zygote), so an actor only pays for them when isolation is off.
+
 Each input row is one sample (or a pad / broken placeholder, see ``plan``); each output row is one
 view: a training view (``augment.repeated_aug`` per sample, decoded once) or an evaluation view
 (``eval_clips`` x ``eval_crops`` per video, decoded once). Video is decoded by Decord, images (JPEG)
@@ -14,22 +18,16 @@ decode raised or, with ``decoder.isolate`` (see ``isolation``), crashed, was kil
 
 from __future__ import annotations
 
-import io
+import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from pipeline.data.config import DataConfig, DecoderPoolConfig
 from pipeline.data.plan import BROKEN, FAILED, OK, PAD, stable_hash
-from pipeline.data.sampling import ViewSpec, eval_clips, eval_views, train_clip, train_view
-from pipeline.data.source import sample_meta
-from pipeline.data.transforms import render_view
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +115,13 @@ def view_rng(seed: int, epoch: int, key: str, view: int, stream: int = 0) -> np.
     return np.random.default_rng([seed, epoch, view, stable_hash("sample", key), stream])
 
 
-class _ScaledDecodeError(Exception):
-    """Decord returned frames of the wrong shape for a decode-time resize."""
+def sample_meta(text: str) -> dict[str, Any]:
+    """The ``.json`` metadata of a row ({} when absent or unreadable)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class Decoder:
@@ -152,6 +155,8 @@ class Decoder:
                                           recycle_after=d.recycle_after)  # fmt: skip
             self._local = None
         else:
+            from pipeline.data.sample_decode import SampleDecoder
+
             self._process = None
             self._local = SampleDecoder(cfg, modality, train, self.device.kind, self.device.index)
         # The driver logged the pool's plan (CPU or GPU shares); an actor says where it decodes at INFO
@@ -182,6 +187,10 @@ class Decoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.data.isolation import SampleFailed
 
+        if self._faults.kill_decoder_actor:  # a drill (MVIT_FAULTS): this actor dies, on every attempt
+            from core.faults import kill_process_if_planted
+
+            kill_process_if_planted(self._faults.kill_decoder_actor, [str(k) for k in batch["key"]], "decoder actor")
         n, views, crop = len(batch["kind"]), self.views, self.cfg.augment.crop_size
         rows = n * views
         video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
@@ -219,101 +228,3 @@ class Decoder:
             "epoch": repeat("epoch"),
             "error": np.asarray(errors, dtype=object),
         }
-
-
-class SampleDecoder:
-    """One sample's bytes -> its views: Decord (video) or Pillow (JPEG), then sampling and augmentation.
-
-    Runs wherever ``Decoder`` puts it: in the decode child process, or in the actor itself.
-    """
-
-    def __init__(self, cfg: DataConfig, modality: str, train: bool, device_kind: str = "cpu",
-                 device_index: int = 0) -> None:  # fmt: skip
-        self.cfg, self.modality, self.train = cfg, modality, train
-        self.views = views_per_sample(cfg, modality, train)
-        torch.set_num_threads(max(1, round(cfg.decoder.num_cpus)))
-        self._ctx = None
-        if modality == "video":
-            decord = load_decord()
-            if device_kind == "gpu" and not decord_has_cuda():
-                raise RuntimeError("GPU decoding asked for, but Decord was built without CUDA")
-            self._ctx = decord.gpu(device_index) if device_kind == "gpu" else decord.cpu(0)
-
-    # ---- one sample ---------------------------------------------------------------------------
-
-    def decode(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
-        """(views, 3, T, crop, crop) uint8 for one sample."""
-        if not data:
-            raise ValueError("empty media member")
-        if self.modality == "image":
-            return self._decode_image(data, key, epoch)
-        return self._decode_video(data, meta, key, epoch)
-
-    def _specs(self, width: int, height: int, key: str, epoch: int) -> list[ViewSpec]:
-        aug = self.cfg.augment
-        if not self.train:
-            crops = 1 if self.modality == "image" else self.cfg.sampling.eval_crops
-            return eval_views(width, height, aug, crops)
-        rngs = [view_rng(self.cfg.seed, epoch, key, v) for v in range(self.views)]
-        return [train_view(rng, width, height, aug) for rng in rngs]
-
-    def _decode_video(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
-        decord = load_decord()
-        width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
-        if width <= 0 or height <= 0:
-            raise ValueError("sample metadata has no width/height")
-        specs = self._specs(width, height, key, epoch)
-        scale = max(spec.scale for spec in specs)
-        out_w, out_h = max(2, round(width * scale)), max(2, round(height * scale))
-        resize = (out_w, out_h) != (width, height)
-        try:
-            frames, wanted, plan = self._read_clips(data, specs, key, epoch, (out_w, out_h) if resize else None)
-        except (decord.DECORDError, _ScaledDecodeError):
-            if not resize:
-                raise
-            # Decord 0.6 mis-sizes some small scaled outputs (dmlc/decord#336: 4-channel frames, e.g. at
-            # 72x48); decode at the stored size instead and let render_view resize.
-            frames, wanted, plan = self._read_clips(data, specs, key, epoch, None)
-        fx, fy = frames.shape[2] / width, frames.shape[1] / height
-        aug = self.cfg.augment
-        return np.stack(
-            [render_view(frames[np.searchsorted(wanted, clip)], fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy()
-             for clip, spec in plan]
-        )  # fmt: skip
-
-    def _read_clips(
-        self, data: bytes, specs: list[ViewSpec], key: str, epoch: int, size: tuple[int, int] | None
-    ) -> tuple[torch.Tensor, np.ndarray, list[tuple[np.ndarray, ViewSpec]]]:
-        """Decode every frame the views need in one ``get_batch``: (frames, their indices, (clip, spec)
-        per view). ``size`` = (width, height) to scale to while decoding, None = stored size."""
-        decord = load_decord()
-        width, height = size or (-1, -1)
-        reader = decord.VideoReader(io.BytesIO(data), ctx=self._ctx, width=width, height=height,
-                                    num_threads=self.cfg.decoder.threads)  # fmt: skip
-        count, fps = len(reader), float(reader.get_avg_fps())
-        if count <= 0:
-            raise ValueError("video has no frames")
-        sampling = self.cfg.sampling
-        if self.train:
-            rngs = [view_rng(self.cfg.seed, epoch, key, view, stream=1) for view in range(len(specs))]
-            plan = [(train_clip(rng, count, fps, sampling), spec) for rng, spec in zip(rngs, specs)]
-        else:  # view = clip * crops + crop
-            plan = [(clip, spec) for clip in eval_clips(count, fps, sampling) for spec in specs]
-        wanted = np.unique(np.concatenate([clip for clip, _ in plan]))
-        frames = reader.get_batch(wanted.tolist()).asnumpy()
-        if size is not None and frames.shape[1:] != (size[1], size[0], 3):
-            raise _ScaledDecodeError(f"asked for {size[0]}x{size[1]}x3, got {frames.shape[1:]}")
-        return torch.from_numpy(frames), wanted, plan
-
-    def _decode_image(self, data: bytes, key: str, epoch: int) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            specs = self._specs(width, height, key, epoch)
-            scale = max(spec.scale for spec in specs)
-            if scale < 1.0:  # JPEG draft: decode at 1/2, 1/4 or 1/8 while staying >= the size needed
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            rgb = np.asarray(image.convert("RGB"))
-        frames = torch.from_numpy(rgb.copy()).unsqueeze(0)  # T = 1
-        fx, fy = frames.shape[2] / width, frames.shape[1] / height
-        aug = self.cfg.augment
-        return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy() for spec in specs])

@@ -91,7 +91,7 @@ def exit_text(code: int | None) -> str:
 def _serve(conn: Connection) -> None:
     """Decode what the actor sends until it sends None or goes away."""
     from core.faults import fire_decode_fault
-    from pipeline.data.decode import SampleDecoder
+    from pipeline.data.sample_decode import SampleDecoder
 
     settings: ChildSettings = conn.recv()  # from the actor (the child trusts its actor, not the reverse)
     try:
@@ -148,9 +148,9 @@ def _zygote_main(control: socket.socket) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the actor's to handle
     import core.faults  # noqa: F401 - imported once here, so that every fork starts with them loaded
-    import pipeline.data.decode
+    import pipeline.data.sample_decode
 
-    pipeline.data.decode.load_decord()
+    pipeline.data.sample_decode.load_decord()
     control.send(_control(["ready"]))
     while True:
         try:

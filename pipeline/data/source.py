@@ -22,7 +22,6 @@ preprocessing verify`` checks; a shard whose bytes changed but still parse is re
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Iterator
@@ -118,6 +117,11 @@ class GroupReader:
         self.seed = source.seed
 
     def __call__(self) -> Iterator[pa.Table]:
+        from core import faults
+
+        planted = faults.current().kill_read  # a drill (MVIT_FAULTS): this task's process dies, every attempt
+        if planted:
+            faults.kill_process_if_planted(planted, [s.url.rsplit("/", 1)[-1] for s in self.group.shards], "read task")
         rows: list[dict[str, Any]] = []
         size = 0
         for offset, sample in enumerate(self._samples()):
@@ -264,12 +268,3 @@ def _sample_row(sample: dict[str, Any], extension: str) -> dict[str, Any]:
         return _broken(key, f"unreadable .cls member {cls[:20]!r}")
     meta = sample.get("json", b"{}").decode("utf-8", errors="replace")
     return {"key": key, "data": data, "label": label, "meta": meta, "kind": SAMPLE, "error": ""}
-
-
-def sample_meta(text: str) -> dict[str, Any]:
-    """The ``.json`` metadata of a row ({} when absent or unreadable)."""
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -188,7 +188,9 @@ def run(cfg: ExperimentConfig) -> Any:
             keep_ray_on_loopback()  # every Ray port on 127.0.0.1 (Ray would also listen on other interfaces)
             # Logical CPUs, not cores: the train worker, the decoder actors and Ray Data's read and
             # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
-            ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4),
+            # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's PlacementGroupCleaner
+            # asks every second; without it the job's log gets one warning a second.
+            ray.init(address="local", include_dashboard=True, num_cpus=max(os.cpu_count() or 1, 4),
                      runtime_env=runtime_env)
     reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
     datasets = build_datasets(cfg.data, reserved_gpus=reserved)

@@ -216,6 +216,11 @@ def test_fault_plans_are_checked() -> None:
     plan = faults.parse('{"decode": {"k": "hang:2"}, "raise_at": {"rank": 1, "step": 3}}')
     assert [plan.decode_fault("k", a) for a in (1, 2, 3)] == ["hang", "hang", None]
     assert plan.raise_at == (1, 3) and plan.decode_fault("other", 1) is None
+    plan = faults.parse('{"kill_read": ["train-000001.tar"], "kill_decoder_actor": ["k"]}')
+    assert plan.kill_read == {"train-000001.tar"} and plan.kill_decoder_actor == {"k"} and not plan.empty
+    with pytest.raises(ValueError, match="kill_read must be a list of names"):
+        faults.parse('{"kill_read": "train-000001.tar"}')
+    assert faults.parse("{}").empty
 
 
 def test_replies_from_the_child_are_checked_data_never_pickles() -> None:
@@ -238,3 +243,13 @@ def test_replies_from_the_child_are_checked_data_never_pickles() -> None:
     theirs.send_bytes(json.dumps({"status": "ok", "dtype": "uint8", "shape": [3]}).encode())
     theirs.send_bytes(b"xx")
     assert _read_reply(ours) == ("error", "the decode process sent uint8 [3] in 2 bytes")
+
+
+def test_the_decoder_actor_module_does_not_import_torch() -> None:
+    """An isolated decoder actor never decodes itself: its module leaves torch, torchvision and webdataset to the child."""
+    code = ("import sys, pipeline.data.decode; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'webdataset', 'decord') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+

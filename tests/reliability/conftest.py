@@ -1,79 +1,17 @@
 """The reliability suite: fault injection, bad input and security cases.
 
-Every test here is one *case*. Its docstring's first line states the expected behaviour; the suite
-prints a summary at the end (cases tried, passed, samples lost) and, when ``RELIABILITY_REPORT`` names
-a file, writes the Markdown table of cases and results that ``docs/reliability.md`` carries:
-
-- ``RELIABILITY_REPORT=docs/reliability.md`` (a file with the ``reliability-cases`` markers): the summary
-  line and the table replace what lies between the markers; the rest of the page is kept;
-- ``RELIABILITY_REPORT=-``: the table is printed with the summary instead of written;
-- any other file: it is overwritten with the table alone.
-
-Tests that move samples through the system account for them with the ``ledger`` fixture: every input is
-either delivered exactly once or recorded as a rejection with a reason; anything else is a lost sample.
+Every test here is one *case* of the table in docs/reliability.md (``tests/cases.py`` keeps the table, the
+summary and the ``ledger`` fixture; marked tests elsewhere are cases too). This file holds the suite's own
+fixtures: the shards its data cases read and the fault-injecting S3 proxy.
 """
 
 from __future__ import annotations
 
-import os
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from faults import FaultProxy
-
-_SUITE_DIR = Path(__file__).parent
-
-
-@dataclass
-class _Case:
-    nodeid: str
-    expected: str
-    outcome: str = "not run"
-    lost: int = 0
-    duplicated: int = 0
-
-
-@dataclass
-class _Suite:
-    cases: dict[str, _Case] = field(default_factory=dict)
-
-    def case(self, item: pytest.Item) -> _Case:
-        if item.nodeid not in self.cases:
-            doc = (getattr(item, "function", None).__doc__ or "").strip().splitlines()
-            self.cases[item.nodeid] = _Case(item.nodeid, doc[0].strip() if doc else item.name)
-        return self.cases[item.nodeid]
-
-
-_SUITE = _Suite()
-
-
-class Ledger:
-    """Counts, for one case, samples that went in against samples delivered and samples rejected."""
-
-    def __init__(self, case: _Case) -> None:
-        self._case = case
-
-    def account(self, inputs: Iterable[str], delivered: Iterable[str], rejected: Iterable[str] = ()) -> None:
-        """Records the case's loss and duplication, then asserts both are zero.
-
-        ``inputs`` are the ids that went in, ``delivered`` every id that came out (one entry per delivery),
-        ``rejected`` the ids recorded as rejected. An input neither delivered nor rejected is lost; one
-        delivered twice, or both delivered and rejected, is duplicated.
-        """
-        inputs, rejected = set(inputs), list(rejected)
-        counts = Counter(delivered)
-        counts.update(rejected)
-        lost = sorted(inputs - set(counts))
-        duplicated = sorted(k for k, n in counts.items() if n > 1)
-        unknown = sorted(set(counts) - inputs)
-        self._case.lost += len(lost)
-        self._case.duplicated += len(duplicated)
-        assert not lost, f"{len(lost)} samples lost: {lost[:10]}"
-        assert not duplicated, f"{len(duplicated)} samples delivered more than once: {duplicated[:10]}"
-        assert not unknown, f"samples that were never inputs came out: {unknown[:10]}"
 
 
 @pytest.fixture(scope="session")
@@ -83,90 +21,6 @@ def reliability_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return synthetic_kinetics_shards(tmp_path_factory.mktemp("reliability_data"), classes=3, per_class=4,
                                      val_per_class=2, shard_samples=4, fps=15)
-
-
-@pytest.fixture
-def ledger(request: pytest.FixtureRequest) -> Ledger:
-    return Ledger(_SUITE.case(request.node))
-
-
-def _in_suite(item: pytest.Item) -> bool:
-    return Path(str(item.path)).is_relative_to(_SUITE_DIR)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if _in_suite(item):
-            _SUITE.case(item)
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    case = _SUITE.cases.get(report.nodeid)
-    if case is None:
-        return
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        case.outcome = "skipped" if report.skipped else ("passed" if report.passed else "FAILED")
-    elif report.when == "teardown" and report.failed:
-        case.outcome = "FAILED"
-
-
-def _table(cases: list[_Case]) -> str:
-    """One row per test function; a parametrized case counts its variants (e.g. 42 bad config values)."""
-    groups: dict[tuple[str, str], list[_Case]] = {}
-    for case in cases:
-        path, name = case.nodeid.split("::", 1)
-        groups.setdefault((Path(path).stem.removeprefix("test_"), name.split("[", 1)[0]), []).append(case)
-    rows = ["| area | case | expected | passed |", "|---|---|---|---|"]
-    for (module, name), members in groups.items():
-        passed = sum(c.outcome == "passed" for c in members)
-        result = f"{passed}/{len(members)}" + ("" if passed == len(members) else " **FAILED**")
-        rows.append(f"| {module.replace('_', ' ')} | `{name.removeprefix('test_')}` | {members[0].expected} | {result} |")
-    return "\n".join(rows) + "\n"
-
-
-def _summary(cases: list[_Case]) -> str:
-    passed = sum(c.outcome == "passed" for c in cases)
-    failed = sum(c.outcome == "FAILED" for c in cases)
-    return (f"cases tried: {len(cases)}, passed: {passed}, failed: {failed}, samples lost: "
-            f"{sum(c.lost for c in cases)}, samples duplicated: {sum(c.duplicated for c in cases)}")
-
-
-REPORT_BEGIN, REPORT_END = "<!-- reliability-cases:begin -->", "<!-- reliability-cases:end -->"
-
-
-def with_report(page: str, summary: str, table: str) -> str | None:
-    """``page`` with the summary line (as a code block) and the case table between the markers, replacing
-    what was there; None when the page has no markers."""
-    start, end = page.find(REPORT_BEGIN), page.find(REPORT_END)
-    if start < 0 or end < start:
-        return None
-    block = f"```\n{summary}\n```\n\n{table}"
-    return page[: start + len(REPORT_BEGIN)] + "\n" + block + page[end:]
-
-
-def write_report(report: str, cases: list[_Case]) -> str:
-    """Writes (or prints, for ``-``) the case table where ``RELIABILITY_REPORT`` says; returns what was done."""
-    table = _table(cases)
-    if report == "-":
-        return table
-    path = Path(report)
-    page = path.read_text() if path.is_file() else ""
-    updated = with_report(page, _summary(cases), table)
-    path.write_text(table if updated is None else updated)
-    return f"case table written to {report}" + ("" if updated is None else " (between its markers)")
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
-    cases = [c for c in _SUITE.cases.values() if c.outcome != "not run"]
-    if not cases:
-        return
-    terminalreporter.section("reliability summary")
-    terminalreporter.write_line(_summary(cases))
-    report = os.environ.get("RELIABILITY_REPORT")
-    if report:
-        for line in write_report(report, cases).rstrip("\n").splitlines():
-            terminalreporter.write_line(line)
-
 
 @pytest.fixture
 def fault_proxy(s3_server: str) -> Iterator[FaultProxy]:

@@ -123,3 +123,59 @@ def test_a_data_service_that_stops_delivering_ends_the_job_with_a_diagnosis(
     assert "the data service stopped delivering in epoch 0" in line and "no batch for 20 s (data.batch_timeout_s)" in line
     assert "a stage is stuck" in line, line
     assert took < 300, took
+
+
+def _ray_job_ids() -> set[str]:
+    from ray.util.state import list_jobs
+
+    return {j.job_id for j in list_jobs(limit=10_000) if j.job_id}
+
+
+def _failed_job(shards: Path, runs: Path, plan: dict, error: str, **extra: object) -> str:
+    """Runs the job with ``plan`` and ``trainer.max_failures=0``, checks it failed within bounds with one
+    line containing ``error``; returns its Ray job id (the driver, pipeline/train.py, is a Ray job of its
+    own), whose task and actor records Ray's state API keeps after it ended."""
+    before = _ray_job_ids()
+    done, took = _job(shards, runs, plan, timeout=600, **{"trainer.max_failures": 0, **extra})
+    assert done.returncode == 1, done.stderr[-4000:]
+    line = _error_line(done)
+    assert error in line, line
+    assert took < 300, took
+    (job_id,) = _ray_job_ids() - before
+    return job_id
+
+
+@pytest.mark.slow
+def test_a_read_task_that_keeps_dying_is_retried_exactly_read_max_retries_times(
+    reliability_shards: Path, ray_cluster: None, tmp_path: Path
+) -> None:
+    """A read task whose process dies on every attempt: Ray runs it 1 + data.read_max_retries times, then the job fails."""
+    from ray.util.state import list_tasks
+
+    shard = sorted(p.name for p in reliability_shards.glob("train-*.tar"))[0]
+    job_id = _failed_job(reliability_shards, tmp_path / "runs", {"kill_read": [shard]},
+                         "WorkerCrashedError: The worker died unexpectedly while executing this task",
+                         **{"data.read_max_retries": 1})  # fmt: skip
+    tasks = list_tasks(filters=[("job_id", "=", job_id)], limit=10_000, detail=True, raise_on_missing_output=False)
+    attempts: dict[str, set[int]] = {}
+    for task in tasks:
+        if task.name.startswith("ReadMViTShards") and task.state == "FAILED":
+            attempts.setdefault(task.task_id, set()).add(task.attempt_number)
+    assert list(attempts.values()) == [{0, 1}], attempts  # one read task, tried twice: 1 + read_max_retries
+
+
+@pytest.mark.slow
+def test_a_decoder_actor_that_keeps_dying_is_restarted_exactly_max_restarts_times(
+    reliability_shards: Path, ray_cluster: None, tmp_path: Path
+) -> None:
+    """A decoder actor that dies on every try of one batch: Ray restarts it data.decoder.max_restarts times, then the job fails."""
+    from ray.util.state import list_actors
+
+    key = shard_keys(reliability_shards, "train")[0]
+    job_id = _failed_job(reliability_shards, tmp_path / "runs", {"kill_decoder_actor": [key]},
+                         "ActorDiedError: The actor died unexpectedly before finishing this task",
+                         **{"data.decoder.max_restarts": 2})  # fmt: skip
+    actors = list_actors(filters=[("job_id", "=", job_id)], limit=10_000, detail=True, raise_on_missing_output=False)
+    decoders = [(a.state, a.num_restarts) for a in actors if "Decoder" in a.class_name]
+    assert decoders.count(("DEAD", 2)) == 1, decoders  # the one that got the batch: restarted twice, then gone
+    assert all(restarts <= 2 for _, restarts in decoders), decoders
