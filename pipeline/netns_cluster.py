@@ -33,6 +33,7 @@ gloo would advertise loopback to the other ranks).
     python -m pipeline.netns_cluster exec -- ray status
     python -m pipeline.netns_cluster exec -- ray job submit --working-dir . -- python pipeline/train.py ...
     python -m pipeline.netns_cluster where SUBMISSION_ID      # the node each actor and task of that job ran on
+    python -m pipeline.netns_cluster kill w1                  # faults: SIGKILL a node (also term, restart, link)
     python -m pipeline.netns_cluster stop                     # every process by pid, then the namespaces
 
 Needs root (network namespaces, veth links, a bridge), iproute2's ``ip`` and util-linux's ``unshare``.
@@ -104,6 +105,8 @@ class Node:
     pid: int | None = None  # its `ray start --block` / `moto_server` (inside `unshare`); None: not started, client
     temp_dir: str | None = None  # its Ray --temp-dir
     log: str | None = None  # stdout/stderr of its `ray start` / `moto_server`
+    object_store_mb: int | None = None  # its object store (a Ray node), kept for restart_node
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of its Ray processes (start's node_env)
 
 
 @dataclass
@@ -304,10 +307,11 @@ class NetnsCluster:
             _ip("-n", node.namespace, "addr", "add", f"{node.ip}/24", "dev", "eth0")
             _ip("-n", node.namespace, "link", "set", "eth0", "up")
 
-    def start_node(self, node: Node, object_store_mb: int) -> None:
+    def start_node(self, node: Node, object_store_mb: int, append_log: bool = False) -> None:
         """``ray start --block`` for ``node`` inside its network namespace and a fresh PID namespace (own /proc)."""
         node.temp_dir = str(self.run_dir / node.name)
         node.log = str(self.run_dir / f"{node.name}.log")
+        node.object_store_mb = object_store_mb
         Path(node.temp_dir).mkdir(parents=True, exist_ok=True)
         cmd = [ray_executable(), "start", "--node-ip-address", node.ip, "--num-cpus", str(node.num_cpus),
                "--num-gpus", "0", "--object-store-memory", str(object_store_mb * 2**20), "--temp-dir", node.temp_dir,
@@ -325,13 +329,14 @@ class NetnsCluster:
         # to 127.0.0.1, so gloo (torch.distributed on CPU) would advertise loopback to the other ranks; each
         # node's one interface to the others is eth0 (on real machines the host name resolves to their address)
         env = {**self._base_env(), **auth_env(self.token_file), "RAY_USAGE_STATS_ENABLED": "0",
-               "GLOO_SOCKET_IFNAME": "eth0"}
-        self._spawn(node, cmd, env, cwd=node.temp_dir)
+               "GLOO_SOCKET_IFNAME": "eth0", **node.env}
+        self._spawn(node, cmd, env, cwd=node.temp_dir, append_log=append_log)
 
-    def _spawn(self, node: Node, cmd: Sequence[str], env: dict[str, str], cwd: str | Path) -> None:
+    def _spawn(self, node: Node, cmd: Sequence[str], env: dict[str, str], cwd: str | Path,
+               append_log: bool = False) -> None:
         """``cmd`` inside ``node``'s network namespace and a fresh PID namespace (own /proc), output to its log."""
         wrapped = ["ip", "netns", "exec", node.namespace, "unshare", "--pid", "--fork", "--mount-proc", *cmd]
-        with open(str(node.log), "w") as log:
+        with open(str(node.log), "a" if append_log else "w") as log:
             proc = subprocess.Popen(wrapped, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self._procs[node.name] = proc
@@ -368,15 +373,23 @@ class NetnsCluster:
         self.s3_bucket = bucket
         self.save()
 
-    def wait_ready(self, count: int, timeout_s: float, need_agent: bool = False) -> list[dict]:
+    def wait_ready(self, count: int, timeout_s: float, need_agent: bool = False,
+                   worker_restarts: int = 0) -> list[dict]:
         """Waits until ``count`` nodes are alive (and the head's job agent listens); fails early, with the log's
-        tail, when a node's ``ray start`` exits."""
+        tail, when a node's ``ray start`` exits, except that a worker's is started again, ``worker_restarts``
+        times in all (on a loaded machine Ray 2.60's ``ray start`` can abort at startup: "The current node
+        timed out during startup", or its raylet's wait for the dashboard agent's port file)."""
         deadline = time.monotonic() + timeout_s
         last: dict = {}
         while time.monotonic() < deadline:
-            for name, proc in self._procs.items():
+            for name, proc in list(self._procs.items()):
                 if proc.poll() is not None:
                     node = self.node(name)
+                    if worker_restarts > 0 and node in self.workers:
+                        worker_restarts -= 1
+                        self.wait_node_gone(name, timeout_s=30)
+                        self.start_node(node, node.object_store_mb or 512, append_log=True)
+                        continue
                     tail = Path(node.log).read_text()[-2000:] if node.log and Path(node.log).exists() else ""
                     what = "moto_server" if node is self.s3 else "ray start"
                     raise NetnsError(f"{what} on {name} ({node.ip}) exited with {proc.returncode}; log {node.log}:\n"
@@ -388,6 +401,107 @@ class NetnsCluster:
             time.sleep(1.0)
         raise NetnsError(f"the cluster {self.prefix} did not have {count} alive nodes within {timeout_s:.0f}s "
                          f"(last answer: {last.get('error') or len(last.get('nodes') or [])} nodes); logs in {self.run_dir}")
+
+    # ---- faults: a node lost, drained, brought back ----------------------------------------------------
+
+    def init_pid(self, name: str) -> int | None:
+        """The pid, as this machine sees it, of ``name``'s first process inside its own PID namespace (its
+        ``ray start --block``, or ``moto_server``): the node's PID 1, the ``unshare --fork`` child of its
+        recorded pid. None when the node does not run."""
+        node = self.node(name)
+        if not node.pid or not _alive(node.pid):
+            return None
+        try:
+            children = Path(f"/proc/{node.pid}/task/{node.pid}/children").read_text().split()
+        except OSError:
+            return None
+        alive = [int(c) for c in children if _alive(int(c))]
+        return alive[0] if alive else None
+
+    def node_pids(self, name: str) -> list[int]:
+        """Every process in ``name``'s network namespace (what ``ip netns pids`` lists)."""
+        return sorted(namespace_pids([self.node(name).namespace]))
+
+    def signal_node(self, name: str, sig: int) -> int:
+        """Sends ``sig`` to ``name``'s PID 1 (``ray start --block``), as Kubernetes signals a pod's main
+        process; returns its pid. SIGTERM makes Ray 2.60's ``ray start`` drain its node (reason PREEMPTION,
+        deadline ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` ahead: see ``start(node_env=...)``), then kill
+        its processes and exit; SIGKILL ends every process of the node at once (``kill_node``)."""
+        pid = self.init_pid(name)
+        if pid is None:
+            raise NetnsError(f"node {name} does not run (no process in its PID namespace)")
+        os.kill(pid, sig)
+        return pid
+
+    def wait_node_gone(self, name: str, timeout_s: float = 60.0) -> float:
+        """Waits until no process is left in ``name``'s namespace and reaps its ``unshare``; returns the
+        seconds waited. The namespace and its link stay: ``restart_node`` starts the node again."""
+        started = time.monotonic()
+        while self.node_pids(name):
+            if time.monotonic() - started > timeout_s:
+                raise NetnsError(f"node {name} still has processes {self.node_pids(name)} after {timeout_s:.0f}s")
+            time.sleep(0.1)
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        return time.monotonic() - started
+
+    def kill_node(self, name: str, timeout_s: float = 30.0) -> int:
+        """Loses node ``name`` as a machine loses power: SIGKILL to its PID 1, with which the kernel kills
+        every process of its PID namespace at once (raylet, object store, workers, agents), no drain, no
+        goodbye to the GCS. Waits until none is left; returns the pid killed."""
+        node = self.node(name)
+        if node is self.client or node is self.head:
+            raise NetnsError(f"kill_node is for worker nodes (and the S3 node), not {name}")
+        pid = self.signal_node(name, signal.SIGKILL)
+        self.wait_node_gone(name, timeout_s)
+        return pid
+
+    def set_link(self, name: str, up: bool) -> None:
+        """Cuts (``up=False``) or restores node ``name``'s one link to the others (its ``eth0``): its processes
+        keep running but nothing reaches them and they reach nothing, as behind a failed switch port."""
+        node = self.node(name)
+        if node is self.client or node is self.head:
+            raise NetnsError(f"set_link is for worker nodes (and the S3 node), not {name}")
+        _ip("-n", node.namespace, "link", "set", "eth0", "up" if up else "down")
+        if up:  # the address's route goes with the link; it comes back with it, but say so if it did not
+            if f"{SUBNET}.0/24" not in _ip("-n", node.namespace, "route", "show"):
+                _ip("-n", node.namespace, "route", "add", f"{SUBNET}.0/24", "dev", "eth0")
+
+    def restart_node(self, name: str, timeout_s: float = 120.0, attempts: int = 3) -> None:
+        """Starts worker ``name`` again after it was killed or drained (same namespace, address, resources,
+        temp dir and environment; a new Ray node id) and waits until Ray reports it alive. Its log is
+        appended to. A ``ray start`` that exits before its node is alive is started again, up to ``attempts``
+        times in all, as Kubernetes restarts a crashed container: on a loaded machine Ray 2.60's raylet can
+        abort at startup when its dashboard agent is slow to write its port file (``Timed out waiting for
+        file .../metrics_agent_port_<node id>``, seen here once)."""
+        node = self.node(name)
+        if node not in self.workers:
+            raise NetnsError(f"restart_node is for worker nodes, not {name}")
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(1, attempts + 1):
+            if self.node_pids(name):
+                raise NetnsError(f"node {name} still runs (pids {self.node_pids(name)}): kill it first")
+            self._procs.pop(name, None)
+            self.start_node(node, node.object_store_mb or 512, append_log=True)
+            while time.monotonic() < deadline:
+                proc = self._procs[name]
+                if proc.poll() is not None:
+                    if attempt == attempts:
+                        raise NetnsError(f"ray start on {name} ({node.ip}) exited with {proc.returncode} "
+                                         f"{attempts} times; log {node.log}")
+                    self.wait_node_gone(name, timeout_s=30)
+                    break
+                if any(n.get("node_ip") == node.ip for n in self.alive_nodes()):
+                    return
+                time.sleep(1.0)
+            else:
+                break
+        raise NetnsError(f"node {name} ({node.ip}) was not alive within {timeout_s:.0f}s of its restart; "
+                         f"log {node.log}")
 
     # ---- stopping ------------------------------------------------------------------------------------
 
@@ -430,20 +544,26 @@ class NetnsCluster:
 
 
 def new_cluster(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1,
-                state_file: Path = DEFAULT_STATE_FILE, prefix: str | None = None, s3: bool = False) -> NetnsCluster:
+                state_file: Path = DEFAULT_STATE_FILE, prefix: str | None = None, s3: bool = False,
+                gpu_cpus: int | None = None) -> NetnsCluster:
     """The description of a cluster (nothing is created): fresh prefix, addresses, groups, resources;
-    with ``s3``, an S3 node (moto) at .253."""
+    with ``s3``, an S3 node (moto) at .253. ``gpu_cpus`` gives the GPU-group nodes another CPU count than
+    ``cpus_per_worker`` (benchmarks/cluster.py packs the same trainers on 1, 2 or 3 of them)."""
     if not 1 <= workers <= MAX_WORKERS:
         raise NetnsError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     if not 0 <= gpu_workers <= workers:
         raise NetnsError(f"--gpu-workers must be between 0 and --workers ({workers}), got {gpu_workers}")
+    if gpu_cpus is not None and gpu_cpus < 0:
+        raise NetnsError(f"--gpu-cpus must be 0 or more, got {gpu_cpus}")
     existing = {name.split("-")[1] for name in list_namespaces() if name.startswith(NAME_PREFIX)}
     while prefix is None or prefix.split("-")[1] in existing or (RUN_ROOT / prefix).exists():
         prefix = NAME_PREFIX + secrets.token_hex(3)
     nodes = [Node("head", f"{prefix}-head", f"{SUBNET}.{HEAD_HOST}", "head", num_cpus=0)]
     for i in range(1, workers + 1):
-        group, resource = (GPU_GROUP, GPU_RESOURCE) if i <= gpu_workers else (CPU_GROUP, CPU_RESOURCE)
-        nodes.append(Node(f"w{i}", f"{prefix}-w{i}", f"{SUBNET}.{HEAD_HOST + i}", group, num_cpus=cpus_per_worker,
+        gpu = i <= gpu_workers
+        group, resource = (GPU_GROUP, GPU_RESOURCE) if gpu else (CPU_GROUP, CPU_RESOURCE)
+        cpus = gpu_cpus if gpu and gpu_cpus is not None else cpus_per_worker
+        nodes.append(Node(f"w{i}", f"{prefix}-w{i}", f"{SUBNET}.{HEAD_HOST + i}", group, num_cpus=cpus,
                           resources={resource: 1.0}))
     client = Node("client", f"{prefix}-client", f"{SUBNET}.{CLIENT_HOST}", "client")
     s3_node = Node("s3", f"{prefix}-s3", f"{SUBNET}.{S3_HOST}", S3_GROUP) if s3 else None
@@ -453,10 +573,12 @@ def new_cluster(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1
 
 def start(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1, object_store_mb: int = 512,
           state_file: Path = DEFAULT_STATE_FILE, timeout_s: float = 240.0, s3: bool = False,
-          s3_bucket: str = DEFAULT_BUCKET) -> NetnsCluster:
+          s3_bucket: str = DEFAULT_BUCKET, node_env: dict[str, str] | None = None,
+          gpu_cpus: int | None = None) -> NetnsCluster:
     """Builds the namespaces and bridge, starts the S3 node (with ``s3``: moto, bucket ``s3_bucket`` made),
     the head, then the workers, and waits until every node is alive and the head accepts jobs. On any
-    failure it tears down what it built (logs kept) and raises."""
+    failure it tears down what it built (logs kept) and raises. ``node_env`` is added to the environment
+    of every Ray node (e.g. ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, the drain a SIGTERM starts)."""
     require_netns()
     if s3 and not _BUCKET_RE.match(s3_bucket):
         raise NetnsError(f"--s3-bucket must be an S3 bucket name (3-63 of a-z 0-9 . -), got {s3_bucket!r}")
@@ -464,7 +586,9 @@ def start(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1, obje
     if state_file.exists():
         raise NetnsError(f"a netns cluster is already recorded in {state_file}; stop it first "
                          f"(python -m pipeline.netns_cluster --state {state_file} stop)")
-    cluster = new_cluster(workers, gpu_workers, cpus_per_worker, state_file, s3=s3)
+    cluster = new_cluster(workers, gpu_workers, cpus_per_worker, state_file, s3=s3, gpu_cpus=gpu_cpus)
+    for node in cluster.nodes:
+        node.env = dict(node_env or {})
     cluster.run_dir.mkdir(mode=0o700, parents=True)
     try:
         ensure_token(cluster.token_file)
@@ -475,7 +599,8 @@ def start(workers: int = 2, gpu_workers: int = 1, cpus_per_worker: int = 1, obje
         cluster.wait_ready(1, timeout_s)
         for worker in cluster.workers:
             cluster.start_node(worker, object_store_mb)
-        cluster.wait_ready(len(cluster.nodes), timeout_s, need_agent=True)
+        cluster.wait_ready(len(cluster.nodes), timeout_s, need_agent=True,
+                           worker_restarts=len(cluster.workers))  # a worker whose `ray start` aborted: again
         cluster.status = "running"
         cluster.save()
         return cluster
@@ -723,13 +848,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", type=Path, default=Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_FILE),
                         help=f"the cluster's state file (default: ${STATE_ENV} or {DEFAULT_STATE_FILE})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{start,stop,status,exec,where}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{start,stop,status,exec,where,kill,term,restart,link}")
     start_p = sub.add_parser("start", help="build the namespaces and start the head and the workers")
     start_p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
     start_p.add_argument("--gpu-workers", type=int, default=1,
                          help=f"how many of them form the GPU-worker group ({GPU_RESOURCE}; default 1), the rest "
                               f"the CPU-worker group ({CPU_RESOURCE}); no real GPUs either way")
     start_p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs each worker advertises (default 1)")
+    start_p.add_argument("--gpu-cpus", type=int, help="CPUs each GPU-group worker advertises (default: "
+                                                      "--cpus-per-worker)")
     start_p.add_argument("--object-store-mb", type=int, default=512, help="object store per node (default 512)")
     start_p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the nodes (default 240)")
     start_p.add_argument("--s3", action="store_true",
@@ -737,6 +865,9 @@ def main(argv: list[str] | None = None) -> int:
                               "namespace, its endpoint and dummy credentials in every node's and exec's environment")
     start_p.add_argument("--s3-bucket", default=DEFAULT_BUCKET,
                          help=f"the bucket created on the S3 node (default {DEFAULT_BUCKET})")
+    start_p.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
+                         help="add to every Ray node's environment (repeatable), e.g. "
+                              "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=20, the drain a SIGTERM starts (`term`)")
     stop_p = sub.add_parser("stop", help="kill every process of the cluster, delete its namespaces and files")
     stop_p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
     stop_p.add_argument("--keep-files", action="store_true", help="keep the run dir (logs, Ray temp dirs)")
@@ -748,6 +879,17 @@ def main(argv: list[str] | None = None) -> int:
     where_p = sub.add_parser("where", help="on which node each actor and task of a submitted job ran (Ray's state API)")
     where_p.add_argument("submission_id", help="the id `ray job submit` printed (raysubmit_... or --submission-id)")
     where_p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    kill_p = sub.add_parser("kill", help="SIGKILL every process of a worker node at once (a machine lost)")
+    kill_p.add_argument("node", help="w1, w2, ...")
+    term_p = sub.add_parser("term", help="SIGTERM a worker node's `ray start`, as Kubernetes evicts a pod: Ray "
+                                         "drains the node (reason PREEMPTION), then ends its processes")
+    term_p.add_argument("node", help="w1, w2, ...")
+    term_p.add_argument("--wait", action="store_true", help="wait until the node's processes are gone")
+    restart_p = sub.add_parser("restart", help="start a killed or drained worker node again (same address)")
+    restart_p.add_argument("node", help="w1, w2, ...")
+    link_p = sub.add_parser("link", help="cut (down) or restore (up) a worker node's link to the others")
+    link_p.add_argument("node", help="w1, w2, ...")
+    link_p.add_argument("state", choices=("down", "up"))
     where_int = sub.add_parser("_where")  # internal: runs inside the client namespace (NetnsCluster.where)
     where_int.add_argument("--dashboard", required=True)
     where_int.add_argument("submission_id")
@@ -762,8 +904,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "_where":
             return _where_main(args.dashboard, args.submission_id)
         if args.command == "start":
+            node_env = dict(item.split("=", 1) for item in args.node_env if "=" in item)
+            if len(node_env) != len(args.node_env):
+                parser.error("--node-env takes KEY=VALUE")
             cluster = start(args.workers, args.gpu_workers, args.cpus_per_worker, args.object_store_mb, args.state,
-                            args.timeout, s3=args.s3, s3_bucket=args.s3_bucket)
+                            args.timeout, s3=args.s3, s3_bucket=args.s3_bucket, node_env=node_env,
+                            gpu_cpus=args.gpu_cpus)
             groups = ", ".join(f"{w.name} {w.ip} ({w.group}: {', '.join(w.resources)})" for w in cluster.workers)
             print(f"netns cluster {cluster.prefix}: head {cluster.head.ip} (0 CPUs), workers {groups}; "
                   f"client namespace {cluster.client.namespace} ({cluster.client.ip})")
@@ -795,6 +941,23 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _print_status(cluster)
+        if args.command in ("kill", "term", "restart", "link"):
+            if args.node not in {w.name for w in cluster.workers}:
+                parser.error(f"{args.command} takes a worker node: {', '.join(w.name for w in cluster.workers)}")
+            if args.command == "kill":
+                pid = cluster.kill_node(args.node)
+                print(f"killed {args.node} (its PID 1 was {pid}): no process of it is left")
+            elif args.command == "link":
+                cluster.set_link(args.node, up=args.state == "up")
+                print(f"{args.node}'s link is {args.state}")
+            elif args.command == "term":
+                pid = cluster.signal_node(args.node, signal.SIGTERM)
+                gone = f"; gone after {cluster.wait_node_gone(args.node, 600):.1f}s" if args.wait else ""
+                print(f"sent SIGTERM to {args.node}'s ray start (pid {pid}){gone}")
+            else:
+                cluster.restart_node(args.node)
+                print(f"restarted {args.node} ({cluster.node(args.node).ip}): alive")
+            return 0
         if args.command == "where":
             if args.json:
                 print(json.dumps(cluster.where(args.submission_id)))

@@ -120,6 +120,15 @@ REGISTRY = {
         "find the reply ray job submit gets while the head's job agent is not registered yet and update "
         "_AGENT_NOT_READY, then run scripts/demo.sh or tests/train/test_submit.py",
     ),
+    "ray-train-health-check-text": PrivateApi(
+        "the text of Ray Train's WorkerHealthCheckFailedError (its health_check_failure attribute and the "
+        "worker's ActorMetadata repr: node_ip='...', node_id='...')", "ray", ("pipeline/trainer/job.py",),
+        "_WORKER_NODE_IP",
+        "find how Ray Train now describes a worker whose health check failed (ray/train/v2/_internal/exceptions.py, "
+        "execution/worker_group/worker.py) and update _lost_worker_node, then run "
+        "tests/cluster/test_node_loss.py -k fixed_size",
+        scan=("ray.train.v2._internal.exceptions", "ray.train.v2._internal.execution.worker_group.worker"),
+    ),
     "argparse-subparsers-action": PrivateApi(
         "argparse._SubParsersAction (type annotations only, never evaluated)", "python",
         ("preprocessing/cli.py",), "_SubParsersAction",
@@ -397,6 +406,23 @@ def test_ray_dashboard_still_answers_no_agent_with_this_text() -> None:
         assert spec is not None and spec.origin, "ray.dashboard.modules.job.job_head is gone"
         assert _AGENT_NOT_READY in Path(spec.origin).read_text(), \
             f"the job head no longer answers {_AGENT_NOT_READY!r}"
+
+
+def test_ray_train_describes_a_failed_worker_with_its_node() -> None:
+    from pipeline.trainer.job import _lost_worker_node
+
+    with guard("ray-train-health-check-text"):
+        from ray.exceptions import ActorUnavailableError
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+        from ray.train.v2._internal.execution.worker_group.worker import ActorMetadata
+
+        metadata = ActorMetadata(hostname="h", node_id="81e6f099ad1e67f0", node_ip="10.0.0.3", pid=7,
+                                 accelerator_ids={})
+        err = WorkerHealthCheckFailedError(f"A worker health check failed.\nWorker info: {metadata!r}",
+                                           ActorUnavailableError("unreachable", None))
+        assert err.health_check_failure is not None, "WorkerHealthCheckFailedError lost health_check_failure"
+        assert _lost_worker_node(err) == " on node 10.0.0.3 (node id 81e6f099ad1e)", \
+            f"the worker's description no longer names its node as expected: {metadata!r}"
 
 
 def test_argparse_subparsers_action() -> None:

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 CURSOR_NAMESPACE = "mvit-data"
 
@@ -228,11 +229,16 @@ _DRIVER_CURSOR: dict[str, str] = {}  # Ray job id -> this driver's cursor actor 
 
 
 def new_cursor() -> CursorRef:
-    """An entry for a new dataset in this driver's cursor actor (created on first use)."""
+    """An entry for a new dataset in this driver's cursor actor (created on first use).
+
+    The actor is pinned to the driver's node: it holds the epoch plan every attempt of the job reads, so it
+    must outlive any worker node. Left to the scheduler it may land on a worker node, and when that node is
+    lost the elastic or preempted job's next attempt finds no cursor and fails."""
     job = ray.get_runtime_context().get_job_id()
     if job not in _DRIVER_CURSOR:
         name = f"epoch-cursor-{uuid.uuid4().hex[:12]}"
-        _HANDLES[name] = EpochCursor.options(name=name, namespace=CURSOR_NAMESPACE).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _HANDLES[name] = EpochCursor.options(name=name, namespace=CURSOR_NAMESPACE, scheduling_strategy=here).remote()
         _DRIVER_CURSOR[job] = name
     return CursorRef(_DRIVER_CURSOR[job], uuid.uuid4().hex[:12])
 

@@ -1,0 +1,247 @@
+"""The training job on the namespace cluster (pipeline/netns_cluster.py): what crossing nodes costs, how
+long a lost node stalls the job, how much work a preemption redoes.
+
+Three parts, each on its own fresh cluster (head with 0 CPUs, nodes in their own network namespaces on a
+private bridge, as in docs/cluster.md), all on one synthetic Kinetics shard set made here:
+
+- ``spread``: the same job (``--workers`` Ray Train ranks, 1 CPU each) with its ranks packed on 1, 2 and
+  3 GPU-group nodes (each node advertises ``--workers / nodes`` CPUs, so the placement is forced), its
+  decoder actors and read tasks on one CPU-group node. All nodes share this machine's cores, so the
+  difference is what crossing nodes costs: the gloo all-reduce over the bridge instead of inside one
+  node, and Ray Train's and Ray Data's traffic. Reported per shape: steady-state clips/s (the job's own
+  ``train/clips_per_s``, first epoch dropped), its ratio to one node, the data-wait fraction and the
+  job's wall time. On the same cluster, a small Ray Train run times what the trainer adds to every step
+  on every rank: ``ray.train.get_preemption_info()`` (a barrier across the ranks, asked every
+  ``trainer.preemption_check_every_steps`` steps, default 1) against one gloo all-reduce of a scalar.
+- ``loss``: an elastic job (2 ranks, ``trainer.min_workers=1``) whose rank-0 node is SIGKILLed (every
+  process at once, no notice) after a registered checkpoint: seconds from the kill to the next completed
+  step (on the surviving worker), then the node restarted and the seconds until the group is back to 2.
+- ``preempt``: a fixed-size job of 2 whose rank-1 node gets SIGTERM (as Kubernetes evicts a pod; Ray
+  drains it with a deadline): seconds from the SIGTERM to the notice the ranks see, steps redone after
+  the restart (the goal: at most 1), and what Ray charged the restart to (``preemption`` or ``worker
+  group``, see docs/cluster.md "Faults").
+
+``loss`` and ``preempt`` run ``--repeats`` times each on one cluster of 2 GPU-group and 2 CPU-group nodes
+of 1 CPU. Prints a table per part and, with ``--json``, writes every figure. Needs root (namespaces).
+
+    python benchmarks/cluster.py                           # all three parts, ~30 min on 2 cores
+    python benchmarks/cluster.py --parts spread --workers 6
+    python benchmarks/cluster.py --parts loss,preempt --repeats 3 --json /tmp/cluster.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import netns_cluster as nc  # noqa: E402
+from pipeline.netns_job import (  # noqa: E402
+    ELASTIC_JOB,
+    FAULT_NODE_ENV,
+    PREEMPTED_JOB,
+    ClusterJob,
+    lose_node,
+    preempt_node,
+)
+
+PARTS = ("spread", "loss", "preempt")
+
+
+def make_shards(root: Path, per_class: int) -> tuple[Path, int]:
+    """Synthetic Kinetics (3 classes, ``per_class`` train videos each, 1 val), 3 samples a shard, in a local
+    folder every node reads through the shared filesystem."""
+    raw, out = root / "raw", root / "shards"
+    run = dict(check=True, capture_output=True, text=True, timeout=900, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "preprocessing", "synth", "kinetics", "--out", str(raw), "--classes", "3",
+                    "--per-class", str(per_class), "--val-per-class", "1", "--seconds", "2", "--size", "96x72"],
+                   **run)
+    for csv in ("train.csv", "validate.csv"):
+        subprocess.run([sys.executable, "-m", "preprocessing", "kinetics", "--csv", str(raw / "annotations" / csv),
+                        "--videos", str(raw), "--out", str(out), "--short-side", "72", "--shard-bytes", "0",
+                        "--shard-samples", "3", "--no-progress"], **run)
+    return out, json.loads((out / "train.manifest.json").read_text())["num_samples"]
+
+
+def spread(shards: Path, runs: Path, workers: int, epochs: int) -> list[dict]:
+    rows = []
+    runs.mkdir(parents=True, exist_ok=True)
+    for nodes in (1, 2, 3):
+        if workers % nodes:
+            raise SystemExit(f"--workers must divide by 1, 2 and 3 (got {workers})")
+        cluster = nc.start(workers=nodes + 1, gpu_workers=nodes, cpus_per_worker=4, gpu_cpus=workers // nodes,
+                           object_store_mb=256, state_file=runs / f"spread{nodes}.json")
+        try:
+            job = ClusterJob(cluster, shards, runs / f"spread{nodes}", [
+                f"trainer.num_workers={workers}", "trainer.cpus_per_worker=1", "data.batch_size=2",
+                f"trainer.epochs={epochs}", f"trainer.eval_every_epochs={epochs}", "trainer.checkpoint_every_steps=0",
+                "data.decoder.min_actors=2", "data.decoder.max_actors=2"], prefix=f"spread{nodes}")
+            rc = job.wait(3600)
+            if rc != 0:
+                raise SystemExit(f"the {nodes}-node job failed:\n{job.tail()}")
+            wall = time.monotonic() - job.started
+            placed = sorted(set(job.placement().values()))
+            if len(placed) != nodes:
+                raise SystemExit(f"{nodes}-node shape: ranks ran on {placed}")
+            per_epoch = job.metric("train/clips_per_s")
+            first_epoch = len(per_epoch) // epochs
+            barrier = cluster.exec([sys.executable, str(Path(__file__).resolve()), "_barrier", "--ranks", str(workers),
+                                    "--storage", str(runs / f"barrier{nodes}")], cwd=REPO, capture_output=True,
+                                   text=True, timeout=900)
+            if barrier.returncode != 0 or not barrier.stdout.strip():
+                raise SystemExit(f"the barrier timing failed on {nodes} node(s):\n{barrier.stderr[-4000:]}")
+            timing = json.loads(barrier.stdout.strip().splitlines()[-1])
+            rows.append({"nodes": nodes, "ranks_per_node": workers // nodes, **timing,
+                         "clips_per_s": statistics.median(v for _, v, _ in per_epoch[first_epoch:]),
+                         "data_wait": statistics.median(v for _, v, _ in job.metric("train/data_wait_fraction")
+                                                        [first_epoch:]),
+                         "wall_s": wall})
+        finally:
+            cluster.stop(grace_s=5.0)
+    for row in rows:
+        row["ratio_to_one_node"] = row["clips_per_s"] / rows[0]["clips_per_s"]
+    return rows
+
+
+def _barrier_main(ranks: int, storage: Path, calls: int = 200) -> int:
+    """Runs inside the cluster's client namespace (``NetnsCluster.exec``): ``ranks`` Ray Train workers on the
+    GPU group time ``calls`` calls of ``get_preemption_info`` and of a scalar all-reduce; prints medians (ms)
+    over the ranks' medians as one JSON line."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        import statistics as stats
+        import time as clock
+
+        import torch
+        import torch.distributed as dist
+
+        timed = {"preemption_check_ms": [], "allreduce_ms": []}
+        x = torch.zeros(1)
+        for _ in range(config["calls"]):
+            start = clock.perf_counter()
+            ray.train.get_preemption_info()
+            timed["preemption_check_ms"].append(1000 * (clock.perf_counter() - start))
+            start = clock.perf_counter()
+            dist.all_reduce(x)
+            timed["allreduce_ms"].append(1000 * (clock.perf_counter() - start))
+        ray.train.report({k: stats.median(v[10:]) for k, v in timed.items()})
+
+    ray.init(logging_level="ERROR")
+    trainer = TorchTrainer(loop, train_loop_config={"calls": calls},
+                           scaling_config=ray.train.ScalingConfig(
+                               num_workers=ranks, resources_per_worker={"CPU": 1, nc.GPU_RESOURCE: 0.01}),
+                           run_config=ray.train.RunConfig(storage_path=str(storage), name="barrier"))
+    result = trainer.fit()
+    print(json.dumps({k: round(v, 3) for k, v in result.metrics.items() if k.endswith("_ms")}))
+    return 0
+
+
+def measure_loss(cluster: nc.NetnsCluster, shards: Path, runs: Path) -> dict:
+    """One elastic job, rank 0's node SIGKILLed after a registered checkpoint, then restarted."""
+    job = ClusterJob(cluster, shards, runs, ELASTIC_JOB, prefix="loss")
+    loss = lose_node(job, rank=0, timeout_s=900)
+    return {"ok": loss.rc == 0, "killed_at_step": loss.killed_at_step, "next_step": loss.next_step,
+            "kill_to_next_step_s": loss.to_next_step_s, "restart_node_s": loss.restart_s,
+            "restart_to_two_workers_step_s": _regrown(job, loss.restarted_at),
+            "world_sizes": job.world_sizes(), "redone_steps": job.redone_steps()}
+
+
+def _regrown(job: ClusterJob, restarted_at: float) -> float | None:
+    """Seconds from the node's restart to the first step of the next 2-rank attempt (None: never regrown)."""
+    grown = next((t / 1000 for _, v, t in job.metric("world_size") if v == 2.0 and t / 1000 > restarted_at), None)
+    found = job.first_step_after(grown) if grown is not None else None
+    return None if found is None else grown + found[1] - restarted_at
+
+
+def measure_preemption(cluster: nc.NetnsCluster, shards: Path, runs: Path, steps_per_epoch: int) -> dict:
+    """One fixed-size job of 2, rank 1's node SIGTERMed (drained) mid-epoch, restarted once it is gone."""
+    job = ClusterJob(cluster, shards, runs, PREEMPTED_JOB, prefix="preempt")
+    seen = preempt_node(job, rank=1, timeout_s=900)
+    return {"ok": seen.rc == 0, "sigterm_after_step": seen.sigterm_after_step, "notice_step": seen.notice_step,
+            "sigterm_to_notice_s": seen.notice_after_s, "node_gone_s": seen.gone_after_s,
+            "steps_redone": len(job.redone_steps()), "redone": job.redone_steps(),
+            "charged_to": re.findall(r"Source: (preemption|worker group|controller)", job.output()),
+            "steps_per_epoch": steps_per_epoch}
+
+
+def faults(shards: Path, runs: Path, parts: list[str], repeats: int, samples: int) -> dict[str, list[dict]]:
+    runs.mkdir(parents=True, exist_ok=True)
+    cluster = nc.start(workers=4, gpu_workers=2, cpus_per_worker=1, object_store_mb=256,
+                       state_file=runs / "faults.json", node_env=FAULT_NODE_ENV)
+    out: dict[str, list[dict]] = {part: [] for part in parts}
+    try:
+        for i in range(repeats):
+            if "loss" in parts:
+                out["loss"].append(measure_loss(cluster, shards, runs / f"loss{i}"))
+                print(f"loss {i + 1}/{repeats}: {out['loss'][-1]}", flush=True)
+            if "preempt" in parts:
+                out["preempt"].append(measure_preemption(cluster, shards, runs / f"preempt{i}", samples // 4))
+                print(f"preempt {i + 1}/{repeats}: {out['preempt'][-1]}", flush=True)
+    finally:
+        cluster.stop(grace_s=5.0)
+    return out
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["_barrier"]:  # internal: the barrier timing, run by spread() in the client namespace
+        internal = argparse.ArgumentParser()
+        internal.add_argument("--ranks", type=int, required=True)
+        internal.add_argument("--storage", type=Path, required=True)
+        args = internal.parse_args(sys.argv[2:])
+        return _barrier_main(args.ranks, args.storage)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--workers", type=int, default=6, help="Ray Train ranks of the spread jobs (default 6)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each spread job (default 3)")
+    parser.add_argument("--repeats", type=int, default=2, help="node losses and preemptions, each (default 2)")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts takes {', '.join(PARTS)}")
+    nc.require_netns()
+    results: dict[str, object] = {"workers": args.workers, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="mvit-bench-cluster-") as tmp:
+        base = Path(tmp)
+        shards, samples = make_shards(base, per_class=16 if "spread" not in parts else 24)
+        if "spread" in parts:
+            results["spread"] = spread(shards, base / "spread", args.workers, args.epochs)
+            print(f"\n{args.workers} ranks on 1, 2 and 3 GPU-group nodes ({samples} train clips, {args.epochs} "
+                  "epochs; clips/s and data-wait are medians of the job's logged windows after epoch 1):")
+            print("nodes  ranks/node  clips/s  ratio to 1 node  data-wait  job wall s  preemption check ms  "
+                  "all-reduce ms")
+            for r in results["spread"]:
+                print(f"{r['nodes']:>5}  {r['ranks_per_node']:>10}  {r['clips_per_s']:>7.1f}  "
+                      f"{r['ratio_to_one_node']:>15.2f}  {r['data_wait']:>9.2f}  {r['wall_s']:>10.0f}  "
+                      f"{r['preemption_check_ms']:>19.2f}  {r['allreduce_ms']:>13.2f}")
+        fault_parts = [p for p in parts if p != "spread"]
+        if fault_parts:
+            results.update(faults(shards, base / "faults", fault_parts, args.repeats, samples))
+        for r in results.get("loss", []):
+            print(f"node lost at step {r['killed_at_step']}: next step ({r['next_step']}) "
+                  f"{r['kill_to_next_step_s']:.1f}s later; node restarted in {r['restart_node_s']:.1f}s, first step "
+                  f"on 2 workers {r['restart_to_two_workers_step_s']}s after the restart; world sizes "
+                  f"{r['world_sizes']}; job ok: {r['ok']}")
+        for r in results.get("preempt", []):
+            print(f"SIGTERM after step {r['sigterm_after_step']}: notice at step {r['notice_step']} "
+                  f"{r['sigterm_to_notice_s']:.1f}s later, node gone after {r['node_gone_s']:.1f}s; steps redone "
+                  f"{r['steps_redone']} {r['redone']}; restart charged to {r['charged_to']}; job ok: {r['ok']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
