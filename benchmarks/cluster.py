@@ -10,9 +10,7 @@ private bridge, as in docs/cluster.md), all on one synthetic Kinetics shard set 
   difference is what crossing nodes costs: the gloo all-reduce over the bridge instead of inside one
   node, and Ray Train's and Ray Data's traffic. Reported per shape: steady-state clips/s (the job's own
   ``train/clips_per_s``, first epoch dropped), its ratio to one node, the data-wait fraction and the
-  job's wall time. On the same cluster, a small Ray Train run times what the trainer adds to every step
-  on every rank: ``ray.train.get_preemption_info()`` (a barrier across the ranks, asked every
-  ``trainer.preemption_check_every_steps`` steps, default 1) against one gloo all-reduce of a scalar.
+  job's wall time.
 - ``loss``: an elastic job (2 ranks, ``trainer.min_workers=1``) whose rank-0 node is SIGKILLed (every
   process at once, no notice) after a registered checkpoint: seconds from the kill to the next completed
   step (on the surviving worker), then the node restarted and the seconds until the group is back to 2.
@@ -94,13 +92,7 @@ def spread(shards: Path, runs: Path, workers: int, epochs: int) -> list[dict]:
                 raise SystemExit(f"{nodes}-node shape: ranks ran on {placed}")
             per_epoch = job.metric("train/clips_per_s")
             first_epoch = len(per_epoch) // epochs
-            barrier = cluster.exec([sys.executable, str(Path(__file__).resolve()), "_barrier", "--ranks", str(workers),
-                                    "--storage", str(runs / f"barrier{nodes}")], cwd=REPO, capture_output=True,
-                                   text=True, timeout=900)
-            if barrier.returncode != 0 or not barrier.stdout.strip():
-                raise SystemExit(f"the barrier timing failed on {nodes} node(s):\n{barrier.stderr[-4000:]}")
-            timing = json.loads(barrier.stdout.strip().splitlines()[-1])
-            rows.append({"nodes": nodes, "ranks_per_node": workers // nodes, **timing,
+            rows.append({"nodes": nodes, "ranks_per_node": workers // nodes,
                          "clips_per_s": statistics.median(v for _, v, _ in per_epoch[first_epoch:]),
                          "data_wait": statistics.median(v for _, v, _ in job.metric("train/data_wait_fraction")
                                                         [first_epoch:]),
@@ -110,42 +102,6 @@ def spread(shards: Path, runs: Path, workers: int, epochs: int) -> list[dict]:
     for row in rows:
         row["ratio_to_one_node"] = row["clips_per_s"] / rows[0]["clips_per_s"]
     return rows
-
-
-def _barrier_main(ranks: int, storage: Path, calls: int = 200) -> int:
-    """Runs inside the cluster's client namespace (``NetnsCluster.exec``): ``ranks`` Ray Train workers on the
-    GPU group time ``calls`` calls of ``get_preemption_info`` and of a scalar all-reduce; prints medians (ms)
-    over the ranks' medians as one JSON line."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    def loop(config: dict) -> None:
-        import statistics as stats
-        import time as clock
-
-        import torch
-        import torch.distributed as dist
-
-        timed = {"preemption_check_ms": [], "allreduce_ms": []}
-        x = torch.zeros(1)
-        for _ in range(config["calls"]):
-            start = clock.perf_counter()
-            ray.train.get_preemption_info()
-            timed["preemption_check_ms"].append(1000 * (clock.perf_counter() - start))
-            start = clock.perf_counter()
-            dist.all_reduce(x)
-            timed["allreduce_ms"].append(1000 * (clock.perf_counter() - start))
-        ray.train.report({k: stats.median(v[10:]) for k, v in timed.items()})
-
-    ray.init(logging_level="ERROR")
-    trainer = TorchTrainer(loop, train_loop_config={"calls": calls},
-                           scaling_config=ray.train.ScalingConfig(
-                               num_workers=ranks, resources_per_worker={"CPU": 1, nc.GPU_RESOURCE: 0.01}),
-                           run_config=ray.train.RunConfig(storage_path=str(storage), name="barrier"))
-    result = trainer.fit()
-    print(json.dumps({k: round(v, 3) for k, v in result.metrics.items() if k.endswith("_ms")}))
-    return 0
 
 
 def measure_loss(cluster: nc.NetnsCluster, shards: Path, runs: Path) -> dict:
@@ -195,12 +151,6 @@ def faults(shards: Path, runs: Path, parts: list[str], repeats: int, samples: in
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["_barrier"]:  # internal: the barrier timing, run by spread() in the client namespace
-        internal = argparse.ArgumentParser()
-        internal.add_argument("--ranks", type=int, required=True)
-        internal.add_argument("--storage", type=Path, required=True)
-        args = internal.parse_args(sys.argv[2:])
-        return _barrier_main(args.ranks, args.storage)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--workers", type=int, default=6, help="Ray Train ranks of the spread jobs (default 6)")
@@ -220,12 +170,10 @@ def main() -> int:
             results["spread"] = spread(shards, base / "spread", args.workers, args.epochs)
             print(f"\n{args.workers} ranks on 1, 2 and 3 GPU-group nodes ({samples} train clips, {args.epochs} "
                   "epochs; clips/s and data-wait are medians of the job's logged windows after epoch 1):")
-            print("nodes  ranks/node  clips/s  ratio to 1 node  data-wait  job wall s  preemption check ms  "
-                  "all-reduce ms")
+            print("nodes  ranks/node  clips/s  ratio to 1 node  data-wait  job wall s")
             for r in results["spread"]:
                 print(f"{r['nodes']:>5}  {r['ranks_per_node']:>10}  {r['clips_per_s']:>7.1f}  "
-                      f"{r['ratio_to_one_node']:>15.2f}  {r['data_wait']:>9.2f}  {r['wall_s']:>10.0f}  "
-                      f"{r['preemption_check_ms']:>19.2f}  {r['allreduce_ms']:>13.2f}")
+                      f"{r['ratio_to_one_node']:>15.2f}  {r['data_wait']:>9.2f}  {r['wall_s']:>10.0f}")
         fault_parts = [p for p in parts if p != "spread"]
         if fault_parts:
             results.update(faults(shards, base / "faults", fault_parts, args.repeats, samples))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -161,8 +160,20 @@ class ClusterJob:
         return int(name.rsplit("_step", 1)[1])
 
     def placement(self) -> dict[int, str]:
-        """Rank -> node address of the latest attempt (the ``rank R of N on node IP`` lines so far)."""
-        return {int(r): ip for r, _, ip in re.findall(r"rank (\d+) of (\d+) on node (\S+)", self.output())}
+        """Rank -> node address of the latest attempt: the run's MLflow tag ``placement`` (``0:IP,1:IP``), which
+        rank 0 sets as each attempt starts. Not the ``rank R of N on node IP`` lines of the log: Ray's log
+        deduplication folds lines that differ only in numbers, so one rank's line can come seconds late."""
+        if not self.db.exists():
+            return {}
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
+            try:
+                rows = db.execute("SELECT value FROM tags WHERE key = 'placement'").fetchall()
+            except sqlite3.OperationalError:  # the tables are not there yet
+                return {}
+        if not rows:
+            return {}
+        pairs = (item.split(":", 1) for item in rows[-1][0].split(",") if ":" in item)
+        return {int(rank): ip for rank, ip in pairs}
 
     def gpu_node(self, rank: int) -> nc.Node:
         """The GPU-group node rank ``rank`` of the latest attempt runs on."""

@@ -208,7 +208,7 @@ def test_training_job_ranks_on_two_gpu_nodes_decoders_on_cpu_nodes(netns_s3_clus
     cpu = {w.ip for w in cluster.workers if w.group == nc.CPU_GROUP}
 
     # each rank says where it runs (pipeline/trainer/loop.py)
-    logged = dict(re.findall(r"rank (\d) of 2 on node (\S+)", done.stdout))
+    logged = dict(re.findall(r"rank (\d) of 2 on node (\d+\.\d+\.\d+\.\d+)", done.stdout))
     assert set(logged) == {"0", "1"} and set(logged.values()) == gpu, logged
 
     # Ray's own record of the job's actors and tasks
