@@ -119,15 +119,19 @@ class ClusterJob:
     def metric(self, key: str) -> list[tuple[int, float, int]]:
         """(step, value, timestamp ms) of every value of ``key`` the job's one MLflow run logged, in the order
         logged; [] before the store exists."""
+        rows = self._query("SELECT step, value, timestamp FROM metrics WHERE key = ? ORDER BY timestamp, step", key)
+        return [(int(s), float(v), int(t)) for s, v, t in rows]
+
+    def _query(self, sql: str, *args: object) -> list[tuple]:
+        """Rows of ``sql`` on the job's MLflow store, read-only (the job may be writing it); [] before the store
+        or its tables exist."""
         if not self.db.exists():
             return []
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
             try:
-                rows = db.execute("SELECT step, value, timestamp FROM metrics WHERE key = ? ORDER BY timestamp, step",
-                                  (key,)).fetchall()
+                return db.execute(sql, args).fetchall()
             except sqlite3.OperationalError:  # the tables are not there yet
                 return []
-        return [(int(s), float(v), int(t)) for s, v, t in rows]
 
     def steps(self) -> list[int]:
         """Every training step logged (``train/loss`` at every step), repeated where an attempt redid it."""
@@ -163,13 +167,7 @@ class ClusterJob:
         """Rank -> node address of the latest attempt: the run's MLflow tag ``placement`` (``0:IP,1:IP``), which
         rank 0 sets as each attempt starts. Not the ``rank R of N on node IP`` lines of the log: Ray's log
         deduplication folds lines that differ only in numbers, so one rank's line can come seconds late."""
-        if not self.db.exists():
-            return {}
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
-            try:
-                rows = db.execute("SELECT value FROM tags WHERE key = 'placement'").fetchall()
-            except sqlite3.OperationalError:  # the tables are not there yet
-                return {}
+        rows = self._query("SELECT value FROM tags WHERE key = 'placement'")
         if not rows:
             return {}
         pairs = (item.split(":", 1) for item in rows[-1][0].split(",") if ":" in item)
@@ -232,6 +230,12 @@ class Preemption:
     rc: int
 
 
+def restore_node(cluster: nc.NetnsCluster, name: str) -> None:
+    """Leaves node ``name`` running, whatever a fault did to it (the next job or test needs it)."""
+    if not cluster.node_pids(name):
+        cluster.restart_node(name)
+
+
 def lose_node(job: ClusterJob, rank: int = 0, timeout_s: float = 600) -> NodeLoss:
     """Under an elastic ``job`` (``ELASTIC_JOB``): SIGKILLs rank ``rank``'s node once a checkpoint is
     registered, waits for the group of 1 and its first step, restarts the node, and waits for the job to
@@ -250,8 +254,8 @@ def lose_node(job: ClusterJob, rank: int = 0, timeout_s: float = 600) -> NodeLos
         return NodeLoss(victim, killed_step, registered, step, after, restarted_at, restart_s, job.wait(timeout_s))
     finally:
         job.stop()
-        if victim is not None and not cluster.node_pids(victim.name):
-            cluster.restart_node(victim.name)
+        if victim is not None:
+            restore_node(cluster, victim.name)
 
 
 def preempt_node(job: ClusterJob, rank: int = 1, timeout_s: float = 600) -> Preemption:
@@ -279,5 +283,5 @@ def preempt_node(job: ClusterJob, rank: int = 1, timeout_s: float = 600) -> Pree
                           gone_after, rc)
     finally:
         job.stop()
-        if victim is not None and not cluster.node_pids(victim.name):
-            cluster.restart_node(victim.name)
+        if victim is not None:
+            restore_node(cluster, victim.name)

@@ -26,7 +26,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import netns_cluster as nc
-from pipeline.netns_job import ELASTIC_JOB, FAULT_NODE_ENV, PREEMPTED_JOB, ClusterJob, lose_node, preempt_node
+from pipeline.netns_job import (
+    ELASTIC_JOB,
+    FAULT_NODE_ENV,
+    PREEMPTED_JOB,
+    ClusterJob,
+    lose_node,
+    preempt_node,
+    restore_node,
+)
 from tests.train.helpers import synthetic_kinetics_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,12 +73,6 @@ def job_on(cluster: nc.NetnsCluster, shards: Path, runs: Path, overrides: list[s
     """``pipeline/train.py`` with ``configs/experiment/netns.yaml`` on the local shards, its checkpoints and
     MLflow store in ``runs`` (pipeline/netns_job.py)."""
     return ClusterJob(cluster, shards, runs, overrides, prefix="faults")
-
-
-def restore(cluster: nc.NetnsCluster, name: str) -> None:
-    """Leaves node ``name`` running for the next test (whatever happened to it)."""
-    if not cluster.node_pids(name):
-        cluster.restart_node(name)
 
 
 # ---- quick: no cluster ------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def test_fixed_size_job_fails_in_bounded_time_with_one_line_naming_the_lost_node
     finally:
         job.stop()
         if victim is not None:
-            restore(cluster, victim.name)
+            restore_node(cluster, victim.name)
     output = job.output()
     # what the job printed, as `ray job submit` streamed it: on a failure the CLI then repeats the tail of the
     # job's log in its status message, which would show the error line twice
