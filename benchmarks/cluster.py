@@ -8,9 +8,10 @@ private bridge, as in docs/cluster.md), all on one synthetic Kinetics shard set 
   3 GPU-group nodes (each node advertises ``--workers / nodes`` CPUs, so the placement is forced), its
   decoder actors and read tasks on one CPU-group node. All nodes share this machine's cores, so the
   difference is what crossing nodes costs: the gloo all-reduce over the bridge instead of inside one
-  node, and Ray Train's and Ray Data's traffic. Reported per shape: steady-state clips/s (the job's own
-  ``train/clips_per_s``, first epoch dropped), its ratio to one node, the data-wait fraction and the
-  job's wall time.
+  node, and Ray Train's and Ray Data's traffic. Then the 3-node shape again with Ray Train's per-step
+  preemption check off (``trainer.preemption_check_every_steps=0``): its ratio to the same shape with
+  the check on is what the default check costs. Reported per shape: steady-state clips/s (the job's own
+  ``train/clips_per_s``, first epoch dropped), its ratios, the data-wait fraction and the job's wall time.
 - ``loss``: an elastic job (2 ranks, ``trainer.min_workers=1``) whose rank-0 node is SIGKILLed (every
   process at once, no notice) after a registered checkpoint: seconds from the kill to the next completed
   step (on the surviving worker), then the node restarted and the seconds until the group is back to 2.
@@ -22,7 +23,7 @@ private bridge, as in docs/cluster.md), all on one synthetic Kinetics shard set 
 ``loss`` and ``preempt`` run ``--repeats`` times each on one cluster of 2 GPU-group and 2 CPU-group nodes
 of 1 CPU. Prints a table per part and, with ``--json``, writes every figure. Needs root (namespaces).
 
-    python benchmarks/cluster.py                           # all three parts, ~30 min on 2 cores
+    python benchmarks/cluster.py                           # all three parts, ~25 min on 2 cores
     python benchmarks/cluster.py --parts spread --workers 6
     python benchmarks/cluster.py --parts loss,preempt --repeats 3 --json /tmp/cluster.json
 """
@@ -33,7 +34,6 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,56 +51,60 @@ from pipeline.netns_job import (  # noqa: E402
     lose_node,
     preempt_node,
 )
+from tests.train.helpers import synthetic_kinetics_shards  # noqa: E402
 
 PARTS = ("spread", "loss", "preempt")
 
 
 def make_shards(root: Path, per_class: int) -> tuple[Path, int]:
     """Synthetic Kinetics (3 classes, ``per_class`` train videos each, 1 val), 3 samples a shard, in a local
-    folder every node reads through the shared filesystem."""
-    raw, out = root / "raw", root / "shards"
-    run = dict(check=True, capture_output=True, text=True, timeout=900, cwd=REPO)
-    subprocess.run([sys.executable, "-m", "preprocessing", "synth", "kinetics", "--out", str(raw), "--classes", "3",
-                    "--per-class", str(per_class), "--val-per-class", "1", "--seconds", "2", "--size", "96x72"],
-                   **run)
-    for csv in ("train.csv", "validate.csv"):
-        subprocess.run([sys.executable, "-m", "preprocessing", "kinetics", "--csv", str(raw / "annotations" / csv),
-                        "--videos", str(raw), "--out", str(out), "--short-side", "72", "--shard-bytes", "0",
-                        "--shard-samples", "3", "--no-progress"], **run)
+    folder every node reads through the shared filesystem (the tests' shard set, made the same way)."""
+    out = synthetic_kinetics_shards(root, classes=3, per_class=per_class, val_per_class=1, shard_samples=3)
     return out, json.loads((out / "train.manifest.json").read_text())["num_samples"]
+
+
+# (GPU-group nodes, Ray Train's preemption check every step): the three spreads with the check on (the
+# default), then the widest spread again with it off, whose ratio to the same shape with it on is the
+# check's cost where it is highest (its barrier crosses nodes).
+SPREAD_SHAPES = ((1, True), (2, True), (3, True), (3, False))
 
 
 def spread(shards: Path, runs: Path, workers: int, epochs: int) -> list[dict]:
     rows = []
     runs.mkdir(parents=True, exist_ok=True)
-    for nodes in (1, 2, 3):
-        if workers % nodes:
-            raise SystemExit(f"--workers must divide by 1, 2 and 3 (got {workers})")
+    if workers % 6:
+        raise SystemExit(f"--workers must divide by 1, 2 and 3 (got {workers})")
+    for nodes, check in SPREAD_SHAPES:
+        name = f"spread{nodes}" + ("" if check else "-nocheck")
         cluster = nc.start(workers=nodes + 1, gpu_workers=nodes, cpus_per_worker=4, gpu_cpus=workers // nodes,
-                           object_store_mb=256, state_file=runs / f"spread{nodes}.json")
+                           object_store_mb=256, state_file=runs / f"{name}.json")
         try:
-            job = ClusterJob(cluster, shards, runs / f"spread{nodes}", [
+            job = ClusterJob(cluster, shards, runs / name, [
                 f"trainer.num_workers={workers}", "trainer.cpus_per_worker=1", "data.batch_size=2",
                 f"trainer.epochs={epochs}", f"trainer.eval_every_epochs={epochs}", "trainer.checkpoint_every_steps=0",
-                "data.decoder.min_actors=2", "data.decoder.max_actors=2"], prefix=f"spread{nodes}")
+                f"trainer.preemption_check_every_steps={int(check)}",
+                "data.decoder.min_actors=2", "data.decoder.max_actors=2"], prefix=name)
             rc = job.wait(3600)
             if rc != 0:
-                raise SystemExit(f"the {nodes}-node job failed:\n{job.tail()}")
+                raise SystemExit(f"the {name} job failed:\n{job.tail()}")
             wall = time.monotonic() - job.started
             placed = sorted(set(job.placement().values()))
             if len(placed) != nodes:
-                raise SystemExit(f"{nodes}-node shape: ranks ran on {placed}")
+                raise SystemExit(f"{name}: ranks ran on {placed}")
             per_epoch = job.metric("train/clips_per_s")
             first_epoch = len(per_epoch) // epochs
-            rows.append({"nodes": nodes, "ranks_per_node": workers // nodes,
+            rows.append({"nodes": nodes, "ranks_per_node": workers // nodes, "preemption_check": check,
                          "clips_per_s": statistics.median(v for _, v, _ in per_epoch[first_epoch:]),
                          "data_wait": statistics.median(v for _, v, _ in job.metric("train/data_wait_fraction")
                                                         [first_epoch:]),
                          "wall_s": wall})
+            print(f"{name}: {rows[-1]}", flush=True)
         finally:
             cluster.stop(grace_s=5.0)
+    base = {row["nodes"]: row["clips_per_s"] for row in rows if row["preemption_check"]}
     for row in rows:
-        row["ratio_to_one_node"] = row["clips_per_s"] / rows[0]["clips_per_s"]
+        row["ratio_to_one_node"] = row["clips_per_s"] / base[1]
+        row["ratio_to_check_on"] = row["clips_per_s"] / base[row["nodes"]]
     return rows
 
 
@@ -170,10 +174,11 @@ def main() -> int:
             results["spread"] = spread(shards, base / "spread", args.workers, args.epochs)
             print(f"\n{args.workers} ranks on 1, 2 and 3 GPU-group nodes ({samples} train clips, {args.epochs} "
                   "epochs; clips/s and data-wait are medians of the job's logged windows after epoch 1):")
-            print("nodes  ranks/node  clips/s  ratio to 1 node  data-wait  job wall s")
+            print("nodes  ranks/node  preemption check  clips/s  ratio to 1 node  ratio to check on  data-wait  job wall s")
             for r in results["spread"]:
-                print(f"{r['nodes']:>5}  {r['ranks_per_node']:>10}  {r['clips_per_s']:>7.1f}  "
-                      f"{r['ratio_to_one_node']:>15.2f}  {r['data_wait']:>9.2f}  {r['wall_s']:>10.0f}")
+                print(f"{r['nodes']:>5}  {r['ranks_per_node']:>10}  {'every step' if r['preemption_check'] else 'off':>16}  "
+                      f"{r['clips_per_s']:>7.1f}  {r['ratio_to_one_node']:>15.2f}  {r['ratio_to_check_on']:>17.2f}  "
+                      f"{r['data_wait']:>9.2f}  {r['wall_s']:>10.0f}")
         fault_parts = [p for p in parts if p != "spread"]
         if fault_parts:
             results.update(faults(shards, base / "faults", fault_parts, args.repeats, samples))

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKEN_FILE = REPO_ROOT / ".ray_token"
 STATE_FILE_NAME = ".ray_local_cluster.json"
 # The dashboard's answer while its job agent is not registered yet (Ray internal text: tests/test_private_apis.py).
-_AGENT_NOT_READY = "No available agent to submit job"
+AGENT_NOT_READY = "No available agent to submit job"
 
 
 def ensure_token(path: Path = DEFAULT_TOKEN_FILE) -> Path:
@@ -118,7 +118,7 @@ class LocalCluster:
                 sys.stdout.write(line)
                 tail = (tail + [line])[-20:]
             returncode = proc.wait(timeout=timeout)
-            if returncode != 0 and any(_AGENT_NOT_READY in line for line in tail) and attempt < attempts:
+            if returncode != 0 and any(AGENT_NOT_READY in line for line in tail) and attempt < attempts:
                 time.sleep(3)
                 continue
             return subprocess.CompletedProcess(cmd, returncode)

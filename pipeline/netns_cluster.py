@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.loopback import LOOPBACK_ENV
-from pipeline.local_cluster import _AGENT_NOT_READY, REPO_ROOT, auth_env, ensure_token, ray_executable
+from pipeline.local_cluster import AGENT_NOT_READY, REPO_ROOT, auth_env, ensure_token, ray_executable
 
 DEFAULT_STATE_FILE = REPO_ROOT / ".ray_netns_cluster.json"
 STATE_ENV = "MVIT_NETNS_STATE"  # overrides the default state file
@@ -206,18 +206,28 @@ class NetnsCluster:
              **kwargs) -> subprocess.CompletedProcess:
         """Runs ``cmd`` in the client namespace (``subprocess.run`` keyword arguments pass through)."""
         full_env = {**self.client_env(auth), **(env or {})}
-        return subprocess.run(["ip", "netns", "exec", self.client.namespace, *cmd], env=full_env, **kwargs)
+        return subprocess.run(self.in_client(cmd), env=full_env, **kwargs)
+
+    def in_client(self, cmd: Sequence[str]) -> list[str]:
+        """``cmd`` as run in the client namespace (with ``client_env()`` as its environment)."""
+        return ["ip", "netns", "exec", self.client.namespace, *cmd]
+
+    def submit_command(self, entrypoint: Sequence[str], working_dir: Path = REPO_ROOT,
+                       extra_args: Sequence[str] = ()) -> list[str]:
+        """The ``ray job submit`` command line for ``entrypoint`` on this cluster (run it with ``exec`` or
+        ``in_client``): the one place that says how jobs reach the head."""
+        return [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
+                *extra_args, "--", *entrypoint]
 
     def submit(self, entrypoint: Sequence[str], working_dir: Path = REPO_ROOT, extra_args: Sequence[str] = (),
                timeout: float | None = None, attempts: int = 10) -> subprocess.CompletedProcess:
         """``ray job submit`` from the client namespace (waits for the job); returns it with its output.
 
         Retried while the dashboard answers that its job agent is not registered yet (no job was created)."""
-        cmd = [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
-               *extra_args, "--", *entrypoint]
+        cmd = self.submit_command(entrypoint, working_dir, extra_args)
         for attempt in range(1, attempts + 1):
             done = self.exec(cmd, capture_output=True, text=True, timeout=timeout)
-            if done.returncode == 0 or _AGENT_NOT_READY not in done.stdout + done.stderr or attempt == attempts:
+            if done.returncode == 0 or AGENT_NOT_READY not in done.stdout + done.stderr or attempt == attempts:
                 return done
             time.sleep(3)
         raise AssertionError("unreachable")

@@ -59,13 +59,13 @@ class ClusterJob:
         self.db = self.runs / "mlflow.db"
         self.log = self.runs / "submit.log"
         local_data = "://" not in str(data_root)
-        cmd = [nc.ray_executable(), "job", "submit", "--address", cluster.dashboard_url,
-               "--working-dir", str(nc.REPO_ROOT), "--submission-id", self.submission, "--", "python",
-               "pipeline/train.py", "--config", config, f"name={self.name}", f"data.root={data_root}",
-               *(["data.s3_endpoint_url=null"] if local_data else []), f"trainer.storage_path={self.runs}",
-               f"tracking.tracking_uri=sqlite:///{self.db}", "trainer.ray_train_log_level=INFO", *overrides]
+        cmd = cluster.submit_command(
+            ["python", "pipeline/train.py", "--config", config, f"name={self.name}", f"data.root={data_root}",
+             *(["data.s3_endpoint_url=null"] if local_data else []), f"trainer.storage_path={self.runs}",
+             f"tracking.tracking_uri=sqlite:///{self.db}", "trainer.ray_train_log_level=INFO", *overrides],
+            extra_args=["--submission-id", self.submission])
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", cluster.client.namespace, *cmd],
+            self.proc = subprocess.Popen(cluster.in_client(cmd),
                                          env=cluster.client_env(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.started = time.monotonic()

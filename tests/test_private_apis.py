@@ -116,9 +116,9 @@ REGISTRY = {
     ),
     "ray-job-agent-not-ready-text": PrivateApi(
         '"No available agent to submit job" (dashboard reply text)', "ray", ("pipeline/local_cluster.py", "pipeline/netns_cluster.py"),
-        "_AGENT_NOT_READY",
+        "AGENT_NOT_READY",
         "find the reply ray job submit gets while the head's job agent is not registered yet and update "
-        "_AGENT_NOT_READY, then run scripts/demo.sh or tests/train/test_submit.py",
+        "AGENT_NOT_READY, then run scripts/demo.sh or tests/train/test_submit.py",
     ),
     "ray-train-health-check-text": PrivateApi(
         "the text of Ray Train's WorkerHealthCheckFailedError (its health_check_failure attribute and the "
@@ -399,13 +399,13 @@ def test_ray_records_the_current_cluster_where_local_cluster_looks() -> None:
 
 
 def test_ray_dashboard_still_answers_no_agent_with_this_text() -> None:
-    from pipeline.local_cluster import _AGENT_NOT_READY
+    from pipeline.local_cluster import AGENT_NOT_READY
 
     with guard("ray-job-agent-not-ready-text"):
         spec = importlib.util.find_spec("ray.dashboard.modules.job.job_head")
         assert spec is not None and spec.origin, "ray.dashboard.modules.job.job_head is gone"
-        assert _AGENT_NOT_READY in Path(spec.origin).read_text(), \
-            f"the job head no longer answers {_AGENT_NOT_READY!r}"
+        assert AGENT_NOT_READY in Path(spec.origin).read_text(), \
+            f"the job head no longer answers {AGENT_NOT_READY!r}"
 
 
 def test_ray_train_describes_a_failed_worker_with_its_node() -> None:

@@ -271,13 +271,16 @@ class Trainer:
         if notice is None or self._preemption_answered:
             return
         self._preemption_answered = True
-        deadline = notice.deadline_ms / 1000 if notice.deadline_ms else time.time() + self.cfg.trainer.preemption_wait_s
+        # A drain without a deadline may take the node any moment: wait preemption_wait_s from now, as
+        # long as one with a deadline is waited for past it.
+        deadline = notice.deadline_ms / 1000 if notice.deadline_ms else time.time()
         if not self.checkpoints.due(self.state.step):  # else the periodic one was just taken at this very step
             self.checkpoint_mid_epoch()  # (a second one would reuse its folder name, which retention then deletes)
         if self.ctx.is_main:
-            log.warning("preemption notice for node(s) %s (ranks %s), %.0f s before the deadline: checkpointed at "
-                        "step %d; waiting for the node to leave", ", ".join(n[:12] for n in notice.preempted_node_ids),
-                        notice.preempted_ranks, deadline - time.time(), self.state.step)  # fmt: skip
+            when = f"{deadline - time.time():.0f} s before the deadline" if notice.deadline_ms else "no deadline given"
+            log.warning("preemption notice for node(s) %s (ranks %s), %s: checkpointed at step %d; waiting for the "
+                        "node to leave", ", ".join(n[:12] for n in notice.preempted_node_ids), notice.preempted_ranks,
+                        when, self.state.step)  # fmt: skip
             self.tracker.log_metrics({"preemption/notices": 1.0}, step=self.state.step)
         while time.time() < deadline + self.cfg.trainer.preemption_wait_s:
             time.sleep(1.0)
