@@ -114,10 +114,16 @@ class SampleDecoder:
             width, height = image.size
             specs = self._specs(width, height, key, epoch)
             scale = max(spec.scale for spec in specs)
+            fx = fy = 1.0
             if scale < 1.0:  # JPEG draft: decode at 1/2, 1/4 or 1/8 while staying >= the size needed
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+                drafted = image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+                if drafted is not None:
+                    # The factor is 1/s, from the box the image spans in drafted pixels (width / s, ...),
+                    # not drafted size / size: that size is rounded up to whole pixels (375 px at 1/2 ->
+                    # 188, its last row half padding), which would stretch and shift every crop box.
+                    _, (_, _, spanned_w, spanned_h) = drafted
+                    fx, fy = spanned_w / width, spanned_h / height
             rgb = np.asarray(image.convert("RGB"))
         frames = torch.from_numpy(rgb.copy()).unsqueeze(0)  # T = 1
-        fx, fy = frames.shape[2] / width, frames.shape[1] / height
         aug = self.cfg.augment
         return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy() for spec in specs])

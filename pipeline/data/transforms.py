@@ -2,6 +2,13 @@
 random erasing. Frames are (T, H, W, 3) uint8 tensors (an image is T = 1); the result is
 (3, T, crop, crop) uint8. Every op sees all T frames at once with the same parameters, so a clip
 stays temporally consistent. The ops are torchvision's functional ones on uint8 tensors.
+
+RandAugment reproduces timm's PIL ops (``timm.data.auto_augment``, which PySlowFast copied): the same
+level-to-argument mapping, ``op.sign`` = +1 for timm's un-negated argument, the same geometry (shears
+about the top-left corner, sub-pixel translations) and fill (128, 128, 128); tests/data/test_sampling.py
+compares every op with timm's. One deliberate difference: geometric ops interpolate bilinearly (one of
+timm's two random choices), as torchvision's tensor kernels have no bicubic for affine/rotate, where
+PySlowFast's recipe sets bicubic.
 """
 
 from __future__ import annotations
@@ -67,16 +74,19 @@ def apply_rand_augment(clip: torch.Tensor, op: RandAugmentOp) -> torch.Tensor:
     if name == "SharpnessIncreasing":
         return F.adjust_sharpness(clip, factor)
     if name in ("ShearX", "ShearY"):
+        # timm's PIL matrix (1, f, 0, 0, 1, 0) shears about the top-left corner, not the centre
         degrees = math.degrees(math.atan(op.sign * 0.3 * level))
         shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
-        return F.affine(clip, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=_FILL)
+        return F.affine(clip, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=shear,
+                        interpolation=InterpolationMode.BILINEAR, fill=_FILL, center=[0.0, 0.0])  # fmt: skip
     if name in ("TranslateXRel", "TranslateYRel"):
+        # timm samples the input at x + pct * width (a sub-pixel shift, content moves left for pct > 0);
+        # torchvision's translate moves content by +t, hence the minus sign
         height, width = clip.shape[-2:]
-        if name == "TranslateXRel":
-            shift = [int(round(op.sign * 0.45 * level * width)), 0]
-        else:
-            shift = [0, int(round(op.sign * 0.45 * level * height))]
-        return F.affine(clip, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], fill=_FILL)
+        pct = op.sign * 0.45 * level
+        shift = [-pct * width, 0.0] if name == "TranslateXRel" else [0.0, -pct * height]
+        return F.affine(clip, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
+                        interpolation=InterpolationMode.BILINEAR, fill=_FILL)  # fmt: skip
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
