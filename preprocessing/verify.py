@@ -54,7 +54,12 @@ class VerifyReport:
 def verify_split(
     url: str, split: str, storage_options: dict[str, Any] | None = None, decode_per_shard: int = 1
 ) -> VerifyReport:
-    """All problems found in one split; `decode_per_shard` samples of each shard are decoded."""
+    """All problems found in one split; `decode_per_shard` samples of each shard are decoded.
+
+    A store that cannot be used at all (no credentials, an endpoint that refuses connections) raises
+    OSError naming the URL and the cause: that is no finding about the shard set, and the CLI reports
+    it as its one `error:` line, as for every other command.
+    """
     report = VerifyReport()
     store = Store(url, dict(storage_options or {}))
     try:
@@ -65,9 +70,8 @@ def verify_split(
     except Exception as exc:  # noqa: BLE001 - storage unusable (no credentials, endpoint down): name the URL
         if not (isinstance(exc, OSError) or is_client_error(exc)):
             raise
-        report.problems.append(f"manifest unreadable at {redact_url(url)}: {type(exc).__name__}: "
-                               f"{' '.join(str(exc).split())}{credentials_hint(exc)}")
-        return report
+        raise OSError(f"manifest unreadable at {redact_url(url)}: {type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())}{credentials_hint(exc)}") from exc
     _check_totals(manifest, report)
     _check_rejects(store, manifest, report)
     seen_keys: set[str] = set()

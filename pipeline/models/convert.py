@@ -2,8 +2,11 @@
 
 Formats understood:
 - ``native``: this project's own names (which are PySlowFast's names with a fused ``attn.qkv``).
-- ``slowfast``: PySlowFast files (``{"model_state": ..., "optimizer_state", "epoch", "cfg"}``), both the
-  fused ``attn.qkv`` and the older separate ``attn.q`` / ``attn.k`` / ``attn.v`` projections.
+- ``slowfast``: PySlowFast files (``{"epoch", "model_state", "optimizer_state", "cfg"}``, plus
+  ``"scaler_state"`` under mixed precision; ``cfg`` is the YAML text of the training config), with
+  the fused ``attn.qkv`` (the MViTv1 release files and MViTv2's) or with separate ``attn.q`` /
+  ``attn.k`` / ``attn.v`` (PySlowFast from 2021-06-30 until MViTv2's release, and ``MVIT.SEPARATE_QKV``).
+  Fused files detect as ``native``: their names are this project's.
 - ``pytorchvideo``: ``create_multiscale_vision_transformers`` names (``patch_embed.patch_model``,
   ``cls_positional_encoding.*``, ``norm_embed``, ``head.proj``).
 - ``torchvision``: ``torchvision.models.video.mvit_v1_b`` / ``mvit_v2_s`` names.
@@ -13,7 +16,8 @@ must be used, with matching shapes, or a ``CheckpointMismatch`` names the offend
 loads with ``strict=False`` and silently keeps random weights for whatever did not match.) The only
 shape changes applied are the documented ones: position embeddings and relative-position tables are
 resized when the checkpoint was trained at another input size, and 2-D patch kernels of image
-checkpoints gain the temporal axis of length 1 this model uses.
+checkpoints gain the temporal axis of length 1 this model uses. What no key or shape shows (Q/K/V pooled
+before their projections, max vs avg pooling, residual pooling) is read from a PySlowFast file's ``cfg``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from core.errors import CheckpointMismatch, UnsafeCheckpoint, weights_only_refusal
 from pipeline.models.mvit import MViT, MViTConfig
@@ -122,7 +127,11 @@ def _rename(state: Mapping[str, torch.Tensor], rules: _Rules) -> StateDict:
 
 
 def _fuse_separate_qkv(state: StateDict) -> StateDict:
-    """Older PySlowFast / PyTorchVideo checkpoints keep Q, K, V as three Linear layers; we use one."""
+    """Some PySlowFast and PyTorchVideo checkpoints keep Q, K, V as three Linear layers; we use one.
+
+    Stacking them is exact only when they project before pooling, as ours does: ``_check_slowfast_cfg``
+    refuses PySlowFast files that pool first.
+    """
     out = dict(state)
     pattern = re.compile(r"^(blocks\.\d+\.attn)\.q\.(weight|bias)$")
     for key in [k for k in state if pattern.match(k)]:
@@ -262,6 +271,37 @@ def _resizer_for(key: str) -> _Resizer | None:
     return None
 
 
+def _check_slowfast_cfg(obj: object, model: MViT) -> None:
+    """Refuses a PySlowFast file whose training config (``cfg``, YAML text) sets what its weights cannot show.
+
+    Three ``MVIT`` settings change what the weights compute without changing a key or a shape:
+    ``POOL_FIRST`` (Q/K/V pooled before their separate projections: fused, they would be applied
+    before pooling), ``MODE`` (max and avg pooling have no weights) and ``RESIDUAL_POOLING``. A file
+    without a readable ``cfg`` is judged by its weights alone.
+    """
+    text = obj.get("cfg") if isinstance(obj, Mapping) and "model_state" in obj else None
+    if not isinstance(text, str):
+        return
+    try:
+        mvit = yaml.safe_load(text).get("MVIT")
+    except (yaml.YAMLError, AttributeError):
+        return
+    if not isinstance(mvit, Mapping):
+        return
+    problems = []
+    if mvit.get("POOL_FIRST"):
+        problems.append("MVIT.POOL_FIRST is true (Q/K/V pooled before their projections; this model pools after)")
+    mode = mvit.get("MODE", "conv")
+    if mode != model.cfg.pool_mode:
+        problems.append(f"MVIT.MODE is {mode!r} but this model has pool_mode={model.cfg.pool_mode!r}")
+    residual = bool(mvit.get("RESIDUAL_POOLING", False))
+    if residual != model.cfg.residual_pooling:
+        problems.append(f"MVIT.RESIDUAL_POOLING is {residual} but this model has "
+                        f"residual_pooling={model.cfg.residual_pooling}")
+    if problems:
+        raise CheckpointMismatch("the PySlowFast checkpoint was trained as another network: " + "; ".join(problems))
+
+
 def adapt_to_model(model: MViT, state: Mapping[str, torch.Tensor], drop_head: bool = False) -> StateDict:
     """Checks a native state dict against ``model`` and resizes what may be resized.
 
@@ -312,6 +352,7 @@ def load_weights(
     carry tensors and plain containers, never code; anything else raises ``UnsafeCheckpoint``.
     """
     obj = source if isinstance(source, Mapping) else load_checkpoint_file(source)
+    _check_slowfast_cfg(obj, model)
     state = unwrap_checkpoint(obj)
     detected = detect_format(state) if fmt == "auto" else fmt
     native = adapt_to_model(model, to_native(state, detected), drop_head=drop_head)

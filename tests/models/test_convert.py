@@ -12,38 +12,102 @@ import torchvision
 from pipeline.models.convert import CheckpointMismatch, detect_format, load_weights, to_torchvision
 from pipeline.models.mvit import MViT
 from pipeline.models.presets import build_preset
-from tests.models.helpers import tiny_config
+from tests.models.helpers import pyslowfast_cfg, pyslowfast_mvit_state, save_pyslowfast_checkpoint, tiny_config
 
 
-def _slowfast_checkpoint(model: MViT, separate_qkv: bool) -> dict:
-    """A checkpoint laid out as PySlowFast's ``checkpoint.save_checkpoint`` writes it."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    if separate_qkv:  # the layout of PySlowFast's older MViT releases
-        for key in [k for k in state if re.search(r"attn\.qkv\.", k)]:
-            q, k, v = state.pop(key).chunk(3, dim=0)
-            for name, part in zip("qkv", (q, k, v)):
-                state[key.replace(".qkv.", f".{name}.")] = part
-    return {
-        "epoch": 30,
-        "model_state": state,
-        "optimizer_state": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-        "cfg": "MODEL:\n  MODEL_NAME: MViT\n",
-    }
+def _placed(written: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> set[str]:
+    """Checks each written tensor against where it must land in ``loaded`` (a separate q, k or v as that
+    third of the fused qkv rows); returns the model keys that received one."""
+    placed = set()
+    for key, value in written.items():
+        match = re.fullmatch(r"(blocks\.\d+\.attn)\.([qkv])\.(weight|bias)", key)
+        if match:
+            prefix, part, kind = match.groups()
+            target = f"{prefix}.qkv.{kind}"
+            got = loaded[target].chunk(3, dim=0)["qkv".index(part)] if target in loaded else None
+        else:
+            target, got = key, loaded.get(key)
+        assert got is not None and torch.equal(got, value), f"{key} did not arrive at {target}"
+        placed.add(target)
+    return placed
 
 
 @pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("separate_qkv", [False, True])
-def test_slowfast_checkpoint_file_round_trips(tmp_path, version, separate_qkv):
-    torch.manual_seed(0)
-    source = MViT(tiny_config(version)).eval()
-    path = tmp_path / "slowfast.pyth"
-    torch.save(_slowfast_checkpoint(source, separate_qkv), path)
-    target = MViT(tiny_config(version)).eval()
-    fmt = load_weights(target, path)
-    assert fmt == ("slowfast" if separate_qkv else "native")
-    clip = torch.randn(2, 3, 4, 32, 32)
+@pytest.mark.parametrize("qkv", ["fused", "separate"])
+def test_a_pyslowfast_checkpoint_file_puts_every_tensor_in_its_place(tmp_path, version, qkv):
+    """The file is written from PySlowFast's own names, nesting and shape rules (tests/models/helpers.py),
+    not from this model, so a name, a shape or a q/k/v order the converter gets wrong fails here."""
+    cfg = pyslowfast_cfg(version, SEPARATE_QKV=qkv == "separate")
+    path = tmp_path / "checkpoint_epoch_00030.pyth"
+    written = save_pyslowfast_checkpoint(path, cfg, seed=version)
+    locations: set[str] = set()
+    torch.load(path, map_location=lambda storage, location: locations.add(location) or storage, weights_only=True)
+    assert locations == {"cuda:0"}, "saved where it trained, as PySlowFast's files are"
+
+    model = MViT(tiny_config(version)).eval()
+    assert load_weights(model, path) == ("slowfast" if qkv == "separate" else "native")
+    loaded = model.state_dict()
+    assert _placed(written, loaded) == set(loaded)
+    if version == 2:
+        assert any(k.endswith(".attn.rel_pos_t") for k in written) and "pos_embed_spatial" not in written
     with torch.no_grad():
-        assert torch.equal(target(clip), source(clip))
+        assert torch.isfinite(model(torch.randn(2, 3, 4, 32, 32))).all()
+
+
+_MVIT_B_16X4_CONV = dict(  # PySlowFast configs/Kinetics/MVIT_B_16x4_CONV.yaml (as of its MViTv2 release)
+    EMBED_DIM=96, NUM_HEADS=1, DEPTH=16, DROPPATH_RATE=0.2, DIM_MUL=[[1, 2.0], [3, 2.0], [14, 2.0]],
+    HEAD_MUL=[[1, 2.0], [3, 2.0], [14, 2.0]], POOL_KVQ_KERNEL=[3, 3, 3], POOL_KV_STRIDE_ADAPTIVE=[1, 8, 8],
+    POOL_Q_STRIDE=[[1, 1, 2, 2], [3, 1, 2, 2], [14, 1, 2, 2]],
+)  # fmt: skip
+_MVITV2_S_16X4 = dict(  # configs/Kinetics/MVITv2_S_16x4.yaml, the config of MViTv2_S_16x4_k400_f302660347.pyth
+    _MVIT_B_16X4_CONV, POOL_Q_STRIDE=[[i, 1, 2, 2] if i in (1, 3, 14) else [i, 1, 1, 1] for i in range(16)],
+)
+
+
+@pytest.mark.parametrize(("preset", "version", "mvit"),
+                         [("mvit_b_16x4", 1, _MVIT_B_16X4_CONV), ("mvitv2_s_16x4", 2, _MVITV2_S_16X4)])
+def test_pyslowfast_kinetics_configs_give_the_presets_names_and_shapes(preset, version, mvit):
+    """At full size, the names and shapes PySlowFast's published Kinetics configs give are the preset's
+    own, so their files load with no renaming beyond q/k/v and no resizing."""
+    cfg = pyslowfast_cfg(version, num_frames=16, crop_size=224, num_classes=400, **mvit)
+    theirs = {k: tuple(v.shape) for k, v in pyslowfast_mvit_state(cfg, seed=None).items()}
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in build_preset(preset).state_dict().items()}
+    assert theirs == ours
+
+
+def test_pyslowfast_kv_pooling_that_stops_at_stride_one_is_refused_naming_the_keys(tmp_path):
+    """PySlowFast builds no K/V pooling where kernel and stride are all ones: its configs without
+    POOL_KVQ_KERNEL, and the MVIT_B_16x4_CONV.pyth release (POOL_KV_KERNEL [1, 1, 1] in blocks 14, 15).
+    This model pools K/V with pool_kernel in every block, so such a file must fail, naming every key."""
+    path = tmp_path / "release.pyth"
+    save_pyslowfast_checkpoint(path, pyslowfast_cfg(1, POOL_KVQ_KERNEL=None))
+    with pytest.raises(CheckpointMismatch) as err:
+        load_weights(MViT(tiny_config(1, pool_kernel=(1, 3, 3))), path)
+    message = str(err.value)
+    assert "missing (18)" in message and "unexpected" not in message and "shape" not in message, message
+    for block in (1, 2, 3):
+        assert all(f"blocks.{block}.attn.{name}" in message for name in ("pool_k.weight", "norm_v.bias")), message
+
+
+@pytest.mark.parametrize(
+    ("version", "trained", "fields", "names"),
+    [
+        (1, dict(POOL_FIRST=True, SEPARATE_QKV=True), {}, "MVIT.POOL_FIRST is true"),
+        (1, dict(MODE="avg"), dict(pool_mode="max", pool_norm=False), "MVIT.MODE is 'avg'"),
+        (2, dict(RESIDUAL_POOLING=False), {}, "MVIT.RESIDUAL_POOLING is False"),
+    ],
+    ids=["pool-first", "avg-into-max", "no-residual-pooling"],
+)
+def test_pyslowfast_settings_the_weights_cannot_show_are_read_from_the_files_cfg(tmp_path, version, trained,
+                                                                                   fields, names):
+    """Each setting changes what the weights compute but no key or shape: the bare weights load into
+    the model, and only the cfg recorded in the file can refuse them."""
+    path = tmp_path / "other.pyth"
+    weights = save_pyslowfast_checkpoint(path, pyslowfast_cfg(version, num_frames=8, **trained))
+    load_weights(MViT(tiny_config(version, num_frames=8, **fields)), weights)
+    with pytest.raises(CheckpointMismatch, match=f"trained as another network: {re.escape(names)}"):
+        load_weights(MViT(tiny_config(version, num_frames=8, **fields)), path)
 
 
 def test_export_to_torchvision_layout_loads_strictly_into_torchvision():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -154,6 +157,30 @@ def test_conv_mode_counts_are_unchanged_and_max_avg_pooling_adds_no_flops():
         others = {op: f for op, f in stats.by_op.items() if "convolution" not in op}
         assert others == {op: f for op, f in conv.by_op.items() if "convolution" not in op}
         assert 0 < stats.gflops < conv.gflops
+
+
+DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "models.md"
+
+
+def _as_written(value: float, figure: str) -> str:
+    """``value`` rounded to as many decimals as the documented ``figure`` shows."""
+    return f"{value:.{len(figure.partition('.')[2])}f}"
+
+
+def test_the_documented_max_avg_pooling_figures_are_what_the_code_counts():
+    """docs/models.md gives MViT-B 16x4's parameters and GFLOPs under max/avg pooling beside the conv
+    ones; each figure must be the project's own count (pipeline.models.flops) rounded as written, for
+    both modes, so a change to either the page or the model fails here."""
+    text = " ".join(DOCS_PAGE.read_text().split())
+    found = re.search(r"MViT-B 16x4 then has ([\d.]+)M parameters and ([\d.]+) GFLOPs instead of ([\d.]+)M / "
+                      r"([\d.]+)", text)
+    assert found, f"{DOCS_PAGE} no longer states MViT-B 16x4's max/avg pooling figures in the form this test reads"
+    params, gflops, conv_params, conv_gflops = found.groups()
+    figures = {"conv": (conv_params, conv_gflops), "max": (params, gflops), "avg": (params, gflops)}
+    for mode, documented in figures.items():
+        stats = model_stats(preset_config("mvit_b_16x4", pool_mode=mode))
+        counted = (_as_written(stats.params / 1e6, documented[0]), _as_written(stats.gflops, documented[1]))
+        assert counted == documented, f"pool_mode={mode}: the code counts {counted}, the page says {documented}"
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])

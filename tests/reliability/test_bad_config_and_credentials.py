@@ -255,9 +255,15 @@ def _assert_one_line_failure(done: subprocess.CompletedProcess, seconds: float, 
     return errors[0]
 
 
+# What the one error line must say about each cause, besides the URL: botocore's own words for it and,
+# without credentials, where they are looked for.
+NO_CREDENTIALS = ("NoCredentialsError: Unable to locate credentials", "credentials come only from the environment")
+REFUSED = ("EndpointConnectionError: Could not connect to the endpoint URL",)
+
+
 @pytest.mark.parametrize("case", ["no credentials", "no such bucket", "endpoint refuses connections"])
 def test_preprocessing_to_unusable_s3_fails_fast_with_one_line_naming_the_url(raw_kinetics, s3_server, case):
-    """Preprocessing to unusable S3 exits non-zero in < 60 s with one line naming the URL."""
+    """Preprocessing to unusable S3 exits non-zero in < 60 s with one line naming the URL and the cause."""
     url, endpoint, env = "s3://mvit-no-such-bucket/shards", s3_server, _with_planted_keys()
     if case == "no credentials":
         import s3fs
@@ -271,20 +277,21 @@ def test_preprocessing_to_unusable_s3_fails_fast_with_one_line_naming_the_url(ra
                        str(raw_kinetics), "--out", url, "--s3-endpoint-url", endpoint, "--shard-samples", "2",
                        "--workers", "1", "--no-progress", env=env)
     line = _assert_one_line_failure(done, time.monotonic() - started, url)
-    if case == "no credentials":
-        assert "credentials" in line.lower(), line
+    says = {"no credentials": NO_CREDENTIALS, "no such bucket": (f"error: bucket of {url} does not exist",),
+            "endpoint refuses connections": (*REFUSED, endpoint)}[case]
+    assert all(part in line for part in says), line
     # Nothing was transcoded: the store is checked before the first input is read.
     assert "estimating output size" not in done.stderr
 
 
 def test_verify_against_s3_without_credentials_is_one_line(s3_server):
-    """`verify` of s3:// without credentials exits non-zero, naming the URL."""
+    """`verify` of s3:// without credentials exits non-zero with one error line naming the URL and the missing credentials."""
     url = "s3://mvit-nocreds-verify/shards"
     started = time.monotonic()
-    done = _preprocess("verify", url, "--split", "train", "--s3-endpoint-url", s3_server)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0 and time.monotonic() - started < BOUND_S, output
-    assert "Traceback" not in output and url in output, output
+    done = _preprocess("verify", url, "--split", "train", "--split", "val", "--s3-endpoint-url", s3_server)
+    line = _assert_one_line_failure(done, time.monotonic() - started, url)
+    assert all(part in line for part in NO_CREDENTIALS), line
+    assert "FAIL" not in done.stdout, "an unusable store is no finding about the shards: " + done.stdout
 
 
 def _manifests(root: Path, classes: int = 3) -> None:
@@ -346,8 +353,9 @@ def test_training_with_unusable_s3_data_root_fails_before_ray_starts(s3_server, 
     assert time.monotonic() - started < BOUND_S
     assert "data.root='s3://mvit-missing-data/shards'" in message and "\n" not in message, message
     assert PLANTED_SECRET not in message
-    if case == "no credentials":
-        assert "NoCredentialsError" in message, message
+    says = {"no credentials": NO_CREDENTIALS[0], "endpoint refuses connections": REFUSED[0],
+            "no such bucket": "The specified bucket does not exist"}[case]
+    assert says in message, message
 
 
 @pytest.mark.parametrize("case", ["endpoint refuses connections", "no such bucket"])
@@ -367,6 +375,9 @@ def test_training_with_unusable_s3_storage_path_fails_before_ray_starts(tmp_path
     message = str(caught.value)
     assert time.monotonic() - started < BOUND_S
     assert "trainer.storage_path='s3://mvit-missing-runs/runs'" in message and "\n" not in message, message
+    says = {"no such bucket": ("bucket 'mvit-missing-runs' does not exist",),
+            "endpoint refuses connections": ("storage not reachable", "Could not connect")}[case]
+    assert all(part in message for part in says), message
 
 
 def test_training_with_an_uncreatable_local_storage_path_fails_before_ray_starts(tmp_path, no_ray_start):
@@ -391,7 +402,7 @@ def test_train_script_with_unreachable_data_root_exits_with_one_line(tmp_path):
     elapsed = time.monotonic() - started
     assert done.returncode == 2, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "data.root='s3://mvit-x/shards'" in errors[0], done.stderr
+    assert len(errors) == 1 and "data.root='s3://mvit-x/shards'" in errors[0] and REFUSED[0] in errors[0], done.stderr
     assert "Traceback" not in done.stderr and "Started a local Ray" not in done.stdout + done.stderr
     assert PLANTED_SECRET not in done.stdout + done.stderr
     assert elapsed < BOUND_S, f"took {elapsed:.1f}s"
