@@ -12,7 +12,14 @@ names a file, writes the Markdown table of cases and results that ``docs/reliabi
 
 Cases that move samples through the system account for them with the ``ledger`` fixture: every input is
 either delivered exactly once or recorded as a rejection with a reason; anything else is a lost sample.
-The hooks are installed by ``tests/conftest.py``, so they see every test of the suite.
+A training job's samples are not seen one by one from outside, so a job case accounts for each epoch
+through the counts and the key-identity check the job itself logs (``Ledger.account_epochs``); the
+summary's "samples lost" sums both kinds. The hooks are installed by ``tests/conftest.py``, so they see
+every test of the suite.
+
+The table carries the commit the cases ran on; ``tests/test_docs_cases.py`` fails when the table in
+docs/reliability.md and the cases the suite collects disagree (a case added, renamed, removed or
+re-described without the page being regenerated).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +84,35 @@ class Ledger:
         assert not duplicated, f"{len(duplicated)} samples delivered more than once: {duplicated[:10]}"
         assert not unknown, f"samples that were never inputs came out: {unknown[:10]}"
 
+    def account_epochs(self, split: int, client: Any, run_id: str, epochs: int) -> None:
+        """Records a training job's loss and duplication from its MLflow run, then asserts both are zero.
+
+        Per epoch the job logs ``data/samples`` (delivered) and ``data/failed`` (counted FAILED with a
+        reason) and ``data/identity_checked`` (1: the keys of both add up to the manifest's digest of the
+        split, so no sample was delivered twice in place of another). ``split`` samples went in each
+        epoch; fewer out is a loss, more is a duplication, and an epoch whose identity was not checked
+        cannot be accounted (the assertion says so). An epoch logged twice (a restart between its end
+        and its checkpoint) is counted once, by its last record.
+        """
+        series = {name: _last_per_step(client.get_metric_history(run_id, f"data/{name}"))
+                  for name in ("samples", "failed", "identity_checked")}  # fmt: skip
+        assert all(len(values) == epochs for values in series.values()), (epochs, series)
+        lost = duplicated = 0
+        for epoch, (samples, failed, checked) in enumerate(zip(*series.values())):
+            out = int(samples + failed)
+            lost, duplicated = lost + max(0, split - out), duplicated + max(0, out - split)
+            assert checked == 1.0, f"epoch {epoch}: its samples' identity was not checked, so they cannot be accounted"
+        self._case.lost += lost
+        self._case.duplicated += duplicated
+        assert not lost and not duplicated, f"{lost} samples lost, {duplicated} duplicated over {epochs} epochs: {series}"
+
+
+def _last_per_step(history: Iterable[Any]) -> list[float]:
+    by_step: dict[int, Any] = {}
+    for metric in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        by_step[metric.step] = metric
+    return [by_step[step].value for step in sorted(by_step)]
+
 
 @pytest.fixture
 def ledger(request: pytest.FixtureRequest) -> Ledger:
@@ -92,6 +129,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _in_suite(item):
             item.add_marker("reliability")
             _SUITE.case(item)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """``RELIABILITY_CASES_JSON=FILE``: every collected case (node id, expected) as JSON, for the test that
+    compares the docs' table with the suite (``pytest --collect-only -m reliability tests``)."""
+    dump = os.environ.get("RELIABILITY_CASES_JSON")
+    if dump:
+        import json
+
+        Path(dump).write_text(json.dumps([[c.nodeid, c.expected] for c in _SUITE.cases.values()], indent=0))
+
+
+def table_rows(table: str) -> dict[tuple[str, str], tuple[str, int, int]]:
+    """(area, case) -> (expected, passed, variants) of each row of a case table as ``_table`` writes it."""
+    import re
+
+    rows = {}
+    for line in table.splitlines():
+        found = re.fullmatch(r"\| (.+?) \| `(.+?)` \| (.*) \| (\d+)/(\d+)\b.*\|", line.strip())
+        if found:
+            area, case, expected, passed, variants = found.groups()
+            rows[(area, case)] = (expected, int(passed), int(variants))
+    return rows
+
+
+def cases_table(cases: list[tuple[str, str]]) -> str:
+    """The table ``_table`` writes for (node id, expected) cases that have not run."""
+    return _table([_Case(nodeid, expected) for nodeid, expected in cases])
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -125,7 +190,21 @@ def _summary(cases: list[_Case]) -> str:
     passed = sum(c.outcome == "passed" for c in cases)
     failed = sum(c.outcome == "FAILED" for c in cases)
     return (f"cases tried: {len(tried)}, passed: {passed}, failed: {failed}, not run: {len(cases) - len(tried)}, "
-            f"samples lost: {sum(c.lost for c in cases)}, samples duplicated: {sum(c.duplicated for c in cases)}")
+            f"samples lost: {sum(c.lost for c in cases)}, samples duplicated: {sum(c.duplicated for c in cases)}\n"
+            f"commit: {_commit()}")
+
+
+def _commit() -> str:
+    """The commit the cases ran on, ``+ uncommitted changes`` when the tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "--short=12", "HEAD")
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
 REPORT_BEGIN, REPORT_END = "<!-- reliability-cases:begin -->", "<!-- reliability-cases:end -->"

@@ -19,6 +19,7 @@ import pytest
 # the reliability cases' table, summary and ledger (tests/cases.py), installed here so they see every test
 from tests.cases import (  # noqa: F401
     ledger,
+    pytest_collection_finish,
     pytest_collection_modifyitems,
     pytest_runtest_logreport,
     pytest_terminal_summary,

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,7 +145,7 @@ def test_fault_api_and_cli_refuse_what_they_are_not_for(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.reliability
 def test_elastic_job_goes_on_with_one_worker_and_grows_back_when_the_node_returns(
-        fault_cluster: nc.NetnsCluster, shards: Path, tmp_path: Path) -> None:
+        fault_cluster: nc.NetnsCluster, shards: Path, tmp_path: Path, ledger: Any) -> None:
     """A node SIGKILLed under an elastic job: it goes on with 1 worker, grows back to 2, every epoch whole.
 
     trainer.min_workers=1 of 2: rank 0's node SIGKILLed mid-epoch (after a registered checkpoint) -> the
@@ -166,11 +167,7 @@ def test_elastic_job_goes_on_with_one_worker_and_grows_back_when_the_node_return
           f"{[a.path for a in client.list_artifacts(run.info.run_id, 'placement')]}")
     assert sizes == [2.0, 1.0, 2.0], sizes
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    checked = client.get_metric_history(run.info.run_id, "data/identity_checked")
-    samples = client.get_metric_history(run.info.run_id, "data/samples")
-    failed = client.get_metric_history(run.info.run_id, "data/failed")
-    assert [m.value for m in checked] == [1.0] * 3, checked
-    assert [a.value + b.value for a, b in zip(samples, failed)] == [TRAIN_SAMPLES] * 3, (samples, failed)
+    ledger.account_epochs(TRAIN_SAMPLES, client, run.info.run_id, epochs=3)  # every epoch whole, keys checked
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "placement")]
     assert len(artifacts) == 3 and artifacts[0] == "placement/from-step-00000000.json", artifacts
     ranks = [json.loads(Path(client.download_artifacts(run.info.run_id, a)).read_text())["ranks"] for a in artifacts]
@@ -217,7 +214,7 @@ def test_fixed_size_job_fails_in_bounded_time_with_one_line_naming_the_lost_node
 @pytest.mark.slow
 @pytest.mark.reliability
 def test_preempted_node_checkpoints_on_the_notice_and_resumes_from_that_step(
-        fault_cluster: nc.NetnsCluster, shards: Path, tmp_path: Path) -> None:
+        fault_cluster: nc.NetnsCluster, shards: Path, tmp_path: Path, ledger: Any) -> None:
     """A node SIGTERMed (drained, as a pod evicted): the job checkpoints on the notice, resumes there, <= 1 step redone.
 
     A fixed-size job of 2 (2 clips a rank: 12 steps an epoch), no periodic mid-epoch checkpoint: SIGTERM to
@@ -250,6 +247,6 @@ def test_preempted_node_checkpoints_on_the_notice_and_resumes_from_that_step(
     assert len(redone) <= 1, losses
     assert sorted(set(losses)) == list(range(1, max(losses) + 1)), losses
     client, run = job.mlflow()
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "data/identity_checked")] == [1.0, 1.0]
+    ledger.account_epochs(TRAIN_SAMPLES, client, run.info.run_id, epochs=2)
     sizes = [m.value for m in client.get_metric_history(run.info.run_id, "world_size")]
     assert sizes == [2.0, 2.0], sizes

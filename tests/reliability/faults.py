@@ -7,6 +7,8 @@
         proxy.drop_for(5.0, after=1)              # after 1 more request, every request for 5 s is dropped
         proxy.cut_next(1, methods={"GET"})        # the next GET: headers and half the body, then closed
         proxy.fail_always()                       # a permanent outage (status=None: drop instead of 503)
+        rule = proxy.fail_always(paths=r"_step3/.*\.distcp")  # only requests whose path matches the regex
+        rule.fired                                # how many requests this rule has failed so far
         proxy.heal()                              # back to forwarding everything
         proxy.stats                               # requests seen, forwarded, errors / drops / cuts injected, and
                                                   # stats.log: (method, path, outcome) of every request
@@ -14,14 +16,18 @@
 The proxy speaks just enough HTTP/1.1 to forward each request (keep-alive, Content-Length and
 chunked bodies, ``Expect: 100-continue``) and relay the full upstream response; a fault replaces
 the forwarding of one request. Rules apply in the order they were added; ``methods`` limits a rule to
-some HTTP methods (requests of other methods pass through and do not use up the rule), ``after=k``
-lets k matching requests through before the rule starts (an outage beginning mid-run).
+some HTTP methods and ``paths`` (a regular expression searched in the request path, query included) to
+some objects; requests that do not match pass through and do not use up the rule. ``after=k`` lets k
+matching requests through before the rule starts (an outage beginning mid-run). Every control method
+returns its rule, whose ``fired`` counts the requests it faulted, so a test can show that each fault it
+planted did happen, not only that some fault did.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
 import threading
 import time
@@ -63,10 +69,12 @@ class _Rule:
     status: int = 503
     methods: frozenset[str] | None = None
     after: int = 0  # matching requests still to pass before the rule becomes active
+    paths: re.Pattern[str] | None = None
     until: float | None = None  # time.monotonic() deadline, set when the rule becomes active
+    fired: int = 0  # requests this rule has faulted
 
-    def applies(self, method: str) -> bool:
-        return self.methods is None or method in self.methods
+    def applies(self, method: str, path: str) -> bool:
+        return (self.methods is None or method in self.methods) and (self.paths is None or bool(self.paths.search(path)))
 
     def expired(self, now: float) -> bool:
         return (self.remaining is not None and self.remaining <= 0) or (self.until is not None and now >= self.until)
@@ -127,27 +135,30 @@ class FaultProxy:
 
     # ---- control ----------------------------------------------------------------------------
 
-    def fail_next(self, n: int, status: int = 503, methods: set[str] | None = None, after: int = 0) -> None:
+    def fail_next(self, n: int, status: int = 503, methods: set[str] | None = None, after: int = 0,
+                  paths: str | None = None) -> _Rule:
         """Answer the next ``n`` (matching) requests with an S3-style error response of ``status``."""
-        self._add(_Rule("error", n, None, status, _methods(methods), after))
+        return self._add(_Rule("error", n, None, status, _methods(methods), after, _paths(paths)))
 
-    def drop_next(self, n: int, methods: set[str] | None = None, after: int = 0) -> None:
+    def drop_next(self, n: int, methods: set[str] | None = None, after: int = 0, paths: str | None = None) -> _Rule:
         """Close the connection of the next ``n`` (matching) requests without any response."""
-        self._add(_Rule("drop", n, None, 0, _methods(methods), after))
+        return self._add(_Rule("drop", n, None, 0, _methods(methods), after, _paths(paths)))
 
-    def drop_for(self, seconds: float, methods: set[str] | None = None, after: int = 0) -> None:
+    def drop_for(self, seconds: float, methods: set[str] | None = None, after: int = 0,
+                 paths: str | None = None) -> _Rule:
         """Drop every (matching) request for ``seconds``, counted from the first one dropped."""
-        self._add(_Rule("drop", None, seconds, 0, _methods(methods), after))
+        return self._add(_Rule("drop", None, seconds, 0, _methods(methods), after, _paths(paths)))
 
-    def cut_next(self, n: int, methods: set[str] | None = None, after: int = 0) -> None:
+    def cut_next(self, n: int, methods: set[str] | None = None, after: int = 0, paths: str | None = None) -> _Rule:
         """Forward the next ``n`` (matching) requests, then send the response's headers and only half
         its body before closing the connection (a download broken off in the middle)."""
-        self._add(_Rule("cut", n, None, 0, _methods(methods), after))
+        return self._add(_Rule("cut", n, None, 0, _methods(methods), after, _paths(paths)))
 
-    def fail_always(self, status: int | None = 503, methods: set[str] | None = None, after: int = 0) -> None:
+    def fail_always(self, status: int | None = 503, methods: set[str] | None = None, after: int = 0,
+                    paths: str | None = None) -> _Rule:
         """A permanent outage: every (matching) request fails (``status=None``: dropped) until ``heal``."""
         kind = "drop" if status is None else "error"
-        self._add(_Rule(kind, None, None, status or 0, _methods(methods), after))
+        return self._add(_Rule(kind, None, None, status or 0, _methods(methods), after, _paths(paths)))
 
     def heal(self) -> None:
         """Remove every fault rule: forward everything from now on."""
@@ -160,26 +171,27 @@ class FaultProxy:
         with self._lock:
             return sum(r.remaining or 0 for r in self._rules if r.remaining is not None)
 
-    def _add(self, rule: _Rule) -> None:
+    def _add(self, rule: _Rule) -> _Rule:
         with self._lock:
             self._rules.append(rule)
+        return rule
 
     def _decide(self, method: str, path: str) -> _Rule | None:
         """Count the request and pick the fault for it (None = forward)."""
-        rule = self._pick(method)
+        rule = self._pick(method, path)
         with self._lock:
             if len(self.stats.log) < 10_000:
                 self.stats.log.append((method, path, rule.kind if rule else "forwarded"))
         return rule
 
-    def _pick(self, method: str) -> _Rule | None:
+    def _pick(self, method: str, path: str) -> _Rule | None:
         now = time.monotonic()
         with self._lock:
             self.stats.requests += 1
             self.stats.methods[method] = self.stats.methods.get(method, 0) + 1
             self._rules = [r for r in self._rules if not r.expired(now)]
             for rule in self._rules:
-                if rule.applies(method):
+                if rule.applies(method, path):
                     if rule.after > 0:  # not active yet: this request passes it by
                         rule.after -= 1
                         continue
@@ -187,6 +199,7 @@ class FaultProxy:
                         rule.until = now + rule.seconds
                     if rule.remaining is not None:
                         rule.remaining -= 1
+                    rule.fired += 1
                     counter = _COUNTERS[rule.kind]
                     setattr(self.stats, counter, getattr(self.stats, counter) + 1)
                     return rule
@@ -200,6 +213,10 @@ class FaultProxy:
 
 def _methods(methods: set[str] | None) -> frozenset[str] | None:
     return frozenset(m.upper() for m in methods) if methods else None
+
+
+def _paths(pattern: str | None) -> re.Pattern[str] | None:
+    return re.compile(pattern) if pattern else None
 
 
 class _Handler(BaseHTTPRequestHandler):

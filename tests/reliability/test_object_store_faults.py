@@ -73,12 +73,20 @@ def _keys(files: dict[str, bytes]) -> list[str]:
 
 # ---- preprocessing uploads ------------------------------------------------------------------------
 
-TRANSIENT: dict[str, Callable[[FaultProxy], int | None]] = {  # arms the faults; how many will be injected
-    "http_500_and_503": lambda p: (p.fail_next(2, 503, {"PUT"}), p.fail_next(2, 500), 4)[-1],
-    "connections_dropped": lambda p: (p.drop_next(3, {"PUT"}), p.drop_for(1.0, after=1), None)[-1],
-    "mixed": lambda p: (p.fail_next(1, 503), p.drop_next(1), p.fail_next(1, 500, {"PUT"}), p.drop_next(1, {"PUT"}),
-                        p.fail_next(1, 503, {"GET"}), p.drop_next(1, {"DELETE"}), 6)[-1],
+TRANSIENT: dict[str, Callable[[FaultProxy], list[Any]]] = {  # arms the faults, returns their rules
+    "http_500_and_503": lambda p: [p.fail_next(2, 503, {"PUT"}), p.fail_next(2, 500)],
+    "connections_dropped": lambda p: [p.drop_next(3, {"PUT"}), p.drop_for(1.0, after=1)],
+    "mixed": lambda p: [p.fail_next(1, 503), p.drop_next(1), p.fail_next(1, 500, {"PUT"}), p.drop_next(1, {"PUT"}),
+                        p.fail_next(1, 503, {"GET"}), p.drop_next(1, {"DELETE"})],
 }  # fmt: skip
+
+
+def assert_every_rule_fired(proxy: FaultProxy, rules: list[Any]) -> None:
+    """Each planted fault happened: a counted rule faulted all its requests, a timed one at least one,
+    and the proxy injected nothing else."""
+    for i, rule in enumerate(rules):
+        assert rule.fired >= 1 and rule.remaining in (None, 0), f"rule {i} ({rule.kind}) fired {rule.fired} times"
+    assert proxy.stats.faults == sum(rule.fired for rule in rules), proxy.stats
 
 
 @pytest.mark.parametrize("fault", list(TRANSIENT))
@@ -87,10 +95,9 @@ def test_upload_with_transient_faults_is_retried_to_identical_output(reference: 
                                                                      ledger: Any) -> None:  # fmt: skip
     """Uploads hit by transient 500/503/dropped connections: retried, output byte-identical to a fault-free run"""
     url = _new_prefix(s3_server)
-    injected = TRANSIENT[fault](fault_proxy)
+    rules = TRANSIENT[fault](fault_proxy)
     result = cli(*_args(reference.raw, url, "--s3-endpoint-url", fault_proxy.url))
-    assert fault_proxy.stats.faults == (injected or fault_proxy.stats.drops) > 0, fault_proxy.stats
-    assert fault_proxy.pending_faults == 0
+    assert_every_rule_fired(fault_proxy, rules)
     assert "8 inputs = 8 written + 0 rejected" in result.stdout
     found = _published_on_s3(url, s3_server)
     assert found == reference.files, "retried uploads must give exactly the fault-free bytes"
@@ -113,7 +120,7 @@ def test_upload_during_a_permanent_outage_fails_fast_with_one_line(reference: Re
     status, env = OUTAGES[outage]
     # Down from the 14th request on: after the bucket check and the resume checks (1 + 2 x 4 requests)
     # and about one shard's uploads, so the outage hits the run in the middle of its uploads.
-    fault_proxy.fail_always(status=status, after=13)
+    outage = fault_proxy.fail_always(status=status, after=13)
     started = time.monotonic()
     result = cli(*args, check=False, timeout=OUTAGE_BOUND_S + 30, env=cli_env(**env))
     seconds = time.monotonic() - started
@@ -122,15 +129,18 @@ def test_upload_during_a_permanent_outage_fails_fast_with_one_line(reference: Re
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: storage failure ("), result.stderr
     assert "rerun the same command to resume" in errors[0] and "Traceback" not in result.stderr
+    assert outage.fired >= 1
 
     found = _published_on_s3(url, s3_server)
     assert "train.manifest.json" not in found, "no manifest for an unfinished split"
+    done = sum(name.endswith(".tar") for name in found)
+    assert 0 < done < sum(name.endswith(".tar") for name in reference.files), f"the outage did not land mid-run: {done} shards done"
     for name, data in found.items():  # every object at a final name is complete and correct
         assert data == reference.files[name], f"{name} is partial or wrong"
 
     fault_proxy.heal()
     rerun = cli(*args)
-    assert f"({sum(n.endswith('.tar') for n in found)} already complete)" in rerun.stdout
+    assert f"({done} already complete)" in rerun.stdout
     found = _published_on_s3(url, s3_server)
     assert found == reference.files
     ledger.account(inputs=reference.keys, delivered=_keys(found))
@@ -140,13 +150,14 @@ def test_unreachable_store_at_start_is_one_line_not_a_missing_bucket(reference: 
                                                                      fault_proxy: FaultProxy) -> None:  # fmt: skip
     """Store answering 503 from the start: exit 1 naming the outage (not "bucket does not exist"), fast"""
     url = _new_prefix(s3_server)
-    fault_proxy.fail_always(status=503)
+    outage = fault_proxy.fail_always(status=503)
     started = time.monotonic()
     result = cli(*_args(reference.raw, url, "--s3-endpoint-url", fault_proxy.url), check=False,
                  timeout=OUTAGE_BOUND_S + 30)  # fmt: skip
     assert time.monotonic() - started < OUTAGE_BOUND_S
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: storage failure (OSError: cannot reach the bucket of s3://" in result.stderr
+    assert outage.fired >= 1
     assert _published_on_s3(url, s3_server) == {}
 
 
@@ -178,14 +189,15 @@ def test_shard_reads_with_transient_faults_deliver_every_sample_once(reference: 
                                                                      ledger: Any) -> None:  # fmt: skip
     """Shard reads hit by 503s, 500s, dropped and cut-off responses: retried, every sample delivered once"""
 
+    rules: list[Any] = []
+
     def arm(proxy: FaultProxy) -> None:
-        proxy.fail_next(2, status=503)
-        proxy.fail_next(1, status=500)
-        proxy.drop_next(2)
-        proxy.cut_next(2, methods={"GET"})
+        rules.extend([proxy.fail_next(2, status=503), proxy.fail_next(1, status=500), proxy.drop_next(2),
+                      proxy.cut_next(2, methods={"GET"})])
 
     batches, total = _read_epoch(shards_on_s3, fault_proxy, arm)
-    assert fault_proxy.stats.faults == 7 and fault_proxy.pending_faults == 0, fault_proxy.stats
+    assert_every_rule_fired(fault_proxy, rules)
+    assert fault_proxy.stats.faults == 7, fault_proxy.stats
     first_views = [vid for b in batches for vid, view in zip(b["video_id"], b["view"]) if view == 0]
     ledger.account(inputs=reference.keys, delivered=first_views, rejected=[k for k, _ in total.failures])
     assert total.complete and total.failed == 0 and total.samples == len(reference.keys)
@@ -195,10 +207,11 @@ def test_shard_reads_during_a_permanent_outage_fail_clearly_in_bounded_time(shar
                                                                             ray_cluster: None) -> None:  # fmt: skip
     """Store down while an epoch is read: the loader raises an error naming the shard within 60 s, no hang"""
     outcome: dict[str, Any] = {}
+    rules: list[Any] = []
 
     def read() -> None:
         try:
-            outcome["result"] = _read_epoch(shards_on_s3, fault_proxy, lambda p: p.fail_always(status=503))
+            outcome["result"] = _read_epoch(shards_on_s3, fault_proxy, lambda p: rules.append(p.fail_always(status=503)))
         except BaseException as exc:  # noqa: BLE001 - inspected below
             outcome["error"] = exc
 
@@ -213,3 +226,4 @@ def test_shard_reads_during_a_permanent_outage_fail_clearly_in_bounded_time(shar
     assert error is not None, f"an epoch read during an outage must fail, got {outcome.get('result')}"
     assert isinstance(error, OSError), type(error)
     assert f"cannot open shard {shards_on_s3}/train-00000" in str(error)
+    assert rules[0].fired >= 1

@@ -2,10 +2,11 @@
 run byte for byte, and nothing partial ever sits at a final name (local folder and S3).
 
 The kill moment of each case is drawn from its seed over the run: after a drawn number of shards
-is published, plus a drawn part of one shard's encoding time (measured on the uninterrupted run),
-so the kills land at different stages (between shards, inside shards, while publishing) even on
-a busy machine. The whole process group (the CLI and its worker processes) is killed with no chance
-to clean up.
+(at least one) is published, plus a drawn part of one shard's encoding time (measured on the
+uninterrupted run), so the kills land at different stages (between shards, inside shards, while
+publishing) even on a busy machine. Each case asserts that its kill landed mid-run: some shards
+published and some not, so the rerun really resumed. The whole process group (the CLI and its worker
+processes) is killed with no chance to clean up.
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 def _kill_at_random(args: list[str], seed: int, seconds: float, done: Callable[[], int], env: dict[str, str]) -> str:
     """Start the CLI and SIGKILL its whole process group at a point drawn from ``seed``: once a drawn
     number of shards is published (``done()`` counts them), plus a drawn part of one shard's time, so
-    the kill lands inside the run however busy the machine is. Returns where it landed."""
+    the kill lands inside the run however busy the machine is. Returns where it landed.
+
+    At least one shard is waited for (a kill during interpreter start-up would make the rerun a fresh
+    run), and at most ``SHARDS - 5``: two workers publish at most about three more shards in the drawn
+    extra time, so some are always left."""
     rng = random.Random(seed)
-    wait_for, extra = rng.randrange(SHARDS - 1), rng.uniform(0, 1.5) * seconds / SHARDS
+    wait_for, extra = rng.randrange(1, SHARDS - 4), rng.uniform(0, 1.5) * seconds / SHARDS
     process = subprocess.Popen(cli_command(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
@@ -75,7 +80,12 @@ def _kill_at_random(args: list[str], seed: int, seconds: float, done: Callable[[
     if not finished:
         os.killpg(process.pid, signal.SIGKILL)  # the CLI and its workers, no cleanup of any kind
     process.wait()
-    return f"waited for {wait_for} shards + {extra:.2f}s" + (" (the run had already finished)" if finished else "")
+    assert not finished, f"the run finished before the kill (waited for {wait_for} shards + {extra:.2f}s)"
+    return f"waited for {wait_for} shards + {extra:.2f}s"
+
+
+def _assert_mid_run(survivors: int, delay: str) -> None:
+    assert 0 < survivors < SHARDS, f"the kill ({delay}) did not land mid-run: {survivors}/{SHARDS} shards published"
 
 
 def _check_final_names(found: dict[str, bytes], expected: dict[str, bytes]) -> int:
@@ -98,6 +108,7 @@ def test_sigkill_then_rerun_is_byte_identical_local(reference: Reference, tmp_pa
     delay = _kill_at_random(_args(reference.raw, str(out)), seed, reference.seconds, done, cli_env())
     survivors = _check_final_names(published(out), reference.files)
     record_property("kill", f"{delay}: {survivors}/{SHARDS} shards published")
+    _assert_mid_run(survivors, delay)
 
     rerun = cli(*_args(reference.raw, str(out)))
     assert f"({survivors} already complete)" in rerun.stdout, f"killed ({delay}): {rerun.stdout}"
@@ -123,6 +134,7 @@ def test_sigkill_then_rerun_is_byte_identical_on_s3(reference: Reference, s3_buc
     objects = s3_objects(s3_bucket.url, s3_bucket.storage_options)
     survivors = _check_final_names({k: v for k, v in objects.items() if not k.startswith("_state/")}, reference.files)
     record_property("kill", f"{delay}: {survivors}/{SHARDS} shards published")
+    _assert_mid_run(survivors, delay)
     staged = [p for p in tmpdir.rglob("mvit-shard*")]
     assert staged == [], f"the killed run left local staging files: {staged}"
 

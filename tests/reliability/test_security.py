@@ -480,7 +480,7 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = ta
 @pytest.fixture
 def hostile_shard(secret_shards, tmp_path) -> tuple[Path, list[str], Path]:
     """A split whose only shard holds one genuine sample and five hostile ones, with a correct manifest."""
-    from core.manifest import Manifest, ShardInfo, load_manifest
+    from core.manifest import Manifest, ShardInfo, format_digest, keys_digest, load_manifest
 
     shards, _ = secret_shards
     with tarfile.open(shards / "train-000000.tar") as tar:
@@ -508,7 +508,8 @@ def hostile_shard(secret_shards, tmp_path) -> tuple[Path, list[str], Path]:
     template = load_manifest(str(shards), "train")
     manifest = Manifest(dataset="kinetics", split="train", modality="video", classes=template.classes,
                         num_inputs=len(keys), num_samples=len(keys), num_rejected=0, total_bytes=len(data),
-                        shards=[ShardInfo("train-000000.tar", len(keys), len(data), hashlib.sha256(data).hexdigest())],
+                        shards=[ShardInfo("train-000000.tar", len(keys), len(data), hashlib.sha256(data).hexdigest(),
+                                          format_digest(keys_digest(keys)))],
                         tool_version="crafted", settings={})
     (out / "train.manifest.json").write_text(manifest.to_json())
     (out / "train.rejects.jsonl").write_text("")
@@ -536,20 +537,32 @@ def test_crafted_shard_is_refused_by_verify_without_writing_anything(hostile_sha
     _no_escape(tmp_path, out, victim, before)
 
 
-def test_crafted_shard_read_by_the_data_service_skips_and_counts_hostile_samples(hostile_shard, tmp_path, ledger):
-    """The data service skips and counts samples with ../, absolute or link members; writes nothing."""
-    from pipeline.data.plan import BROKEN, SAMPLE, ShardRef
-    from pipeline.data.source import _exactly
+def test_crafted_shard_read_by_the_data_service_skips_and_counts_hostile_samples(hostile_shard, tmp_path, ray_cluster,
+                                                                                 ledger):  # fmt: skip
+    """The data service skips and counts samples with ../, absolute or link members; the epoch checks out; writes nothing."""
+    from pipeline.data.loader import EpochStats
+    from pipeline.data.service import build_dataset
+    from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
+    from tests.data.data_helpers import run_epoch, small_config
 
     out, keys, victim = hostile_shard
     before = _tree(tmp_path)
-    rows = list(_exactly(ShardRef(str(out / "train-000000.tar"), len(keys)), "mp4", {}))
-    delivered = [r["key"] for r in rows if r["kind"] == SAMPLE]
-    failed = {r["key"]: r["error"] for r in rows if r["kind"] == BROKEN}
+    cfg = small_config(str(out))
+    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
+    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
+    total = EpochStats.merge(stats)
+    delivered = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    failed = dict(total.failures)
     assert delivered == ["good"]
     for key in ("../../escaped", "/tmp/mvit-abs-member", "sub/dir"):
         assert "unsafe member name" in failed[key], failed
     assert "no .mp4" in failed["link"] and "no .mp4" in failed["hard"], failed
+    # The epoch adds up: 1 delivered + 5 FAILED of 6. A crafted member name can never be a manifest key
+    # (preprocessing writes [A-Za-z0-9_-] keys only), so the three unsafe ones are counted apart
+    # (``unkeyed``) and the epoch is checked by its counts; its key identity cannot be.
+    assert (total.samples, total.failed, total.unkeyed, total.expected) == (1, 5, 3, 6), total
+    check_epoch_counts(total, "epoch 0")
+    assert not check_epoch_identity(total, "epoch 0")
     ledger.account(keys, delivered, failed)
     _no_escape(tmp_path, out, victim, before)
 

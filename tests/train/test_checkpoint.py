@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
 from pipeline.models.mvit import MViT
@@ -39,8 +40,10 @@ def _writer(rank: int, init_file: str, ckpt: str, out: str) -> None:
         save_checkpoint(ckpt, model, optimizer, TrainState(epoch=1, step=2, samples_in_epoch=8,
                                                            mlflow_run_id="abc", world_size=WORLD))
         full = full_model_state(model)
+        # the whole optimiser state, gathered to full tensors keyed by parameter name (a collective)
+        optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
         if rank == 0:
-            torch.save(full, out)
+            torch.save({"model": full, "optim": optim}, out)
     finally:
         dist.destroy_process_group()
 
@@ -51,16 +54,30 @@ def test_checkpoint_from_two_fsdp_ranks_restores_on_one_process(tmp_path):
     assert (ckpt / "dcp" / ".metadata").is_file()
     assert json.loads((ckpt / "train_state.json").read_text())["mlflow_run_id"] == "abc"
 
-    expected = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    expected = saved["model"]
     model = MViT(tiny_config(2))
     optimizer = build_optimizer(model, OptimConfig(), global_batch_size=4)
     state = load_checkpoint(ckpt, model, optimizer)
     assert state == TrainState(epoch=1, step=2, samples_in_epoch=8, mlflow_run_id="abc", world_size=WORLD)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
-    # the Adam moments came back too: a restored optimiser has state for every parameter
-    assert len(optimizer.state) == len(list(model.parameters()))
-    assert all(int(s["step"]) == 2 for s in optimizer.state.values())
+    # The optimiser came back whole: every parameter's step and both Adam moments, value for value (a
+    # restore that left the moments at zero would still have the right entries and steps), and the
+    # hyper-parameters of every group.
+    restored = get_optimizer_state_dict(model, optimizer)
+    want = saved["optim"]
+    assert restored["state"].keys() == want["state"].keys() == dict(model.named_parameters()).keys()
+    for name, entry in want["state"].items():
+        assert entry.keys() == restored["state"][name].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
+        for key, value in entry.items():
+            torch.testing.assert_close(restored["state"][name][key], value, rtol=0, atol=0, msg=f"{name} {key}")
+        assert int(entry["step"]) == 2, name
+    moving = [name for name, entry in want["state"].items() if entry["exp_avg_sq"].abs().sum() > 0]
+    assert len(moving) > len(want["state"]) // 2, "the compared moments are mostly non-zero (a real comparison)"
+    assert len(restored["param_groups"]) == len(want["param_groups"])
+    for got_group, want_group in zip(restored["param_groups"], want["param_groups"]):
+        assert got_group == want_group
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
