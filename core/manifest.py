@@ -29,6 +29,11 @@ from core.storage import Store, join
 FORMAT = "mvit-shards/1"
 # Split names and sample keys become file and tar member names: no path can hide in them.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+\.tar$")
+
+UNLABELED = -1
+"""Class index of a sample without a label (e.g. the Kinetics test split): valid input for prediction,
+never for training or evaluation."""
 _DIGEST_TEXT = re.compile(r"^[0-9a-f]{16}$")
 _DIGEST_MOD = 2**64
 
@@ -50,6 +55,17 @@ def manifest_name(split: str) -> str:
 
 def rejects_name(split: str) -> str:
     return f"{split}.rejects.jsonl"
+
+
+def check_shard_name(name: object) -> str:
+    """A manifest's shard name must be a plain ``NAME.tar`` of the shard set: never a path (``/``,
+    ``..``), an absolute path, a URL or a compressed tar, since readers open ``{root}/{name}`` and a
+    crafted manifest would otherwise make them open whatever it names. Every reader of a manifest (the
+    data service, the training driver, ``verify``) gets this check through ``load_manifest``."""
+    if not isinstance(name, str) or not _SHARD_NAME.match(name):
+        raise ValueError(f"shard name {name!r} in the manifest is not a plain file name of the shard set "
+                         "(expected NAME.tar, NAME of letters, digits, _ and -)")
+    return name
 
 
 def is_sample_key(key: str) -> bool:
@@ -110,6 +126,7 @@ class ShardInfo:
     key_digest: str | None = None
 
     def __post_init__(self) -> None:
+        check_shard_name(self.name)
         if self.key_digest is not None:
             parse_digest(self.key_digest)
 
@@ -121,6 +138,9 @@ class Manifest:
     `class_ids` (an addition to the base contract) holds the dataset's stable class ids in the
     same order: WordNet ids for ImageNet (whose label names are not unique, e.g. two "crane"s),
     label strings for Kinetics.
+
+    `num_unlabeled`: samples written with class `UNLABELED` (a Kinetics test CSV has no labels); such a
+    split serves prediction only. None in manifests written before the count was recorded.
     """
 
     dataset: str
@@ -135,7 +155,20 @@ class Manifest:
     tool_version: str
     settings: dict[str, Any]
     class_ids: list[str] = field(default_factory=list)
+    num_unlabeled: int | None = None
     format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.num_unlabeled is not None and not (isinstance(self.num_unlabeled, int)
+                                                   and 0 <= self.num_unlabeled <= self.num_samples):
+            raise ValueError(f"num_unlabeled {self.num_unlabeled!r} is not a count of this split's samples")
+
+    def unlabeled_problem(self) -> str | None:
+        """Why this split cannot be trained or evaluated on (None: it can, as far as the manifest says)."""
+        if not self.num_unlabeled:
+            return None
+        return (f"{self.num_unlabeled} of {self.num_samples} samples are unlabelled (class {UNLABELED}): a split "
+                "for prediction, not for training or evaluation")
 
     def split_key_digest(self) -> int | None:
         """Digest of every sample key of the split, or None when a shard entry lacks its digest."""

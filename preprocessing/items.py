@@ -12,8 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-UNLABELED = -1
-"""Class index written for inputs without a label (e.g. the Kinetics test split)."""
+from core.manifest import UNLABELED  # noqa: F401 - the class index written for inputs without a label
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_KEY_LEN = 64

@@ -17,7 +17,7 @@ from typing import Any
 
 from preprocessing import __version__
 from preprocessing.items import Discovery, Reject
-from core.manifest import Manifest, ShardInfo, check_split, manifest_name, rejects_name
+from core.manifest import UNLABELED, Manifest, ShardInfo, check_split, manifest_name, rejects_name
 from preprocessing.parallel import ParallelConfig, run_jobs
 from preprocessing.shards import (
     Calibration,
@@ -110,6 +110,9 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
     _warn_about_leftovers(store, split, len(plans))
 
     rejects = sorted([*discovery.rejects, *(r for res in results for r in res.rejects)], key=lambda r: (r.source, r.reason))
+    not_written = {r.source for res in results for r in res.rejects}
+    unlabeled = sum(item.label_index == UNLABELED and item.source not in not_written
+                    for plan in plans for item in plan.items)  # fmt: skip
     manifest = Manifest(
         dataset=job.dataset,
         split=split,
@@ -123,6 +126,7 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
         shards=[ShardInfo(r.name, r.samples, r.bytes, r.sha256, r.key_digest) for r in results],
         tool_version=__version__,
         settings=settings,
+        num_unlabeled=unlabeled,
     )
     if manifest.num_inputs != manifest.num_samples + manifest.num_rejected:
         raise AssertionError(f"bookkeeping error: {manifest.num_inputs} inputs != {manifest.num_samples} + {manifest.num_rejected}")

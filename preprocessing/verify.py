@@ -17,6 +17,7 @@ import av
 from PIL import Image
 
 from core.manifest import (
+    UNLABELED,
     Manifest,
     ShardInfo,
     check_split,
@@ -44,6 +45,7 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     decoded: int = 0
+    unlabeled: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -84,6 +86,9 @@ def verify_split(
         if size != shard.bytes:
             report.problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
         _check_shard(store, manifest, shard, seen_keys, decode_per_shard, report)
+    if manifest.num_unlabeled is not None and report.unlabeled != manifest.num_unlabeled:
+        report.problems.append(f"{report.unlabeled} unlabelled samples (class {UNLABELED}), manifest says "
+                               f"{manifest.num_unlabeled}")
     return report
 
 
@@ -153,6 +158,7 @@ def _check_shard(
         if key in seen_keys:
             report.problems.append(f"{name}: key {key!r} also in an earlier shard")
         seen_keys.add(key)
+        report.unlabeled += parts.get("cls", b"").strip() == str(UNLABELED).encode()
         problem = _sample_problem(m, parts, media, decode=position < decode_budget)
         if problem:
             report.problems.append(f"{name}/{key}: {problem}")

@@ -75,6 +75,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
     cfg.validate()
     storage = cfg.storage_options()
     manifest = load_manifest(cfg.root, split, storage)
+    if manifest.unlabeled_problem():
+        raise ValueError(f"{split}: {manifest.unlabeled_problem()}")
     if manifest.modality not in _EXTENSIONS:
         raise ValueError(f"{split}: unsupported modality {manifest.modality!r}")
     if manifest.num_samples == 0:
@@ -87,6 +89,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
     source = ShardSource(
         shards,
         extension=_EXTENSIONS[manifest.modality],
+        num_classes=len(manifest.classes),
         storage_options=storage,
         seed=cfg.seed,
         per_unit=per_unit,

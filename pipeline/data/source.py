@@ -33,6 +33,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from core.manifest import UNLABELED
 from pipeline.data.plan import BROKEN, PAD, SAMPLE, CursorRef, Layout, ReadGroup, ShardRef, make_plan, stable_hash
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class ShardSource(Datasource):
         shards: list[ShardRef],
         *,
         extension: str,
+        num_classes: int,
         storage_options: dict[str, Any],
         seed: int,
         per_unit: int,
@@ -73,6 +75,7 @@ class ShardSource(Datasource):
         super().__init__()
         self.shards = shards
         self.extension = extension
+        self.num_classes = num_classes
         self.storage_options = dict(storage_options)
         self.seed = seed
         self.per_unit = per_unit
@@ -112,6 +115,7 @@ class GroupReader:
     def __init__(self, group: ReadGroup, layout: Layout, epoch: int, source: ShardSource) -> None:
         self.group, self.layout, self.epoch = group, layout, epoch
         self.extension = source.extension
+        self.num_classes = source.num_classes
         self.storage_options = source.storage_options
         self.buffer = source.buffer
         self.seed = source.seed
@@ -146,7 +150,7 @@ class GroupReader:
     def _samples(self) -> Iterator[dict[str, Any]]:
         """The group's samples in their epoch order: shards round-robin through a seeded buffer."""
         rng = random.Random(stable_hash("buffer", self.seed, self.epoch, self.group.first))
-        streams = [_exactly(shard, self.extension, self.storage_options) for shard in self.group.shards]
+        streams = [_exactly(shard, self.extension, self.num_classes, self.storage_options) for shard in self.group.shards]
         held: list[dict[str, Any]] = []
         while streams:
             for stream in list(streams):
@@ -175,10 +179,10 @@ def _broken(key: str, error: str) -> dict[str, Any]:
     return {"key": key, "data": b"", "label": -1, "meta": "", "kind": BROKEN, "error": error[:300]}
 
 
-def _exactly(shard: ShardRef, extension: str, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _exactly(shard: ShardRef, extension: str, num_classes: int, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The shard's samples cut or completed (with BROKEN rows) to the manifest's count."""
     count, errors = 0, []
-    for sample in _shard_samples(shard, extension, storage_options, errors):
+    for sample in _shard_samples(shard, extension, num_classes, storage_options, errors):
         if count == shard.samples:
             log.warning("%s holds more samples than its manifest entry (%d); ignoring the rest", shard.url, shard.samples)
             return
@@ -190,7 +194,7 @@ def _exactly(shard: ShardRef, extension: str, storage_options: dict[str, Any]) -
 
 
 def _shard_samples(
-    shard: ShardRef, extension: str, storage_options: dict[str, Any], errors: list[str]
+    shard: ShardRef, extension: str, num_classes: int, storage_options: dict[str, Any], errors: list[str]
 ) -> Iterator[dict[str, Any]]:
     """Rows for the samples of one tar, in tar order; stops at the first read error (in ``errors``).
 
@@ -204,7 +208,7 @@ def _shard_samples(
         raise ShardUnavailableError(f"cannot open shard {shard.url}: {type(exc).__name__}: {exc}") from exc
     try:
         for sample in _grouped(tar_file_iterator(stream), shard.url):
-            yield _sample_row(sample, extension)
+            yield _sample_row(sample, extension, num_classes)
     except Exception as exc:  # noqa: BLE001 - a damaged or cut-off shard ends here; its samples are counted
         errors.append(f"{type(exc).__name__}: {exc}")
         log.warning("reading %s stopped: %s", shard.url, errors[-1])
@@ -254,7 +258,10 @@ def _unsafe_key(key: str) -> bool:
     return "/" in key or "\\" in key or key.startswith("..") or any(ord(c) < 32 or ord(c) == 127 for c in key)
 
 
-def _sample_row(sample: dict[str, Any], extension: str) -> dict[str, Any]:
+def _sample_row(sample: dict[str, Any], extension: str, num_classes: int) -> dict[str, Any]:
+    """One sample's row, or a BROKEN row saying why it cannot be trained on. A label outside the split's
+    classes would index past the classifier (a crash on CPU, a device assert on GPU) and an unlabelled
+    one (-1) would be scored as wrong: both are FAILED by name, the epoch goes on."""
     key = sample["__key__"]
     if _unsafe_key(key):
         return _broken(key, f"unsafe member name {key!r}: members must be plain {{key}}.{{ext}} names")
@@ -266,5 +273,9 @@ def _sample_row(sample: dict[str, Any], extension: str) -> dict[str, Any]:
         label = int(cls.decode("ascii").strip())
     except ValueError:
         return _broken(key, f"unreadable .cls member {cls[:20]!r}")
+    if label == UNLABELED:
+        return _broken(key, f"unlabelled sample (class {UNLABELED}): usable for prediction, not for training or evaluation")
+    if not 0 <= label < num_classes:
+        return _broken(key, f"label {label} is outside the split's {num_classes} classes")
     meta = sample.get("json", b"{}").decode("utf-8", errors="replace")
     return {"key": key, "data": data, "label": label, "meta": meta, "kind": SAMPLE, "error": ""}

@@ -80,6 +80,18 @@ def run_epoch(
     return batches, stats, states
 
 
+def epoch_through_service(root: str | Path, split: str = "train") -> tuple[list[str], EpochStats, list[dict[str, Any]]]:
+    """One training epoch of ``split`` read through the real service on one decoder actor: the keys
+    delivered (first view of each sample), the epoch's merged stats and the batches."""
+    from pipeline.data.service import build_dataset
+
+    cfg = small_config(str(root))
+    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
+    batches, stats, _ = run_epoch(build_dataset(cfg, split, train=True), 1, epoch=0)
+    delivered = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    return delivered, EpochStats.merge(stats), batches[0]
+
+
 def shard_keys(root: Path, split: str) -> list[str]:
     """Sample keys of a split read straight from its tars (independent of the service)."""
     keys = []

@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP proxy on 127.0.0.1, put in front of the moto S3 server (or any HTTP service).
+r"""A fault-injecting HTTP proxy on 127.0.0.1, put in front of the moto S3 server (or any HTTP service).
 
     with FaultProxy(s3_server) as proxy:          # or the ``fault_proxy`` fixture (tests/reliability/conftest.py)
         options = {"endpoint_url": proxy.url}     # point s3fs / boto / the CLI (--s3-endpoint-url) at it

@@ -30,10 +30,9 @@ from PIL import Image
 from preprocess_helpers import cli, shard_keys, shard_samples
 
 from pipeline.data.loader import EpochStats
-from pipeline.data.service import build_dataset
 from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
-from tests.data.data_helpers import run_epoch, small_config
+from tests.data.data_helpers import epoch_through_service, small_config
 
 WRITTEN = "written"
 _SYNTH = SynthKinetics("", classes=2, per_class=2, val_per_class=0, seconds=1, fps=15, width=96, height=64, seed=3)
@@ -284,17 +283,13 @@ def test_rotated_video_is_stored_upright(kinetics_run: KineticsRun) -> None:
 
 def test_data_service_delivers_every_written_sample_once(kinetics_run: KineticsRun, ray_cluster: None, ledger: Any) -> None:
     """The matrix's shards through the data service: every sample once, short videos clamped, none failed"""
-    cfg = small_config(str(kinetics_run.out))
-    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
-    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
-    total = EpochStats.merge(stats)
-    first_views = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    first_views, total, batches = epoch_through_service(kinetics_run.out)
     ledger.account(inputs=list(kinetics_run.samples), delivered=first_views, rejected=[k for k, _ in total.failures])
     assert total.complete and total.failed == 0 and total.samples == len(kinetics_run.samples)
-    assert all(b["video"].shape[1:] == (3, 8, 48, 48) for b in batches[0])
-    one_frame = [video for b in batches[0] for vid, video in zip(b["video_id"], b["video"])
+    assert all(b["video"].shape[1:] == (3, 8, 48, 48) for b in batches)
+    one_frame = [video for b in batches for vid, video in zip(b["video_id"], b["video"])
                  if vid == BY_CASE["one_frame"].clip_id]  # fmt: skip
-    assert len(one_frame) == cfg.augment.repeated_aug
+    assert len(one_frame) == small_config("").augment.repeated_aug
     for clip in one_frame:  # clamped: the only frame, 8 times (the same augmentation on every frame)
         assert all((clip[:, t] == clip[:, 0]).all() for t in range(clip.shape[1]))
 
@@ -427,11 +422,7 @@ def damaged_set(kinetics_run: KineticsRun, tmp_path_factory: pytest.TempPathFact
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     verified = cli("verify", str(root), "--split", "train", "--decode", "100", check=False)
-    cfg = small_config(str(root))
-    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
-    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
-    total = EpochStats.merge(stats)
-    delivered = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    delivered, total, _ = epoch_through_service(root)
     roles = {"cut": cut_name, "garbage": garbage_name, "sha": sha_name}
     return DamagedSet(keys, roles, verified.returncode, verified.stdout, delivered, dict(total.failures), total)
 
@@ -524,11 +515,7 @@ def test_a_duplicated_sample_hiding_a_lost_one_is_caught_by_verify_and_by_the_ep
     assert verified.returncode == 1
     assert re.search(rf"^FAIL train: {target}: key digest [0-9a-f]{{16}} != manifest [0-9a-f]{{16}}", verified.stdout, re.M)
 
-    cfg = small_config(str(root))
-    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
-    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
-    total = EpochStats.merge(stats)
-    delivered = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    delivered, total, _ = epoch_through_service(root)
     assert delivered.count(duplicated) == 2 and lost not in delivered
     assert total.complete and total.failed == 0, "the counts alone see nothing wrong"
     check_epoch_counts(total, "epoch 0")

@@ -540,18 +540,12 @@ def test_crafted_shard_is_refused_by_verify_without_writing_anything(hostile_sha
 def test_crafted_shard_read_by_the_data_service_skips_and_counts_hostile_samples(hostile_shard, tmp_path, ray_cluster,
                                                                                  ledger):  # fmt: skip
     """The data service skips and counts samples with ../, absolute or link members; the epoch checks out; writes nothing."""
-    from pipeline.data.loader import EpochStats
-    from pipeline.data.service import build_dataset
     from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
-    from tests.data.data_helpers import run_epoch, small_config
+    from tests.data.data_helpers import epoch_through_service
 
     out, keys, victim = hostile_shard
     before = _tree(tmp_path)
-    cfg = small_config(str(out))
-    cfg.decoder.min_actors = cfg.decoder.max_actors = 1
-    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0)
-    total = EpochStats.merge(stats)
-    delivered = [vid for b in batches[0] for vid, view in zip(b["video_id"], b["view"]) if view == 0]
+    delivered, total, _ = epoch_through_service(out)
     failed = dict(total.failures)
     assert delivered == ["good"]
     for key in ("../../escaped", "/tmp/mvit-abs-member", "sub/dir"):
