@@ -70,6 +70,24 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def undisturbed(fault_cluster: nc.NetnsCluster, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The preemption case's job run to the end without a fault on the same cluster: the weights and each
+    step's loss a preempted run must end with (same world size, so bit for bit)."""
+    runs = tmp_path_factory.mktemp("undisturbed")
+    job = job_on(fault_cluster, shards, runs, list(PREEMPTED_JOB))
+    assert job.wait(900) == 0, job.tail()
+    losses = {step: value for step, value, _ in job.metric("train/loss")}
+    assert len(losses) == len(job.steps()), "a step logged twice without a fault"
+    return {"weights": _final_weights(runs, job), "losses": losses}
+
+
+def _final_weights(runs: Path, job: ClusterJob) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(runs / job.name / "final_model" / "model.safetensors"))
+
+
 def job_on(cluster: nc.NetnsCluster, shards: Path, runs: Path, overrides: list[str]) -> ClusterJob:
     """``pipeline/train.py`` with ``configs/experiment/netns.yaml`` on the local shards, its checkpoints and
     MLflow store in ``runs`` (pipeline/netns_job.py)."""
@@ -214,7 +232,7 @@ def test_fixed_size_job_fails_in_bounded_time_with_one_line_naming_the_lost_node
 @pytest.mark.slow
 @pytest.mark.reliability
 def test_preempted_node_checkpoints_on_the_notice_and_resumes_from_that_step(
-        fault_cluster: nc.NetnsCluster, shards: Path, tmp_path: Path, ledger: Any) -> None:
+        fault_cluster: nc.NetnsCluster, shards: Path, tmp_path: Path, ledger: Any, undisturbed: dict[str, Any]) -> None:
     """A node SIGTERMed (drained, as a pod evicted): the job checkpoints on the notice, resumes there, <= 1 step redone.
 
     A fixed-size job of 2 (2 clips a rank: 12 steps an epoch), no periodic mid-epoch checkpoint: SIGTERM to
@@ -250,3 +268,13 @@ def test_preempted_node_checkpoints_on_the_notice_and_resumes_from_that_step(
     ledger.account_epochs(TRAIN_SAMPLES, client, run.info.run_id, epochs=2)
     sizes = [m.value for m in client.get_metric_history(run.info.run_id, "world_size")]
     assert sizes == [2.0, 2.0], sizes
+    # The preemption cost a restart, not a difference: every step's loss (a redone one too) and the final
+    # weights are the undisturbed run's, bit for bit.
+    import torch
+
+    assert all(value == undisturbed["losses"][step] for step, value, _ in job.metric("train/loss")), (
+        job.metric("train/loss"), undisturbed["losses"])  # fmt: skip
+    weights = _final_weights(tmp_path, job)
+    assert weights.keys() == undisturbed["weights"].keys()
+    differ = [name for name, value in undisturbed["weights"].items() if not torch.equal(weights[name], value)]
+    assert not differ, f"{len(differ)} tensors differ from the undisturbed run's, e.g. {differ[:3]}"
