@@ -49,7 +49,7 @@ def main() -> int:
         print(json.dumps(one_run(args._one[0], int(args._one[1]), int(args._one[2]))))
         return 0
     from preprocessing.transcode import X264_PARAMS
-    from tests.preprocessing.test_units import CHURN_ROUNDS
+    from tests.preprocessing.churn import CHURN_ROUNDS
 
     plan = [("mbtree=1", seed) for seed in range(args.runs)] + [(X264_PARAMS, 0)]
     caught = 0

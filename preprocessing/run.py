@@ -110,7 +110,7 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
     _warn_about_leftovers(store, split, len(plans))
 
     rejects = sorted([*discovery.rejects, *(r for res in results for r in res.rejects)], key=lambda r: (r.source, r.reason))
-    not_written = {r.source for res in results for r in res.rejects}
+    not_written = {r.source for r in rejects}  # discovery's rejects never became items
     unlabeled = sum(item.label_index == UNLABELED and item.source not in not_written
                     for plan in plans for item in plan.items)  # fmt: skip
     manifest = Manifest(

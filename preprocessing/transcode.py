@@ -14,8 +14,8 @@ runs reproduce shards exactly. Measured requirements (regression tests in tests/
   many processes (parallel.py).
 - x264's macroblock-tree rate control is off (`mbtree=0`): its SIMD code in the bundled libx264
   (core 165) reads uninitialised stack memory (found with valgrind; clean with `no-asm`), which made
-  20-40% of encodes differ under the test's memory churn (benchmarks/x264_churn.py). The cost is some compression efficiency at a
-  given CRF.
+  20-40% of encodes differ under the test's memory churn (benchmarks/x264_churn.py). The cost is some
+  compression efficiency at a given CRF.
 - the MP4 muxer writes no wall-clock time.
 
 Frame types: x264 chooses every frame's type itself (I/P/B, keyframes every `gop` frames at most),

@@ -75,8 +75,9 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
     cfg.validate()
     storage = cfg.storage_options()
     manifest = load_manifest(cfg.root, split, storage)
-    if manifest.unlabeled_problem():
-        raise ValueError(f"{split}: {manifest.unlabeled_problem()}")
+    unlabeled = manifest.unlabeled_problem()
+    if unlabeled:
+        raise ValueError(f"{split}: {unlabeled}")
     if manifest.modality not in _EXTENSIONS:
         raise ValueError(f"{split}: unsupported modality {manifest.modality!r}")
     if manifest.num_samples == 0:

@@ -56,8 +56,9 @@ def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
         except Exception as err:  # noqa: BLE001 - no credentials, endpoint down, access denied: stop here
             raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: cannot read the {split!r} manifest: "
                               f"{one_line(err)}") from None
-        if manifest.unlabeled_problem():
-            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: split {split!r}: {manifest.unlabeled_problem()}")
+        unlabeled = manifest.unlabeled_problem()
+        if unlabeled:
+            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: split {split!r}: {unlabeled}")
         text = manifest.to_json()
         manifests[split], hashes[split] = text, hashlib.sha256(text.encode()).hexdigest()
         samples[split], shards[split] = manifest.num_samples, len(manifest.shards)

@@ -13,6 +13,12 @@ from preprocessing.transcode import VideoEncoder
 
 X264_OPTION = b" mbtree=0 "  # as x264 writes it into the option string it stores in every stream
 
+# Rounds of the churn test (8 clips each, 240 encodes, ~40 s). With MB-tree back on, `python
+# benchmarks/x264_churn.py` ran this loop in 5 fresh processes (seeds 0-4): 50-90 of the 240 encodes
+# differed from their clip's usual output in every run (21-38%), so the test fails with the bug back;
+# with 64 encodes and less heap growth it had passed about a quarter of the time.
+CHURN_ROUNDS = 30
+
 
 def churn_clips(root: Path) -> list[str]:
     """Eight 3 s clips of 480x360 (the inputs the bug was found on)."""

@@ -26,7 +26,7 @@ from core.s3 import storage_options_for
 from core.storage import Store
 from preprocessing.synth import SynthKinetics, synth_kinetics
 from preprocessing.transcode import ImageEncoder, RejectError, VideoEncoder, even_scaled_size
-from tests.preprocessing.churn import X264_OPTION, churn_clips, churn_encodes, odd_encodes
+from tests.preprocessing.churn import CHURN_ROUNDS, X264_OPTION, churn_clips, churn_encodes, odd_encodes
 
 
 def _item(
@@ -150,13 +150,6 @@ def test_video_transcode_is_deterministic_with_short_gop(one_clip: Path) -> None
         assert stream.codec_context.name == "h264"
         keyframes = [i for i, f in enumerate(container.decode(stream)) if f.key_frame]
     assert keyframes[0] == 0 and all(b - a <= 8 for a, b in zip(keyframes, keyframes[1:] + [frames]))
-
-
-# Rounds of the churn test (8 clips each, 240 encodes, ~40 s). With MB-tree back on, `python
-# benchmarks/x264_churn.py` ran this loop in 5 fresh processes (seeds 0-4): 50-90 of the 240 encodes
-# differed from their clip's usual output in every run (21-38%), so the test fails with the bug back;
-# with 64 encodes and less heap growth it had passed about a quarter of the time.
-CHURN_ROUNDS = 30
 
 
 @pytest.mark.slow

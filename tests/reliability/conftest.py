@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faults import FaultProxy
@@ -21,6 +22,18 @@ def reliability_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return synthetic_kinetics_shards(tmp_path_factory.mktemp("reliability_data"), classes=3, per_class=4,
                                      val_per_class=2, shard_samples=4, fps=15)
+
+@pytest.fixture
+def no_ray_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if the driver gets as far as starting or joining Ray: what it refuses, it refuses first."""
+    import ray
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the driver started Ray before refusing")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+
 
 @pytest.fixture
 def fault_proxy(s3_server: str) -> Iterator[FaultProxy]:

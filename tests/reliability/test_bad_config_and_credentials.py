@@ -307,18 +307,6 @@ def _manifests(root: Path, classes: int = 3) -> None:
 
 
 @pytest.fixture
-def no_ray_start(monkeypatch):
-    """Fails the test if the driver gets as far as starting or joining Ray."""
-    import ray
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the driver started Ray before refusing unusable storage")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-
-
-@pytest.fixture
 def fresh_s3_clients():
     """s3fs caches clients (with the credentials they found) per endpoint: no test may see another's."""
     import s3fs

@@ -11,20 +11,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from preprocess_helpers import REPO, cli
 
 from pipeline.config import ConfigError, load_config
 from pipeline.trainer.job import run
 from tests.train.helpers import demo_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "experiment" / "demo.yaml"
 
 
@@ -42,8 +42,7 @@ def _edit_manifest(root: Path, split: str, change: Any) -> None:
 
 
 def _verify(root: Path, split: str = "train") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "preprocessing", "verify", str(root), "--split", split], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return cli("verify", str(root), "--split", split, check=False)
 
 
 # ---- names stay inside the root -------------------------------------------------------------------------------
@@ -60,7 +59,7 @@ OUTSIDE = {
 
 @pytest.mark.parametrize("case", list(OUTSIDE))
 def test_a_manifest_shard_name_outside_the_set_is_refused_on_load(reliability_shards: Path, tmp_path: Path,
-                                                                   case: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                                   case: str, no_ray_start: None) -> None:  # fmt: skip
     """A manifest naming a shard outside its set (../, absolute, URL, sub-folder) is refused on load: service, verify and job, before any read."""
     from core.manifest import load_manifest
     from pipeline.data.service import build_dataset
@@ -81,13 +80,6 @@ def test_a_manifest_shard_name_outside_the_set_is_refused_on_load(reliability_sh
     verified = _verify(root)
     assert verified.returncode == 1 and says in verified.stdout, verified.stdout + verified.stderr
 
-    import ray
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the driver started Ray before refusing the manifest")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
     cfg = load_config(DEMO, demo_overrides(root, tmp_path / "runs"))
     with pytest.raises(ConfigError) as caught:
         run(cfg)
@@ -163,7 +155,7 @@ def _unlabelled_csv(raw: Path) -> Path:
 
 
 def test_a_split_of_unlabelled_samples_is_refused_for_training_before_any_work(
-    reliability_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    reliability_shards: Path, tmp_path: Path, no_ray_start: None
 ) -> None:
     """A split with unlabelled samples (a Kinetics test CSV) is recorded as such and refused for training and evaluation before any work, with the count."""
     from core.manifest import load_manifest
@@ -172,10 +164,8 @@ def test_a_split_of_unlabelled_samples_is_refused_for_training_before_any_work(
 
     raw = reliability_shards.parent / "raw"
     root = _copy(reliability_shards, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "preprocessing", "kinetics", "--csv", str(_unlabelled_csv(raw)),
-                           "--videos", str(raw), "--out", str(root), "--short-side", "72", "--shard-samples", "4",
-                           "--workers", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    cli("kinetics", "--csv", str(_unlabelled_csv(raw)), "--videos", str(raw), "--out", str(root), "--short-side", "72",
+        "--shard-samples", "4", "--workers", "1", "--no-progress", timeout=600)  # fmt: skip
     manifest = load_manifest(str(root), "test")
     assert manifest.num_unlabeled == manifest.num_samples == 12, manifest
     assert load_manifest(str(root), "train").num_unlabeled == 0
@@ -183,16 +173,9 @@ def test_a_split_of_unlabelled_samples_is_refused_for_training_before_any_work(
     assert verified.returncode == 0, verified.stdout  # unlabelled samples are valid input (for prediction)
 
     says = "12 of 12 samples are unlabelled (class -1)"
-    with pytest.raises(ValueError, match=re_escape(says)):
+    with pytest.raises(ValueError, match=re.escape(says)):
         build_dataset(small_config(str(root)), "test", train=False)
 
-    import ray
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the driver started Ray before refusing the split")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
     for key in ("data.train_split", "data.val_split"):
         cfg = load_config(DEMO, demo_overrides(root, tmp_path / "runs", **{key: "test"}))
         with pytest.raises(ConfigError) as caught:
@@ -200,8 +183,3 @@ def test_a_split_of_unlabelled_samples_is_refused_for_training_before_any_work(
         message = str(caught.value)
         assert "\n" not in message and "split 'test'" in message and says in message, message
 
-
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
