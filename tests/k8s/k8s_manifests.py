@@ -6,10 +6,11 @@ kustomize v5); without it the tests fail with a message saying how to install it
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,26 @@ OVERLAYS = tuple(sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustom
 # whose 1.37 release ships the schemas of Kubernetes 1.25 to 1.37).
 KUBERNETES_VERSION = "1.32.0"
 PROJECT_IMAGES = ("mvit-cpu", "mvit-gpu", "mvit-mlflow")
-# Secrets every Ray node container must receive (env name -> where from), never via runtimeEnvYAML.
-RAY_SECRET_ENV = {
-    "RAY_AUTH_TOKEN": ("mvit-ray-auth", "auth_token"),
+# Secrets the Ray node containers receive (env name -> (Secret, key)), never via runtimeEnvYAML: the
+# Ray token on every node; the MLflow client's address and user on the nodes of the clusters that log
+# runs; each stage's own S3 keys (the interactive cluster runs training jobs: the training keys).
+RAY_AUTH_SECRET = ("mvit-ray-auth", "auth_token")
+MLFLOW_CLIENT_ENV = {
     "MLFLOW_TRACKING_URI": ("mvit-tracking", "tracking_uri"),
-    "AWS_ACCESS_KEY_ID": ("mvit-s3", "access_key_id"),
-    "AWS_SECRET_ACCESS_KEY": ("mvit-s3", "secret_access_key"),
+    "MLFLOW_TRACKING_USERNAME": ("mvit-mlflow-client", "username"),
+    "MLFLOW_TRACKING_PASSWORD": ("mvit-mlflow-client", "password"),
 }
+MLFLOW_CLIENT_CLUSTERS = ("mvit-train", "mvit-interactive")
+S3_SECRETS = {"preprocess": "mvit-s3-preprocess", "train": "mvit-s3-train", "mlflow": "mvit-s3-mlflow"}
+S3_STAGE_OF_CLUSTER = {"mvit-preprocess": "preprocess", "mvit-train": "train", "mvit-interactive": "train"}
+
+
+def s3_env(stage: str) -> dict[str, tuple[str, str]]:
+    """The AWS_* variables of a stage's pods, from that stage's Secret."""
+    secret = S3_SECRETS[stage]
+    return {"AWS_ACCESS_KEY_ID": (secret, "access_key_id"), "AWS_SECRET_ACCESS_KEY": (secret, "secret_access_key")}
+
+
 SECRET_LIKE_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
 
 _KUBECTL_MISSING = (
@@ -114,3 +128,32 @@ def quantity_bytes(value: str | int) -> float:
     match = _QUANTITY.match(str(value))
     assert match and match.group(2) in _FACTOR, f"unsupported quantity {value!r}"
     return float(match.group(1)) * _FACTOR[match.group(2)]
+
+
+def secret_refs(template: dict[str, Any]) -> set[str]:
+    """The Secrets a pod template reads: env secretKeyRefs, envFrom secretRefs and secret volumes."""
+    names: set[str] = set()
+    for container in containers(template):
+        for entry in container.get("env", []):
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        names |= {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+    for volume in template["spec"].get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    return names
+
+
+Docs = list[dict[str, Any]]
+
+
+def assert_check_catches(breakage: Callable[[Docs], None], check: Callable[[Docs], list[str]]) -> None:
+    """`check` passes the rendered prod overlay and reports problems once `breakage` has changed a copy of it."""
+    docs = copy.deepcopy(render("prod"))
+    assert not check(docs), f"the rendered prod overlay should pass {check.__name__} before it is broken"
+    breakage(docs)
+    assert check(docs), f"{check.__name__} accepted the manifests with {breakage.__name__.strip('_')}"

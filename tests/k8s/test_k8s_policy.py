@@ -1,18 +1,19 @@
-"""What the deployment promises, checked on the rendered overlays: the Ray cluster shape, secrets only
-from Secrets, non-root pods with resource limits, network isolation of MLflow and PostgreSQL."""
+"""What the deployment promises, checked on the rendered overlays: the Ray cluster shape, each Ray
+node's credentials from Secrets, non-root pods with resource limits, the MLflow server's shape. Network
+isolation and service-account tokens: test_k8s_isolation.py; credentials: test_k8s_credentials.py."""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 from k8s_manifests import (
-    K8S,
-    RAY_SECRET_ENV,
-    SECRET_LIKE_NAME,
+    MLFLOW_CLIENT_CLUSTERS,
+    MLFLOW_CLIENT_ENV,
+    RAY_AUTH_SECRET,
+    S3_STAGE_OF_CLUSTER,
     cluster_spec,
     containers,
     env_of,
@@ -23,6 +24,7 @@ from k8s_manifests import (
     quantity_bytes,
     ray_node_templates,
     render,
+    s3_env,
 )
 
 
@@ -38,7 +40,7 @@ def test_ray_head_does_no_training_work_and_uses_token_auth(docs: list[dict[str,
         assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
         ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
         assert ports["dashboard"] == 8265
-        assert spec["authOptions"] == {"mode": "token", "secretName": RAY_SECRET_ENV["RAY_AUTH_TOKEN"][0]}
+        assert spec["authOptions"] == {"mode": "token", "secretName": RAY_AUTH_SECRET[0]}
 
 
 def test_worker_groups_autoscale_between_min_and_max(docs: list[dict[str, Any]]) -> None:
@@ -71,15 +73,22 @@ def test_rayjobs_delete_their_cluster_after_a_ttl(docs: list[dict[str, Any]]) ->
         assert job["spec"]["ttlSecondsAfterFinished"] > 0
 
 
-def test_every_ray_node_gets_auth_tracking_and_s3_credentials_from_secrets(docs: list[dict[str, Any]]) -> None:
+def test_every_ray_node_gets_its_stages_credentials_from_secrets(docs: list[dict[str, Any]]) -> None:
+    """The Ray token everywhere, the stage's own S3 keys, MLflow's address and user where the cluster logs."""
     for doc in _ray_docs(docs):
+        name = doc["metadata"]["name"]
+        wanted = {"RAY_AUTH_TOKEN": RAY_AUTH_SECRET, **s3_env(S3_STAGE_OF_CLUSTER[name])}
+        if name in MLFLOW_CLIENT_CLUSTERS:
+            wanted |= MLFLOW_CLIENT_ENV
         for role, template, _ in ray_node_templates(doc):
             for container in template["spec"]["containers"]:
                 env = env_of(container)
-                where = f"{doc['metadata']['name']} {role} {container['name']}"
+                where = f"{name} {role} {container['name']}"
                 assert env["RAY_AUTH_MODE"].get("value") == "token", where
-                for name, (secret, key) in RAY_SECRET_ENV.items():
-                    assert env[name].get("valueFrom", {}).get("secretKeyRef") == {"name": secret, "key": key}, (where, name)
+                for var, (secret, key) in wanted.items():
+                    assert env[var].get("valueFrom", {}).get("secretKeyRef") == {"name": secret, "key": key}, (where, var)
+                unused = {v for v in env if v.startswith("MLFLOW_")} - set(wanted)
+                assert not unused, f"{where}: MLflow settings it has no use for: {unused}"
         if doc["kind"] == "RayJob":  # the submitter talks to the dashboard, so it needs the token too
             submitter = env_of(doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0])
             assert submitter["RAY_AUTH_MODE"]["value"] == "token"
@@ -93,15 +102,6 @@ def test_runtime_env_carries_no_secrets(docs: list[dict[str, Any]]) -> None:
         assert set(runtime_env) <= {"working_dir", "env_vars", "excludes"}, runtime_env
         for forbidden in ("AWS_", "MLFLOW_TRACKING", "RAY_AUTH", "PASSWORD", "SECRET", "TOKEN"):
             assert forbidden not in text.upper(), f"{job['metadata']['name']}: runtimeEnvYAML mentions {forbidden}"
-
-
-def test_no_container_gets_a_secret_as_a_literal_value(docs: list[dict[str, Any]]) -> None:
-    for doc in docs:
-        for where, template in pod_templates(doc):
-            for container in containers(template):
-                for entry in container.get("env", []):
-                    if SECRET_LIKE_NAME.search(entry["name"]):
-                        assert "secretKeyRef" in entry.get("valueFrom", {}), f"{where}: {entry['name']} not from a Secret"
 
 
 def test_gpu_workers_request_gpus_tolerate_the_taint_and_use_the_gpu_image() -> None:
@@ -171,30 +171,6 @@ def test_pods_run_as_non_root_with_limits_and_a_read_only_root(docs: list[dict[s
     assert checked >= 12
 
 
-def _policies_for(docs: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
-    return [
-        p
-        for p in of_kind(docs, "NetworkPolicy")
-        if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
-        and "Ingress" in p["spec"]["policyTypes"]
-    ]
-
-
-def test_mlflow_postgres_and_minio_are_reachable_only_from_the_namespace(docs: list[dict[str, Any]], overlay: str) -> None:
-    workloads = [("Deployment", "mlflow"), ("StatefulSet", "postgres")]
-    if overlay == "dev":
-        workloads.append(("Deployment", "minio"))
-    for kind, name in workloads:
-        labels = named(docs, kind, name)["spec"]["template"]["metadata"]["labels"]
-        policies = _policies_for(docs, labels)
-        assert policies, f"no NetworkPolicy selects {name}"
-        for policy in policies:
-            assert policy["spec"]["ingress"], policy["metadata"]["name"]
-            for rule in policy["spec"]["ingress"]:
-                for peer in rule["from"]:
-                    assert set(peer) == {"podSelector"}, f"{policy['metadata']['name']} admits {peer}"
-
-
 def test_mlflow_server_proxies_artifacts_to_s3_with_postgres_and_allowed_hosts(docs: list[dict[str, Any]]) -> None:
     from mlflow.cli import server as mlflow_server
 
@@ -234,20 +210,6 @@ def test_postgres_keeps_its_data_on_a_volume_claim(docs: list[dict[str, Any]]) -
     assert "data" in claims & mounts
     env = env_of(statefulset["spec"]["template"]["spec"]["containers"][0])
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mvit-postgres", "key": "password"}
-
-
-def test_no_secret_values_are_committed(docs: list[dict[str, Any]]) -> None:
-    assert not of_kind(docs, "Secret"), "Secrets are created by hand (docs/deployment.md), never rendered from the repo"
-    aws_key_id = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-    for path in sorted(p for p in K8S.rglob("*") if p.is_file()):
-        text = path.read_text()
-        assert "secretGenerator" not in text, f"{path}: secretGenerator would need secret values in the repo"
-        assert not aws_key_id.search(text), f"{path}: looks like an AWS access key id"
-        assert "PRIVATE KEY-----" not in text, path
-        if path.suffix in (".yaml", ".yml"):
-            for doc in yaml.safe_load_all(text):
-                if isinstance(doc, dict) and doc.get("kind") == "Secret":
-                    assert not doc.get("data") and not doc.get("stringData"), f"{path}: Secret with values"
 
 
 def test_every_resource_belongs_to_a_deployment_stage(docs: list[dict[str, Any]]) -> None:

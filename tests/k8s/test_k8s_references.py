@@ -187,7 +187,7 @@ def test_gpu_image_builds_decord_with_nvdec() -> None:
 
 def test_mlflow_image_has_the_postgres_and_s3_clients() -> None:
     text = (IMAGES / "Dockerfile.mlflow").read_text()
-    assert "psycopg2" in text and "boto3" in text and '"mlflow==${MLFLOW_VERSION}"' in text
+    assert "psycopg2" in text and "boto3" in text and '"mlflow[auth]==${MLFLOW_VERSION}"' in text
     assert re.search(r"^USER 1000", text, re.MULTILINE)
 
 
@@ -219,7 +219,10 @@ def test_deployment_page_creates_every_secret_the_manifests_use() -> None:
 def test_deployment_page_uses_the_real_names() -> None:
     section = _deployment_page()
     for text in ("k8s/overlays/dev", "k8s/overlays/prod", "k8s/images/build.sh", "mvit-stage=platform",
-                 "mvit-interactive-head-svc", "svc/mlflow", "ray job submit", "RAY_AUTH_TOKEN"):
+                 "mvit-interactive-head-svc", "svc/mlflow", "ray job submit", "RAY_AUTH_TOKEN",
+                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "job/mlflow-create-user",
+                 "k8s/iam/preprocess.json", "k8s/iam/train.json", "k8s/iam/mlflow.json", "default-deny",
+                 "169.254.169.254", "automountServiceAccountToken"):
         assert text in section, text
     for stage in ("platform", "preprocess", "train", "interactive"):
         assert f"-l mvit-stage={stage}" in section, stage

@@ -42,9 +42,17 @@ def test_every_overlay_renders_the_whole_system(docs: list[dict[str, Any]], over
         ("Service", "postgres"),
         ("ConfigMap", "mvit-env"),
         ("ConfigMap", "mlflow-server"),
+        ("ConfigMap", "mlflow-auth"),
+        ("ConfigMap", "postgres-init"),
+        ("Job", "mlflow-create-user"),
+        ("NetworkPolicy", "default-deny"),
+        ("ServiceAccount", "mvit-train-autoscaler"),
+        ("ServiceAccount", "mvit-preprocess-autoscaler"),
+        ("ServiceAccount", "mvit-interactive-autoscaler"),
     }
     if overlay == "dev":
-        expected |= {("Deployment", "minio"), ("Service", "minio"), ("Job", "minio-create-bucket")}
+        expected |= {("Deployment", "minio"), ("Service", "minio"), ("Job", "minio-create-bucket"),
+                     ("ConfigMap", "mvit-s3-policies")}
     assert expected <= names, f"missing from {overlay}: {sorted(expected - names)}"
     namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
     assert namespaces == {named_ns for (kind, named_ns) in names if kind == "Namespace"}
