@@ -13,7 +13,6 @@ AWS config files. Only a non-secret endpoint URL and the retry policy (``core.s3
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 import uuid
@@ -37,17 +36,6 @@ def join(url: str, name: str) -> str:
 
 def is_local(url: str) -> bool:
     return fsspec.utils.get_protocol(url) in ("file", "local")
-
-
-def read_input(url: str, storage_options: dict[str, Any] | None = None) -> str | io.BytesIO:
-    """A local path (decoders read it directly) or, for a remote input, its whole content in memory,
-    so that storage errors surface here and not in the middle of decoding."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(path)
-        return path
-    return io.BytesIO(fs.cat_file(path))
 
 
 def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:

@@ -28,6 +28,14 @@ from core.manifest import (
 )
 from core.errors import credentials_hint, is_client_error
 from core.redact import redact_url
+from core.tar_members import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    DEFAULT_MEMBER_HEADROOM,
+    ShardFormatError,
+    ShardTruncatedError,
+    iter_members,
+    member_cap,
+)
 from core.storage import Store
 
 _MEDIA = {"video": "mp4", "image": "jpg"}
@@ -54,9 +62,15 @@ class VerifyReport:
 
 
 def verify_split(
-    url: str, split: str, storage_options: dict[str, Any] | None = None, decode_per_shard: int = 1
+    url: str, split: str, storage_options: dict[str, Any] | None = None, decode_per_shard: int = 1,
+    member_headroom: float = DEFAULT_MEMBER_HEADROOM, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> VerifyReport:
     """All problems found in one split; `decode_per_shard` samples of each shard are decoded.
+
+    Shards are read by the data service's own bounded reader (``core.tar_members``) with the same
+    per-member cap (``member_headroom`` x the shard's mean sample, at most ``max_member_bytes``), so what
+    verify passes the service reads, and a crafted member costs verify no more memory than it does a
+    training job.
 
     A store that cannot be used at all (no credentials, an endpoint that refuses connections) raises
     OSError naming the URL and the cause: that is no finding about the shard set, and the CLI reports
@@ -85,7 +99,8 @@ def verify_split(
             continue
         if size != shard.bytes:
             report.problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
-        _check_shard(store, manifest, shard, seen_keys, decode_per_shard, report)
+        cap = member_cap(shard.bytes, shard.samples, member_headroom, max_member_bytes)
+        _check_shard(store, manifest, shard, cap, seen_keys, decode_per_shard, report)
     if manifest.num_unlabeled is not None and report.unlabeled != manifest.num_unlabeled:
         report.problems.append(f"{report.unlabeled} unlabelled samples (class {UNLABELED}), manifest says "
                                f"{manifest.num_unlabeled}")
@@ -121,26 +136,32 @@ def _check_rejects(store: Store, m: Manifest, report: VerifyReport) -> None:
 
 
 def _check_shard(
-    store: Store, m: Manifest, shard: ShardInfo, seen_keys: set[str], decode_budget: int, report: VerifyReport
+    store: Store, m: Manifest, shard: ShardInfo, cap: int, seen_keys: set[str], decode_budget: int,
+    report: VerifyReport,
 ) -> None:
     name, media = shard.name, _MEDIA[m.modality]
     groups: dict[str, dict[str, bytes]] = {}
+
+    def keep(member_name: str) -> bool:
+        """Media of samples that will not be decoded is skipped, not held in memory."""
+        key, _, ext = member_name.partition(".")
+        position = list(groups).index(key) if key in groups else len(groups)
+        return ext != media or position < decode_budget
+
     with store.open_read(name) as raw:
         reader = _HashingReader(raw)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    problem = _member_problem(member)
-                    if problem:
-                        report.problems.append(f"{name}: {problem}")
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    position = list(groups).index(key) if key in groups else len(groups)
-                    parts = groups.setdefault(key, {})
-                    # Media of samples that will not be decoded is skipped, not held in memory.
-                    keep = ext != media or position < decode_budget
-                    parts[ext] = tar.extractfile(member).read() if keep else b""
-        except (tarfile.TarError, EOFError, OSError) as exc:
+            for member in iter_members(reader, cap, keep):
+                problem = member.problem or _name_problem(member.name)
+                if problem:
+                    report.problems.append(f"{name}: {problem}")
+                    continue
+                key, _, ext = member.name.partition(".")
+                groups.setdefault(key, {})[ext] = member.data if member.data is not None else b""
+        except ShardTruncatedError as exc:  # a cut member that was read is a finding already
+            if f"{name}: {exc}" not in report.problems:
+                report.problems.append(f"{name}: {exc}")
+        except (tarfile.TarError, ShardFormatError, EOFError, OSError) as exc:
             report.problems.append(f"{name}: unreadable tar: {type(exc).__name__}: {exc}")
         reader.drain()
     if reader.digest.hexdigest() != shard.sha256:
@@ -166,13 +187,12 @@ def _check_shard(
             report.decoded += 1
 
 
-def _member_problem(member: tarfile.TarInfo) -> str | None:
-    if not member.isreg():
-        return f"{member.name!r} is not a regular file"
-    if member.name.startswith("/") or "/" in member.name or ".." in member.name:
-        return f"unsafe member name {member.name!r}"
-    if member.name.count(".") != 1:
-        return f"member {member.name!r} is not {{key}}.{{ext}}"
+def _name_problem(name: str) -> str | None:
+    """Member types and sizes are ``core.tar_members``'s rules; names are checked here."""
+    if name.startswith("/") or "/" in name or ".." in name:
+        return f"unsafe member name {name!r}"
+    if name.count(".") != 1:
+        return f"member {name!r} is not {{key}}.{{ext}}"
     return None
 
 

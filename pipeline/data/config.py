@@ -24,6 +24,7 @@ from typing import Optional
 from core.errors import ConfigError
 from core.redact import redact_url
 from core.s3 import storage_options_for
+from core.tar_members import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MEMBER_HEADROOM
 
 KINETICS_MEAN = [0.45, 0.45, 0.45]
 KINETICS_STD = [0.225, 0.225, 0.225]
@@ -123,6 +124,13 @@ class DecoderPoolConfig:
     Ray restarts a dead actor and retries its batch (Ray Data's default is unlimited).
     ``start_timeout_s``: how long an epoch waits for its ``min_actors`` to be placed before it fails
     naming what is missing.
+
+    Caps, checked from the stream's own header before anything is decoded (the sample's metadata is
+    only compared with it): ``max_frame_pixels``, a video's width x height (4096^2 is above 4K UHD);
+    ``max_decoded_pixels``, the pixels of every frame one sample's views decode, at decode size (64 Mi
+    is about 6x what a 10x3-view evaluation of 16-frame clips at 224 needs); ``max_image_pixels``, an
+    image's width x height in any format (64 Mpx, under Pillow's own 89 Mpx warning). A sample over a
+    cap is FAILED with the figures, never decoded.
     """
 
     min_actors: int = 1
@@ -139,6 +147,9 @@ class DecoderPoolConfig:
     recycle_after: int = 1000
     max_restarts: int = 3
     start_timeout_s: float = 300.0
+    max_frame_pixels: int = 4096 * 4096
+    max_decoded_pixels: int = 64 << 20
+    max_image_pixels: int = 64 << 20
 
 
 @dataclass
@@ -155,6 +166,9 @@ class DataConfig:
     ``read_max_retries``: how often Ray retries a read task whose process died (Ray Data's default is
     unlimited). ``batch_timeout_s``: the longest a worker waits for its next batch before it stops the
     job with a diagnosis (what the data service is waiting for) instead of waiting silently.
+    ``member_headroom`` x a shard's mean sample size (from its manifest), at most ``max_member_bytes``,
+    is the largest tar member a read task accepts (``core.tar_members``): a member claiming more is a
+    FAILED sample, skipped without being held in memory.
     """
 
     root: str = ""
@@ -169,6 +183,8 @@ class DataConfig:
     progress_bars: bool = False  # Ray Data's per-operator progress bars (off: one line per epoch is the log)
     read_max_retries: int = 3
     batch_timeout_s: float = 900.0
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    member_headroom: float = DEFAULT_MEMBER_HEADROOM
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -210,6 +226,11 @@ class DataConfig:
             (self.seed >= 0, "seed", "must be >= 0", self.seed),
             (self.prefetch_batches >= 0, "prefetch_batches", "must be >= 0", self.prefetch_batches),
             (self.read_num_cpus >= 0, "read_num_cpus", "must be >= 0", self.read_num_cpus),
+            (self.max_member_bytes >= 1, "max_member_bytes", "must be >= 1", self.max_member_bytes),
+            (self.member_headroom >= 1, "member_headroom", "must be >= 1", self.member_headroom),
+            (d.max_frame_pixels >= 1, "decoder.max_frame_pixels", "must be >= 1", d.max_frame_pixels),
+            (d.max_decoded_pixels >= 1, "decoder.max_decoded_pixels", "must be >= 1", d.max_decoded_pixels),
+            (d.max_image_pixels >= 1, "decoder.max_image_pixels", "must be >= 1", d.max_image_pixels),
             (sh.interleave >= 1, "shuffle.interleave", "must be >= 1", sh.interleave),
             (sh.buffer >= 0, "shuffle.buffer", "must be >= 0", sh.buffer),
             (s.num_frames >= 1, "sampling.num_frames", "must be >= 1", s.num_frames),

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from core.tar_members import DEFAULT_MAX_MEMBER_BYTES
+
 CURSOR_NAMESPACE = "mvit-data"
 
 # Row kinds from the reader, which the decoder turns into row statuses with the same codes.
@@ -40,8 +42,12 @@ OK, FAILED = 0, 2
 
 @dataclass(frozen=True)
 class ShardRef:
+    """A shard to read: its URL, its manifest's sample count, and the largest member its reader accepts
+    (``core.tar_members.member_cap`` of its manifest entry, worked out on the driver)."""
+
     url: str
     samples: int
+    member_cap: int = DEFAULT_MAX_MEMBER_BYTES
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import Any
 
+import av
 import numpy as np
 import torch
 from PIL import Image
@@ -50,7 +52,7 @@ class SampleDecoder:
         if not data:
             raise ValueError("empty media member")
         if self.modality == "image":
-            return self._decode_image(data, key, epoch)
+            return self._decode_image(data, meta, key, epoch)
         return self._decode_video(data, meta, key, epoch)
 
     def _specs(self, width: int, height: int, key: str, epoch: int) -> list[ViewSpec]:
@@ -63,21 +65,21 @@ class SampleDecoder:
 
     def _decode_video(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
         decord = load_decord()
-        width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
-        if width <= 0 or height <= 0:
-            raise ValueError("sample metadata has no width/height")
+        width, height = _stream_size(data)
+        _check_frame_size(width, height, meta, self.cfg.decoder.max_frame_pixels, "decoder.max_frame_pixels")
         specs = self._specs(width, height, key, epoch)
         scale = max(spec.scale for spec in specs)
         out_w, out_h = max(2, round(width * scale)), max(2, round(height * scale))
         resize = (out_w, out_h) != (width, height)
         try:
-            frames, wanted, plan = self._read_clips(data, specs, key, epoch, (out_w, out_h) if resize else None)
+            frames, wanted, plan = self._read_clips(data, specs, key, epoch, meta, (out_w, out_h) if resize else None,
+                                                    (width, height))  # fmt: skip
         except (decord.DECORDError, _ScaledDecodeError):
             if not resize:
                 raise
             # Decord 0.6 mis-sizes some small scaled outputs (dmlc/decord#336: 4-channel frames, e.g. at
             # 72x48); decode at the stored size instead and let render_view resize.
-            frames, wanted, plan = self._read_clips(data, specs, key, epoch, None)
+            frames, wanted, plan = self._read_clips(data, specs, key, epoch, meta, None, (width, height))
         fx, fy = frames.shape[2] / width, frames.shape[1] / height
         aug = self.cfg.augment
         return np.stack(
@@ -86,10 +88,13 @@ class SampleDecoder:
         )  # fmt: skip
 
     def _read_clips(
-        self, data: bytes, specs: list[ViewSpec], key: str, epoch: int, size: tuple[int, int] | None
+        self, data: bytes, specs: list[ViewSpec], key: str, epoch: int, meta: dict[str, Any],
+        size: tuple[int, int] | None, stored: tuple[int, int],
     ) -> tuple[torch.Tensor, np.ndarray, list[tuple[np.ndarray, ViewSpec]]]:
         """Decode every frame the views need in one ``get_batch``: (frames, their indices, (clip, spec)
-        per view). ``size`` = (width, height) to scale to while decoding, None = stored size."""
+        per view). ``size`` = (width, height) to scale to while decoding, None = ``stored``, the stream's.
+        The frame count is the container's; metadata that says otherwise fails the sample, and so do
+        more decoded pixels than ``decoder.max_decoded_pixels``, before any frame is decoded."""
         decord = load_decord()
         width, height = size or (-1, -1)
         reader = decord.VideoReader(io.BytesIO(data), ctx=self._ctx, width=width, height=height,
@@ -97,6 +102,9 @@ class SampleDecoder:
         count, fps = len(reader), float(reader.get_avg_fps())
         if count <= 0:
             raise ValueError("video has no frames")
+        claimed = meta.get("frames")
+        if claimed is not None and claimed != count:
+            raise ValueError(f"metadata says {claimed!r} frames, the stream has {count}")
         sampling = self.cfg.sampling
         if self.train:
             rngs = [view_rng(self.cfg.seed, epoch, key, view, stream=1) for view in range(len(specs))]
@@ -104,14 +112,23 @@ class SampleDecoder:
         else:  # view = clip * crops + crop
             plan = [(clip, spec) for clip in eval_clips(count, fps, sampling) for spec in specs]
         wanted = np.unique(np.concatenate([clip for clip, _ in plan]))
+        out_w, out_h = size or stored
+        _check_pixels(len(wanted) * out_w * out_h, f"{len(wanted)} frames of {out_w}x{out_h}",
+                      self.cfg.decoder.max_decoded_pixels, "decoder.max_decoded_pixels")  # fmt: skip
         frames = reader.get_batch(wanted.tolist()).asnumpy()
         if size is not None and frames.shape[1:] != (size[1], size[0], 3):
             raise _ScaledDecodeError(f"asked for {size[0]}x{size[1]}x3, got {frames.shape[1:]}")
         return torch.from_numpy(frames), wanted, plan
 
-    def _decode_image(self, data: bytes, key: str, epoch: int) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as image:
+    def _decode_image(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
+        with warnings.catch_warnings():
+            # Pillow only warns above its own pixel limit (89 Mpx) and raises at twice that: an error here,
+            # whatever the format, and the cap below (checked from the header) is lower still
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
             width, height = image.size
+            _check_frame_size(width, height, meta, self.cfg.decoder.max_image_pixels, "decoder.max_image_pixels")
             specs = self._specs(width, height, key, epoch)
             scale = max(spec.scale for spec in specs)
             fx = fy = 1.0
@@ -127,3 +144,34 @@ class SampleDecoder:
         frames = torch.from_numpy(rgb.copy()).unsqueeze(0)  # T = 1
         aug = self.cfg.augment
         return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy() for spec in specs])
+
+
+def _stream_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a video's first video stream, from the container's headers alone (no frame
+    is decoded): the truth the sample's metadata is checked against, and what the decode is sized by."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise ValueError("the container has no video stream")
+            codec = container.streams.video[0].codec_context
+            width, height = int(codec.width), int(codec.height)
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"unreadable container: {exc}") from exc
+    if width <= 0 or height <= 0:
+        raise ValueError("the video stream has no frame size")
+    return width, height
+
+
+def _check_frame_size(width: int, height: int, meta: dict[str, Any], cap: int, setting: str) -> None:
+    """The stored frame (or image) against its cap and against the sample's metadata, which is only ever
+    compared: a crafted ``.json`` must not size a decode (20000x20 claimed for a 64x36 clip once made
+    Decord allocate 224000x224 frames)."""
+    _check_pixels(width * height, f"{width}x{height}", cap, setting)
+    claimed = (meta.get("width"), meta.get("height"))
+    if claimed != (None, None) and claimed != (width, height):
+        raise ValueError(f"metadata says {claimed[0]}x{claimed[1]}, the stream is {width}x{height}")
+
+
+def _check_pixels(pixels: int, what: str, cap: int, setting: str) -> None:
+    if pixels > cap:
+        raise ValueError(f"{what} = {pixels} pixels, over data.{setting}={cap}: not decoded")

@@ -27,6 +27,7 @@ from pipeline.data.decode import Decoder, decord_has_cuda, pool_gpus_per_actor, 
 from pipeline.data.plan import DatasetFacts, ShardRef, new_cursor
 from pipeline.data.source import ShardSource
 from core.manifest import load_manifest, shard_urls
+from core.tar_members import member_cap
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
         raise ValueError(f"{split}: unsupported modality {manifest.modality!r}")
     if manifest.num_samples == 0:
         raise ValueError(f"{split}: the manifest at {cfg.root} lists no samples")
-    shards = [ShardRef(url, info.samples) for url, info in zip(shard_urls(cfg.root, manifest), manifest.shards)]
+    shards = [ShardRef(url, info.samples, member_cap(info.bytes, info.samples, cfg.member_headroom, cfg.max_member_bytes))
+              for url, info in zip(shard_urls(cfg.root, manifest), manifest.shards)]  # fmt: skip
     views = views_per_sample(cfg, manifest.modality, train)
     batch_rows = cfg.batch_size if train else cfg.eval_batch_size
     per_unit = max(1, batch_rows // views)

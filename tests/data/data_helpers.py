@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,18 @@ from pipeline.data.config import AugmentConfig, DataConfig, DecoderPoolConfig, S
 from pipeline.data.loader import EpochStats, ShardLoader
 
 REPO = Path(__file__).resolve().parents[2]
+_COLUMNS = ("key", "data", "label", "meta", "kind", "pos", "unit", "epoch", "error")  # source.READ_SCHEMA
+
+
+def decoder_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """A batch as ``map_batches`` hands it to the decoder: one numpy column per field of the read schema."""
+    return {c: np.array([r[c] for r in rows], dtype=object) for c in _COLUMNS}
+
+
+def decoder_row(key: str, data: bytes, meta: dict[str, Any], kind: int = 0, label: int = 1, pos: int = 0) -> dict[str, Any]:
+    """One read row (``kind`` 0 = a sample; a BROKEN row carries the error "lost")."""
+    return {"key": key, "data": data, "label": label, "meta": json.dumps(meta), "kind": kind, "pos": pos, "unit": 0,
+            "epoch": 0, "error": "lost" if kind == 2 else ""}  # fmt: skip
 
 
 def run_cli(*args: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from data_helpers import small_config
+from data_helpers import decoder_batch, decoder_row, small_config
 
 from pipeline.data.decode import (
     Decoder,
@@ -38,23 +38,13 @@ def _pyav_frames(data: bytes) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    columns = ("key", "data", "label", "meta", "kind", "pos", "unit", "epoch", "error")
-    return {c: np.array([r[c] for r in rows], dtype=object) for c in columns}
-
-
-def _row(key: str, data: bytes, meta: dict, kind: int = 0, label: int = 1) -> dict:
-    return {"key": key, "data": data, "label": label, "meta": json.dumps(meta), "kind": kind, "pos": 0, "unit": 0,
-            "epoch": 0, "error": "lost" if kind == BROKEN else ""}  # fmt: skip
-
-
 def test_eval_views_are_the_frames_pyav_decodes_at_the_same_indices(kinetics_shards: Path) -> None:
     key, data, meta = _first_sample(kinetics_shards)
     assert (meta["width"], meta["height"]) == (96, 64)
     cfg = small_config(str(kinetics_shards))
     cfg.augment.crop_size = cfg.augment.eval_short_side = 64  # no resize: views are plain centre crops
     decoder = Decoder(cfg, "video", train=False)
-    out = decoder(_batch([_row(key, data, meta)]))
+    out = decoder(decoder_batch([decoder_row(key, data, meta)]))
     reference = _pyav_frames(data)
     clips = eval_clips(len(reference), meta["fps"], cfg.sampling)
     assert out["video"].shape == (3, 3, 8, 64, 64) and out["status"].tolist() == [OK] * 3
@@ -68,12 +58,12 @@ def test_training_views_are_deterministic_and_differ_per_view_and_epoch(kinetics
     key, data, meta = _first_sample(kinetics_shards)
     cfg = small_config(str(kinetics_shards))
     decoder = Decoder(cfg, "video", train=True)
-    first = decoder(_batch([_row(key, data, meta)]))
-    again = Decoder(cfg, "video", train=True)(_batch([_row(key, data, meta)]))
+    first = decoder(decoder_batch([decoder_row(key, data, meta)]))
+    again = Decoder(cfg, "video", train=True)(decoder_batch([decoder_row(key, data, meta)]))
     assert first["video"].shape == (2, 3, 8, 48, 48)
     np.testing.assert_array_equal(first["video"], again["video"])
     assert not np.array_equal(first["video"][0], first["video"][1])  # repeated augmentation: 2 views
-    next_epoch = decoder(_batch([{**_row(key, data, meta), "epoch": 1}]))
+    next_epoch = decoder(decoder_batch([{**decoder_row(key, data, meta), "epoch": 1}]))
     assert not np.array_equal(first["video"], next_epoch["video"])
 
 
@@ -81,14 +71,15 @@ def test_bad_samples_become_failed_rows_never_exceptions(kinetics_shards: Path) 
     key, data, meta = _first_sample(kinetics_shards)
     cfg = small_config(str(kinetics_shards))
     decoder = Decoder(cfg, "video", train=True)
-    rows = [_row("good", data, meta), _row("cut", data[:300], meta), _row("noise", bytes(range(256)) * 40, meta),
-            _row("", b"", {}, kind=PAD, label=-1), _row("gone", b"", {}, kind=BROKEN, label=-1),
-            _row("nometa", data, {})]  # fmt: skip
-    out = decoder(_batch(rows))
-    assert out["status"].tolist() == [OK] * 2 + [FAILED] * 4 + [PAD] * 2 + [FAILED] * 4
-    assert out["label"].tolist() == [1, 1] + [-1] * 10
+    rows = [decoder_row("good", data, meta), decoder_row("cut", data[:300], meta), decoder_row("noise", bytes(range(256)) * 40, meta),
+            decoder_row("", b"", {}, kind=PAD, label=-1), decoder_row("gone", b"", {}, kind=BROKEN, label=-1),
+            decoder_row("nometa", data, {})]  # fmt: skip
+    out = decoder(decoder_batch(rows))
+    # the stream is the truth: a sample without metadata decodes from its container's own headers
+    assert out["status"].tolist() == [OK] * 2 + [FAILED] * 4 + [PAD] * 2 + [FAILED] * 2 + [OK] * 2
+    assert out["label"].tolist() == [1, 1] + [-1] * 8 + [1, 1]
     assert all(out["error"][i] for i in range(2, 6)) and out["error"][8] == "lost"
-    assert not out["video"][2:].any()
+    assert not out["video"][2:10].any() and out["video"][10:].any()
 
 
 def test_decode_device_choice_is_automatic_and_logged(kinetics_shards: Path, caplog: pytest.LogCaptureFixture) -> None:

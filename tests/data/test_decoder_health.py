@@ -29,24 +29,11 @@ import numpy as np
 import psutil
 import pytest
 from av.video.frame import PictureType
-from data_helpers import small_config
+from data_helpers import decoder_batch, decoder_row, small_config
 
 from pipeline.data.config import AugmentConfig, DataConfig, SamplingConfig
 from pipeline.data.decode import Decoder, load_decord
 from pipeline.data.plan import FAILED, OK
-
-_COLUMNS = ("key", "data", "label", "meta", "kind", "pos", "unit", "epoch", "error")  # source.READ_SCHEMA
-
-
-def _batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """A batch as ``map_batches`` hands it to the decoder: one numpy column per field of the read schema."""
-    return {c: np.array([r[c] for r in rows], dtype=object) for c in _COLUMNS}
-
-
-def _row(key: str, data: bytes, meta: dict[str, Any], pos: int = 0, label: int = 1) -> dict[str, Any]:
-    return {"key": key, "data": data, "label": label, "meta": json.dumps(meta), "kind": 0, "pos": pos, "unit": 0,
-            "epoch": 0, "error": ""}  # fmt: skip
-
 
 # ---- random access on reordered video ----------------------------------------------------------
 
@@ -166,7 +153,8 @@ def test_decoder_training_clip_with_wrapped_indices_is_pyavs_frames(clips: dict)
     meta = {"width": _SIDE, "height": _SIDE, "fps": float(_FPS), "frames": _FRAMES}
     decoder = Decoder(cfg, "video", train=True)
     try:
-        out = decoder(_batch([_row(codec, data, meta, pos=i) for i, (codec, (data, _)) in enumerate(clips.items())]))
+        rows = [decoder_row(codec, data, meta, pos=i) for i, (codec, (data, _)) in enumerate(clips.items())]
+        out = decoder(decoder_batch(rows))
     finally:
         del decoder
     assert out["status"].tolist() == [OK] * 2 * len(clips), out["error"]
@@ -257,9 +245,9 @@ def _soak_batch(samples: list, first: int) -> tuple[dict[str, np.ndarray], list[
     for n in range(first, first + PER_CALL):
         key, data, meta, label = samples[n % len(samples)]
         bad = n % BAD_EVERY == BAD_EVERY - 1
-        rows.append(_row(f"{key}~{n}", data[:300] if bad else data, meta, pos=n, label=label))
+        rows.append(decoder_row(f"{key}~{n}", data[:300] if bad else data, meta, pos=n, label=label))
         expected.append(FAILED if bad else OK)  # one view per sample (repeated_aug = 1)
-    return _batch(rows), expected
+    return decoder_batch(rows), expected
 
 
 def _quarters(curve: list[tuple[int, int]]) -> list[float]:

@@ -99,9 +99,10 @@ def _eval_decoder(root: Path, side: int) -> tuple[DataConfig, SampleDecoder, lis
     asked: list = []
     read_clips = decoder._read_clips
 
-    def spy(data: bytes, specs: list, key: str, epoch: int, size: tuple[int, int] | None) -> tuple:
+    def spy(data: bytes, specs: list, key: str, epoch: int, meta: dict, size: tuple[int, int] | None,
+            stored: tuple[int, int]) -> tuple:  # fmt: skip
         asked.append(size)
-        return read_clips(data, specs, key, epoch, size)
+        return read_clips(data, specs, key, epoch, meta, size, stored)
 
     decoder._read_clips = spy
     return cfg, decoder, asked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_truncated_missing_and_miscounted(shards: Path) -> None:
     (shards / "train.manifest.json").write_text(json.dumps(manifest))
     problems = "\n".join(verify_split(str(shards), "train").problems)
     assert "train-000002.tar: 5000 bytes" in problems
-    assert "train-000002.tar: unreadable tar" in problems or "train-000002.tar: 1 samples" in problems
+    assert re.search(r"train-000002.tar: member '[^']+' claims \d+ bytes but the shard ends before them", problems)
     assert "train-000001.tar: missing" in problems
     assert "num_inputs 10 != num_samples 8 + num_rejected 3" in problems
     assert "train.rejects.jsonl: 2 lines, manifest says 3 rejected" in problems

@@ -440,11 +440,13 @@ def test_shard_cut_inside_a_member_is_skipped_counted_and_named_by_verify(damage
     keys = d.keys[shard]
     assert d.verify_rc == 1
     assert re.search(rf"^FAIL train: {shard}: \d+ bytes, manifest says \d+$", d.verify_out, re.M)
-    assert re.search(rf"^FAIL train: {shard}: unreadable tar", d.verify_out, re.M)
+    cut_member = rf"member '{keys[1]}\.\w+' claims \d+ bytes but the shard ends before them"
+    assert re.search(rf"^FAIL train: {shard}: {cut_member}$", d.verify_out, re.M), d.verify_out
     failed = {_resolve(k, d.keys): e for k, e in d.failures.items() if _resolve(k, d.keys) in keys}
     assert [k for k in d.delivered if k in keys] == keys[:1], "the complete sample before the cut is delivered"
     assert sorted(failed) == sorted(keys[1:])
-    assert all("reading the shard stopped" in e for e in failed.values())
+    assert re.search(cut_member, failed[keys[1]]), failed  # the sample cut is named with its member
+    assert all("reading the shard stopped" in e for k, e in failed.items() if k != keys[1])
     ledger.account(inputs=keys, delivered=[k for k in d.delivered if k in keys], rejected=failed)
 
 
