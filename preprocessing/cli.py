@@ -11,13 +11,14 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from preprocessing import __version__, imagenet, kinetics
+from preprocessing import __version__, imagenet, isolated, kinetics, transcode
 from preprocessing.parallel import ParallelConfig
 from preprocessing.run import SplitJob, run_split
 from preprocessing.shards import ShardingConfig
 from core.errors import one_line
-from core.redact import redact_url
+from core.redact import redact_url, redact_value
 from core.s3 import storage_options_for
+from core.tar_members import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MEMBER_HEADROOM
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
 from preprocessing.transcode import ImageEncoder, VideoEncoder
 from preprocessing.verify import verify_split
@@ -76,6 +77,20 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
 _positive_int = _int_in(1)
 _non_negative_int = _int_in(0)
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+_positive_float.__name__ = "number"
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                  "placebo")
 
@@ -135,6 +150,7 @@ def _add_kinetics(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--crf", type=_int_in(0, 51), default=23,
                    help="x264 constant rate factor 0-51, lower = better (default 23)")
     p.add_argument("--preset", choices=_X264_PRESETS, default="veryfast", help="x264 preset (default veryfast)")
+    _add_limit_args(p, video=True)
     _add_output_args(p, default_shard_bytes="1GB")
 
 
@@ -156,10 +172,30 @@ def _add_imagenet(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--devkit", help=f"{imagenet.DEVKIT_DIR} folder (default: ROOT/{imagenet.DEVKIT_DIR} if present)")
     p.add_argument("--max-side", type=_positive_int, default=512, help="longer side bound in pixels (default 512)")
     p.add_argument("--quality", type=_int_in(1, 95), default=90, help="JPEG quality 1-95 (default 90)")
-    p.add_argument(
-        "--max-pixels", type=_positive_int, default=89_478_485, help="reject images with more pixels (decompression bombs)"
-    )
+    _add_limit_args(p, video=False)
     _add_output_args(p, default_shard_bytes="256MB")
+
+
+def _add_limit_args(p: argparse.ArgumentParser, video: bool) -> None:
+    g = p.add_argument_group(
+        "limits per input",
+        "An input over a cap (checked from its header, before decoding) or over the time limit is rejected\n"
+        "(in {split}.rejects.jsonl, with the cap and the measured value); the other inputs go on.",
+    )
+    pixels = transcode.VIDEO_MAX_PIXELS if video else transcode.IMAGE_MAX_PIXELS
+    g.add_argument("--max-pixels", type=_positive_int, default=pixels, help=(
+        f"reject videos whose frame (width x height) has more pixels (default {pixels} = 4096x4096)" if video else
+        f"reject images with more pixels, against decompression bombs (default {pixels}, Pillow's)"))  # fmt: skip
+    if video:
+        g.add_argument("--max-frames", type=_positive_int, default=transcode.VIDEO_MAX_FRAMES,
+                       help="reject videos with more frames, as the container states or as decoded "
+                            f"(default {transcode.VIDEO_MAX_FRAMES}: 20 minutes at 60 fps)")
+        g.add_argument("--max-seconds", type=_positive_float, default=transcode.VIDEO_MAX_SECONDS,
+                       help="reject videos (with --trim: segments) that last longer "
+                            f"(default {transcode.VIDEO_MAX_SECONDS:g}: 20 minutes)")
+    g.add_argument("--item-timeout", type=_positive_float, default=isolated.DEFAULT_ITEM_TIMEOUT_S, metavar="SECONDS",
+                   help="stop and reject an input still encoding after this long "
+                        f"(default {isolated.DEFAULT_ITEM_TIMEOUT_S:g})")
 
 
 def _add_output_args(p: argparse.ArgumentParser, default_shard_bytes: str) -> None:
@@ -225,13 +261,20 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
         "verify",
         "Check a shard set against its manifest; exit status 1 if anything is wrong.",
         "Checks totals (inputs = written + rejected), each shard's size and sha256, tar structure\n"
-        "(safe member names, every sample has media + .cls + .json), unique keys, and decodes samples.\n\n"
+        "(safe member names; no sparse, link, device or oversized member; a plain, uncompressed tar;\n"
+        "every sample has media + .cls + .json), unique keys, and decodes samples.\n\n"
         "example:\n  python -m preprocessing verify s3://bucket/k400-shards --split train\n\n" + _STORAGE_HELP,
     )
     p.add_argument("url", help="output folder or URL given as --out when the shards were written")
     p.add_argument("--split", required=True, action="append", help="split to check (repeatable)")
     p.add_argument("--decode", type=_non_negative_int, default=1, metavar="N",
                    help="samples decoded per shard (default 1)")
+    p.add_argument("--member-headroom", type=_positive_float, default=DEFAULT_MEMBER_HEADROOM, metavar="X",
+                   help="largest tar member accepted, as a multiple of its shard's mean sample size "
+                        f"(default {DEFAULT_MEMBER_HEADROOM:g}; the data service's data.member_headroom)")
+    p.add_argument("--max-member-bytes", type=_positive_int, default=DEFAULT_MAX_MEMBER_BYTES, metavar="BYTES",
+                   help=f"largest tar member accepted in any shard (default {DEFAULT_MAX_MEMBER_BYTES}; "
+                        "data.max_member_bytes)")
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL(_S3) env)")
 
 
@@ -246,11 +289,13 @@ def _run_dataset(args: argparse.Namespace) -> int:
     input_options: dict = {}
     for url in filter(None, inputs):
         input_options.update(storage_options_for(url, args.s3_endpoint_url))
+    isolated.start()  # the encoder child imports its libraries while the inputs are listed
     if args.command == "kinetics":
         source = kinetics.KineticsSource(args.csv, args.videos, args.classes_from, args.trim)
         discovery = kinetics.discover(source, input_options)
         split = args.split or kinetics.default_split(kinetics.read_annotations(args.csv, input_options), args.csv)
-        encoder = VideoEncoder(args.short_side, args.gop, args.crf, args.preset)
+        encoder = VideoEncoder(args.short_side, args.gop, args.crf, args.preset, args.max_pixels, args.max_frames,
+                               args.max_seconds)  # fmt: skip
         source_settings = {"trim": args.trim}
     else:
         source = imagenet.ImageNetSource(args.root, args.split, args.synsets, args.val_labels, args.devkit)
@@ -267,6 +312,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
         storage_options=options,
         input_options=input_options,
         source_settings=source_settings,
+        item_timeout=args.item_timeout,
     )
     parallel = ParallelConfig(workers=args.workers, ray_address=args.ray, progress=not args.no_progress)
     report = run_split(job, discovery, parallel)
@@ -300,9 +346,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    if args.member_headroom < 1:  # before any shard is read
+        raise ValueError(f"--member-headroom must be >= 1 (a member may be as large as the mean sample), got {args.member_headroom:g}")
     failed = False
     for split in args.split:
-        report = verify_split(args.url, split, storage_options_for(args.url, args.s3_endpoint_url), args.decode)
+        report = verify_split(args.url, split, storage_options_for(args.url, args.s3_endpoint_url), args.decode,
+                              args.member_headroom, args.max_member_bytes)  # fmt: skip
         for problem in report.problems:
             print(f"FAIL {split}: {problem}")
         status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
@@ -318,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:  # bad paths, layouts or CSVs: say what, not where
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_value(str(exc))}", file=sys.stderr)
         return 2
     except _storage_errors() as exc:
         # The store failed even after the retries (storage.s3_client_options), or cannot be used at all

@@ -12,8 +12,6 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from core.manifest import UNLABELED  # noqa: F401 - the class index written for inputs without a label
-
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_KEY_LEN = 64
 

@@ -21,7 +21,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from preprocessing.items import UNLABELED, Discovery, Reject, WorkItem, unique_keys
+from preprocessing.items import Discovery, Reject, WorkItem, unique_keys
+from core.manifest import UNLABELED
 from core.storage import exists, find_files, read_text
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from preprocessing import __version__
+from preprocessing import __version__, isolated
 from preprocessing.items import Discovery, Reject
 from core.manifest import UNLABELED, Manifest, ShardInfo, check_split, manifest_name, rejects_name
 from preprocessing.parallel import ParallelConfig, run_jobs
@@ -41,7 +41,8 @@ CALIBRATION_INPUTS = {"video": 8, "image": 32}
 @dataclass(frozen=True)
 class SplitJob:
     """One split to produce. `storage_options` are for `out`, `input_options` for the raw inputs;
-    `source_settings` = discovery options that change the output (recorded in the manifest)."""
+    `source_settings` = discovery options that change the output (recorded in the manifest);
+    `item_timeout` = seconds one input may take to encode before it is stopped and rejected."""
 
     dataset: str
     split: str
@@ -51,6 +52,7 @@ class SplitJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
     input_options: dict[str, Any] = field(default_factory=dict)
     source_settings: dict[str, Any] = field(default_factory=dict)
+    item_timeout: float | None = isolated.DEFAULT_ITEM_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ class SplitReport:
 
 
 def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> SplitReport:
+    try:
+        return _run_split(job, discovery, parallel)
+    finally:
+        isolated.close()  # this process's encoder child (calibration, in-process shards)
+
+
+def _run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> SplitReport:
     started = time.monotonic()
     split = check_split(job.split)
     store = Store(job.out, job.storage_options)
@@ -81,7 +90,7 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
     if job.sharding.shard_bytes is not None:
         count = CALIBRATION_INPUTS[job.encoder.modality]
         log.info("estimating output size from %d inputs", min(count, len(ordered)))
-        calibration = calibrate(ordered, job.encoder, job.input_options, count)
+        calibration = calibrate(ordered, job.encoder, job.input_options, count, job.item_timeout)
     rate = calibration.bytes_per_weight
     plans = plan_shards(ordered, split, job.sharding, rate)
     settings = {
@@ -91,7 +100,7 @@ def run_split(job: SplitJob, discovery: Discovery, parallel: ParallelConfig) -> 
     }
     shard_jobs = [
         ShardJob(plan, split, store, job.encoder, job.input_options, _fingerprint(settings, split, plan),
-                 calibration.for_items(plan.items))
+                 calibration.for_items(plan.items), job.item_timeout)
         for plan in plans
     ]  # fmt: skip
 

@@ -40,6 +40,7 @@ from typing import Any
 from preprocessing.items import Reject, WorkItem
 from core.manifest import format_digest, is_sample_key, keys_digest, parse_digest, shard_name
 from core.storage import Store
+from preprocessing import isolated
 from preprocessing.transcode import EncodedSample, Encoder, RejectError
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,18 @@ class Calibration:
 
 
 def calibrate(
-    ordered: Sequence[WorkItem], encoder: Encoder, storage_options: dict[str, Any], count: int
+    ordered: Sequence[WorkItem], encoder: Encoder, storage_options: dict[str, Any], count: int,
+    item_timeout: float | None = None,
 ) -> Calibration:
-    """Output bytes per unit of input weight, measured on the first `count` inputs that encode."""
+    """Output bytes per unit of input weight, measured on the first `count` inputs that encode (each
+    within `item_timeout` seconds, as in the shards)."""
     out_bytes, weight, measured = 0, 0.0, 0
     encoded: dict[str, EncodedSample | str] = {}
     for item in ordered:
         if measured == count:
             break
         try:
-            sample = encoder.encode(item, storage_options)
+            sample = isolated.encode(encoder, item, storage_options, item_timeout)
         except RejectError as exc:
             encoded[item.key] = str(exc)
             continue
@@ -177,6 +180,9 @@ class ShardJob:
     # Outputs of this shard's inputs already encoded while calibrating (key -> sample or reject reason).
     # Encoding is deterministic, so reusing them gives the bytes a fresh encode would.
     pre_encoded: Mapping[str, EncodedSample | str] = field(default_factory=dict)
+    # Seconds one input may take to encode (None: no limit); over it, the input is a reject. Not part of
+    # the fingerprint: it bounds the work, it does not change what a finished encode produces.
+    item_timeout: float | None = None
 
     @property
     def journal_name(self) -> str:
@@ -216,7 +222,7 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
                 try:
                     encoded = job.pre_encoded.get(item.key)
                     if encoded is None:
-                        encoded = job.encoder.encode(item, job.input_options)
+                        encoded = isolated.encode(job.encoder, item, job.input_options, job.item_timeout)
                     elif isinstance(encoded, str):  # rejected while calibrating: the same reason again
                         raise RejectError(encoded)
                 except RejectError as exc:

@@ -28,11 +28,15 @@ source had them), larger at the same CRF, and dependent on how the source was en
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Iterator, Protocol
+from typing import IO, Any, ClassVar, Iterator, Protocol
 
 import av
 import av.logging
@@ -42,9 +46,16 @@ from av.video.frame import PictureType
 from PIL import Image
 
 from preprocessing.items import WorkItem
-from core.storage import read_input
 
 X264_PARAMS = "mbtree=0"
+
+# Caps: the most one input may cost, checked from its container or image header before anything is
+# decoded (the reasons for these defaults are in docs/preprocessing.md, "Caps and the time limit").
+VIDEO_MAX_PIXELS = 4096 * 4096  # 16.8 Mpx: 4K UHD / DCI 4K in either orientation, 5K; 8K is refused
+VIDEO_MAX_SECONDS = 20 * 60.0  # Kinetics clips are 10 s; uncut source videos are mostly minutes
+VIDEO_MAX_FRAMES = 72_000  # 20 minutes at 60 fps
+IMAGE_MAX_PIXELS = 89_478_485  # Pillow's own default; ImageNet's largest images are far smaller
+FETCH_CHUNK_BYTES = 4 << 20  # a remote input is copied to local disk this much at a time
 _MAX_FPS = 1000
 # Errors that mean "this input is bad", as opposed to bugs or storage failures, which must surface.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -62,6 +73,17 @@ class RejectError(Exception):
     """The input cannot become a sample; the message is the reason written to rejects.jsonl."""
 
 
+def over_cap(cap: str, measured: str, flag: str, limit: float) -> RejectError:
+    """The rejection of an input over a cap: names the cap, what was measured and the flag that sets it."""
+    shown = int(limit) if float(limit).is_integer() else limit
+    return RejectError(f"over the {cap} cap: {measured} > {flag} {shown}")
+
+
+def _check_pixels(width: int, height: int, limit: int, where: str) -> None:
+    if width * height > limit:
+        raise over_cap("pixel", f"{width}x{height} = {width * height} pixels ({where})", "--max-pixels", limit)
+
+
 @dataclass(frozen=True)
 class EncodedSample:
     data: bytes
@@ -69,23 +91,48 @@ class EncodedSample:
 
 
 class Encoder(Protocol):
-    """What the shard writer needs from a modality: a file extension and an encode function."""
+    """What the shard writer needs from a modality: a file extension and an encode function.
+
+    `encode_local` does the work on an input already opened by `open_input`; the shard writer runs it
+    in a child process with a time limit (isolated.py). `encode` is both steps in this process."""
 
     modality: ClassVar[str]
     extension: ClassVar[str]
 
     def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample: ...
 
+    def encode_local(self, item: WorkItem, src: str | IO[bytes]) -> EncodedSample: ...
+
     def settings(self) -> dict[str, Any]: ...
 
 
-def _load(item: WorkItem, storage_options: dict[str, Any]) -> str | io.BytesIO:
-    """The input as a local path, or its bytes when remote. Read errors are storage failures and
-    propagate (the shard fails and a rerun redoes it); only a vanished file becomes a reject."""
-    try:
-        return read_input(item.source, storage_options)
-    except FileNotFoundError as exc:
-        raise RejectError(f"missing: {exc}") from exc
+@contextlib.contextmanager
+def open_input(item: WorkItem, storage_options: dict[str, Any]) -> Iterator[str | IO[bytes]]:
+    """The input as a local path, or, when remote, as a local temporary file it is streamed into.
+
+    A remote input is copied `FETCH_CHUNK_BYTES` at a time (memory stays bounded whatever its size)
+    into a file without a name (Linux), so a killed run leaves nothing in the temp directory. The
+    copy is complete before anything decodes it, so read errors are storage failures and propagate
+    (the shard fails and a rerun redoes it); only a vanished file becomes a reject.
+    """
+    import fsspec  # here: the encoder child (isolated.py), which imports this module, never reads storage
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(item.source, **storage_options)
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isfile(path):
+            raise RejectError(f"missing: {path}")
+        yield path
+        return
+    with tempfile.TemporaryFile(prefix="mvit-input-") as local:
+        try:
+            remote = fs.open(path, "rb", block_size=FETCH_CHUNK_BYTES, cache_type="none")
+        except FileNotFoundError as exc:
+            raise RejectError(f"missing: {exc}") from exc
+        with remote:
+            shutil.copyfileobj(remote, local, FETCH_CHUNK_BYTES)
+        local.seek(0)
+        yield local
 
 
 def even_scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -107,6 +154,12 @@ class VideoEncoder:
     degrees, read from the decoded frames) is applied here and the output is stored upright with no
     display matrix; "short side" refers to the upright picture. Mirroring in a display matrix is not
     applied (PyAV exposes only its rotation).
+
+    Caps: an input whose container states a frame size over `max_pixels`, more than `max_frames`
+    frames or more than `max_seconds` seconds (with `trim`: a segment that long) is refused before
+    any frame is decoded (`_check_header`). The same caps are counted again while decoding, for
+    containers that state no length or state a false one: `max_frames` counts every frame decoded
+    (with `trim`, also those between the keyframe before the segment and the segment).
     """
 
     modality: ClassVar[str] = "video"
@@ -116,6 +169,9 @@ class VideoEncoder:
     gop: int = 16
     crf: int = 23
     preset: str = "veryfast"
+    max_pixels: int = VIDEO_MAX_PIXELS
+    max_frames: int = VIDEO_MAX_FRAMES
+    max_seconds: float = VIDEO_MAX_SECONDS
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -141,8 +197,12 @@ class VideoEncoder:
         of the stored video's first frame, so a reader finds the segment in the stored video at
         `segment - start_in_source` seconds whichever the case, instead of guessing from the key.
         """
+        with open_input(item, storage_options) as src:
+            return self.encode_local(item, src)
+
+    def encode_local(self, item: WorkItem, src: str | IO[bytes]) -> EncodedSample:
+        """`encode` of an input opened by `open_input`."""
         cut = item.segment if item.trim else None
-        src = _load(item, storage_options)
         try:
             result = self._transcode(src, cut)
         except _DECODE_ERRORS as exc:
@@ -174,8 +234,37 @@ class VideoEncoder:
         result = self._transcode(src, segment)
         return result.data, result.fps, result.frames, result.width, result.height
 
+    def _check_header(self, src: Any, segment: tuple[float, float] | None) -> None:
+        """Refuse an input over a cap from what its container states, before any frame is decoded.
+
+        Without `skip_frame`, libavformat's stream probing decodes a first frame to fill in codec
+        details (150 MB of memory for one 8192x8192 H.264 frame); the frame size, frame count and
+        duration come from the container header without it.
+        """
+        try:
+            with av.open(src, mode="r", metadata_errors="ignore", options={"skip_frame": "all"}) as probe:
+                if not probe.streams.video:
+                    return  # the transcode says what the input holds instead
+                stream = probe.streams.video[0]
+                _check_pixels(stream.width, stream.height, self.max_pixels, "container")
+                rate = stream.average_rate or stream.guessed_rate
+                if segment is not None:  # only the segment is stored
+                    seconds, frames, where = segment[1] - segment[0], None, "segment"
+                else:
+                    seconds, frames, where = _stated_length(probe, stream), stream.frames or None, "container"
+        finally:
+            if not isinstance(src, str):
+                src.seek(0)
+        if seconds is not None and seconds > self.max_seconds:
+            raise over_cap("duration", f"{seconds:.1f} s ({where})", "--max-seconds", self.max_seconds)
+        if frames is None and seconds is not None and rate:
+            frames, where = round(seconds * rate), f"{where} duration x frame rate"
+        if frames is not None and frames > self.max_frames:
+            raise over_cap("frame", f"{frames} frames ({where})", "--max-frames", self.max_frames)
+
     def _transcode(self, src: Any, segment: tuple[float, float] | None) -> _Transcoded:
         av.logging.set_level(av.logging.FATAL)
+        self._check_header(src, segment)
         with av.open(src, mode="r", metadata_errors="ignore") as inp:
             if not inp.streams.video:
                 found = ", ".join(sorted({st.type for st in inp.streams})) or "no streams at all: truncated or not a media file"
@@ -184,7 +273,8 @@ class VideoEncoder:
             stream.codec_context.thread_count = 1
             fps = _frame_rate(stream)
             origin = _stream_origin(stream)
-            frames = _decoded_frames(inp, stream, segment, origin)
+            budget = _FrameBudget(self.max_pixels, self.max_frames, None if segment else self.max_seconds)
+            frames = _decoded_frames(inp, stream, segment, origin, budget)
             first = next(frames, None)
             if first is None:
                 where = f" in segment {segment[0]:g}-{segment[1]:g}s" if segment else ""
@@ -244,20 +334,56 @@ def _stream_origin(stream: av.video.stream.VideoStream) -> float:
     return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
 
 
+def _stated_length(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """Seconds of video the header states: the stream's duration, else the container's, else None."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration else None
+
+
+class _FrameBudget:
+    """The caps again, counted on decoded frames: a container may state no length, or a false one, and
+    a stream may change its frame size midway. `max_seconds` None: the duration is bounded otherwise
+    (a trimmed segment was checked against the cap before decoding)."""
+
+    def __init__(self, max_pixels: int, max_frames: int, max_seconds: float | None) -> None:
+        self.max_pixels, self.max_frames, self.max_seconds = max_pixels, max_frames, max_seconds
+        self.decoded = 0
+        self.first_time: float | None = None
+
+    def spend(self, frame: av.VideoFrame) -> None:
+        self.decoded += 1
+        if self.decoded > self.max_frames:
+            raise over_cap("frame", f"more than {self.max_frames} frames decoded", "--max-frames", self.max_frames)
+        _check_pixels(frame.width, frame.height, self.max_pixels, f"decoded frame {self.decoded}")
+        if self.max_seconds is None or frame.time is None:
+            return
+        if self.first_time is None:
+            self.first_time = frame.time
+        elapsed = frame.time - self.first_time
+        if elapsed > self.max_seconds:
+            raise over_cap("duration", f"frames past {elapsed:.1f} s decoded", "--max-seconds", self.max_seconds)
+
+
 def _decoded_frames(
     inp: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     segment: tuple[float, float] | None,
     origin: float,
+    budget: _FrameBudget,
 ) -> Iterator[av.VideoFrame]:
-    """Decoded frames, limited to start <= t < end (seconds from `origin`) if `segment`."""
+    """Decoded frames, limited to start <= t < end (seconds from `origin`) if `segment`; every frame
+    decoded is counted against `budget`."""
     if segment is None:
-        yield from inp.decode(stream)
+        for frame in inp.decode(stream):
+            budget.spend(frame)
+            yield frame
         return
     start, end = segment
     if start > 0:
         inp.seek(int((start + origin) / stream.time_base), stream=stream, backward=True)
     for frame in inp.decode(stream):
+        budget.spend(frame)
         if frame.time is None:
             raise RejectError("frames have no timestamps, cannot trim to the segment")
         t = frame.time - origin
@@ -295,7 +421,10 @@ def _chain(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.V
 class ImageEncoder:
     """RGB JPEG with the longer side bounded; CMYK, grayscale, palette and PNG inputs converted.
 
-    `max_pixels` is checked from the header, before decoding, to refuse decompression bombs.
+    `max_pixels` is checked from the header, before decoding, to refuse decompression bombs, whatever
+    the format and whatever the file is named (a PNG named .JPEG is opened as the PNG it is). Pillow's
+    own guard is set to the same limit and made an error (alone it only warns between 1x and 2x its
+    limit), for sizes found while loading (an icon file's embedded images).
     EXIF orientation is not applied, matching how ImageNet is read by torchvision/timm.
     """
 
@@ -304,17 +433,22 @@ class ImageEncoder:
 
     max_side: int = 512
     quality: int = 90
-    max_pixels: int = 89_478_485  # Pillow's own default limit
+    max_pixels: int = IMAGE_MAX_PIXELS
 
     def settings(self) -> dict[str, Any]:
         return {**asdict(self), "resample": "lanczos", "pillow_version": PIL.__version__}
 
     def encode(self, item: WorkItem, storage_options: dict[str, Any]) -> EncodedSample:
-        src = _load(item, storage_options)
+        with open_input(item, storage_options) as src:
+            return self.encode_local(item, src)
+
+    def encode_local(self, item: WorkItem, src: str | IO[bytes]) -> EncodedSample:
+        """`encode` of an input opened by `open_input`."""
+        guard = f"decompression-bomb guard (max_pixels={self.max_pixels})"
         try:
             data, width, height = self.reencode(src)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise RejectError(f"decompression-bomb guard (max_pixels={self.max_pixels}): {exc}") from exc
+        except (RejectError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise RejectError(f"{guard}: {exc}") from exc
         except _DECODE_ERRORS as exc:
             raise RejectError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
         meta = {"label": item.label, "source_id": item.source_id, "width": width, "height": height}
@@ -323,8 +457,13 @@ class ImageEncoder:
     def reencode(self, src: Any) -> tuple[bytes, int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = self.max_pixels
-            with Image.open(src) as image:
+            Image.MAX_IMAGE_PIXELS = None  # the header's size is checked below, with the size in the reason
+            try:
+                image = Image.open(src)  # reads the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = self.max_pixels
+            with image:
+                _check_pixels(image.width, image.height, self.max_pixels, f"{image.format} header")
                 image.load()
                 rgb = _to_rgb(image)
         if max(rgb.size) > self.max_side:

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import av
+import fsspec
 import numpy as np
 import pytest
 from av.video.frame import PictureType
 from PIL import Image
 
+from preprocessing import isolated
 from preprocessing.cli import parse_size
 from preprocessing.items import Discovery, WorkItem, sanitize_key, unique_keys
 from core.manifest import Manifest, ShardInfo, list_shard_urls, load_manifest
@@ -205,18 +207,23 @@ def test_video_garbage_is_rejected(tmp_path: Path) -> None:
 
 
 def test_storage_errors_fail_the_shard_but_vanished_inputs_are_rejects(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A flaky read must not silently drop a sample (a rerun would then differ); a missing file is data."""
+    """A flaky read must not silently drop a sample (a rerun would then differ); a missing file is data.
+    Both in this process and through the encoder child the shard writer uses (the worker reads)."""
     item = WorkItem("x", "s3://bucket/x.JPEG", "x", "x", 0, 1)
 
-    def unreachable(url: str, options: dict) -> None:
-        raise ConnectionError("endpoint unreachable")
+    class Unreachable:
+        def open(self, *args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("endpoint unreachable")
 
-    monkeypatch.setattr("preprocessing.transcode.read_input", unreachable)
-    with pytest.raises(ConnectionError):
-        ImageEncoder().encode(item, {})
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **options: (Unreachable(), url))
+    for encode in (ImageEncoder().encode, lambda item, options: isolated.encode(ImageEncoder(), item, options, 60)):
+        with pytest.raises(ConnectionError):
+            encode(item, {})
     monkeypatch.undo()
-    with pytest.raises(RejectError, match="missing"):
-        ImageEncoder().encode(WorkItem("x", str(tmp_path / "gone.JPEG"), "x", "x", 0, 1), {})
+    for encode in (ImageEncoder().encode, lambda item, options: isolated.encode(ImageEncoder(), item, options, 60)):
+        with pytest.raises(RejectError, match="missing"):
+            encode(WorkItem("x", str(tmp_path / "gone.JPEG"), "x", "x", 0, 1), {})
+    isolated.close()
 
 
 def _jpeg_bytes(mode: str) -> bytes:
@@ -316,16 +323,20 @@ def test_manifest_round_trip_and_shard_urls(tmp_path: Path) -> None:
 # ---- calibration -------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class _CountingImageEncoder(ImageEncoder):
-    """The real encoder, counting how often each input is encoded."""
+    """The real encoder, appending each input's key to `log` when it encodes it (in whichever process)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, int] = {}
+    log: str = ""
 
-    def encode(self, item: WorkItem, storage_options: dict) -> Any:
-        self.calls[item.key] = self.calls.get(item.key, 0) + 1
-        return super().encode(item, storage_options)
+    def encode_local(self, item: WorkItem, src: Any) -> Any:
+        with open(self.log, "a") as log:
+            log.write(item.key + "\n")
+        return super().encode_local(item, src)
+
+    def calls(self) -> dict[str, int]:
+        keys = Path(self.log).read_text().split()
+        return {key: keys.count(key) for key in keys}
 
 
 def test_inputs_encoded_to_estimate_shard_sizes_are_not_encoded_again(tmp_path: Path) -> None:
@@ -344,9 +355,9 @@ def test_inputs_encoded_to_estimate_shard_sizes_are_not_encoded_again(tmp_path: 
         job = SplitJob("imagenet", "train", out, encoder, sharding)
         return run_split(job, discovery, ParallelConfig(workers=1, progress=False)).manifest
 
-    counting = _CountingImageEncoder()
+    counting = _CountingImageEncoder(log=str(tmp_path / "encoded.log"))
     by_bytes = run(str(tmp_path / "a"), ShardingConfig(seed=1, shard_bytes=10**9, shard_samples=None), counting)
-    assert counting.calls == {item.key: 1 for item in items}  # 32 while calibrating + 8 in the shard
+    assert counting.calls() == {item.key: 1 for item in items}  # 32 while calibrating + 8 in the shard
     assert by_bytes.num_samples == 39 and by_bytes.num_rejected == 1
     by_count = run(str(tmp_path / "b"), ShardingConfig(seed=1, shard_bytes=None, shard_samples=100), ImageEncoder())
     assert by_count.shards == by_bytes.shards
