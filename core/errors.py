@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from core.redact import redact_value
+from core.redact import redact_text, redact_value
 
 _NO_VALUE = object()
 
@@ -50,7 +50,8 @@ class ConfigError(ValueError):
     that names the key or shows the value elsewhere in its sentence places them with the ``{key}`` /
     ``{value}`` markers, which are then not added again: ``ConfigError("{value} exceeds half of
     pool_kernel", "pool_padding", (1, 2, 1))`` reads ``pool_padding (1, 2, 1) exceeds half of pool_kernel``.
-    Secrets are scrubbed from the value and from the problem text (``core.redact.redact_value``).
+    Secrets are scrubbed from the value (also one inside a list or a mapping), the problem text and the
+    source (``core.redact.redact_text``): an environment secret's value, a credential shape, a URL password.
     """
 
     KEY = "{key}"
@@ -75,11 +76,11 @@ class ConfigError(ValueError):
             text = f"{self.KEY} {text}"
         if self.has_value and self.VALUE not in text:
             text += f", got {self.VALUE}"
-        shown = {"key": self.key or "", "value": repr(redact_value(self.value)) if self.has_value else ""}
+        shown = {"key": self.key or "", "value": redact_text(repr(redact_value(self.value))) if self.has_value else ""}
         return self._MARKER.sub(lambda m: shown[m.group(1)], text)
 
     def __str__(self) -> str:
-        return f"invalid config from {self.where}: {self.detail}" if self.where else self.detail
+        return f"invalid config from {redact_text(self.where)}: {self.detail}" if self.where else self.detail
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with its key placed under ``prefix`` (``pool_padding`` -> ``model.pool_padding``)."""

@@ -218,8 +218,9 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 def to_redacted_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML for people and artifacts (``--print-config``, MLflow's
-    ``config/resolved_config.yaml``): keys named like secrets blanked, passwords in URIs and values of
-    secret environment variables replaced by ``***`` (``core.redact``)."""
+    ``config/resolved_config.yaml``): keys named like secrets blanked; the values of secret environment
+    variables (a ``${oc.env:GITHUB_PAT}`` resolves to one), credential shapes and passwords in URIs replaced
+    by ``***`` (``core.redact``)."""
     return OmegaConf.to_yaml(OmegaConf.create(redact_mapping(to_container(cfg))))
 
 

@@ -70,6 +70,25 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+# Never part of a job's working_dir upload, whatever the uploaded folder's .gitignore and .rayignore say
+# (the repository's .rayignore lists the same patterns, for a plain `ray job submit --working-dir .`):
+# environment files, keys and certificates, credential and token files, local data, runs and MLflow stores.
+UPLOAD_EXCLUDES = (
+    ".env*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*", "id_dsa*", "id_ecdsa*",
+    "id_ed25519*", "credentials", ".git-credentials", ".netrc", ".pgpass", ".aws/", ".ssh/", ".kube/",
+    ".ray_token", "*token*", "/data/", "/runs/", "/mlruns/", "/mlartifacts/", "*.db",
+)
+
+
+def working_dir_args(working_dir: Path, runtime_env: dict | None = None) -> list[str]:
+    """The ``ray job submit`` options that ship ``working_dir`` without ``UPLOAD_EXCLUDES`` (passed as the
+    job's runtime_env ``excludes``, so they hold even where the folder has no .rayignore) and with
+    ``runtime_env``."""
+    runtime_env = dict(runtime_env or {})
+    runtime_env["excludes"] = [*UPLOAD_EXCLUDES, *runtime_env.get("excludes", [])]
+    return ["--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env)]
+
+
 def ray_executable() -> str:
     candidate = Path(sys.executable).with_name("ray")
     return str(candidate) if candidate.exists() else "ray"
@@ -102,9 +121,8 @@ class LocalCluster:
         "No available agent to submit job, please try again later": then no job was created, so the
         submission is retried (a few seconds apart).
         """
-        cmd = [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir)]
-        if runtime_env:
-            cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+        cmd = [ray_executable(), "job", "submit", "--address", self.dashboard_url,
+               *working_dir_args(working_dir, runtime_env)]
         if submission_id:
             cmd += ["--submission-id", submission_id]
         cmd += ["--", *entrypoint]

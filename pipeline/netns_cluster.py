@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.loopback import LOOPBACK_ENV
-from pipeline.local_cluster import AGENT_NOT_READY, REPO_ROOT, auth_env, ensure_token, ray_executable
+from pipeline.local_cluster import AGENT_NOT_READY, REPO_ROOT, auth_env, ensure_token, ray_executable, working_dir_args
 
 DEFAULT_STATE_FILE = REPO_ROOT / ".ray_netns_cluster.json"
 STATE_ENV = "MVIT_NETNS_STATE"  # overrides the default state file
@@ -216,7 +216,7 @@ class NetnsCluster:
                        extra_args: Sequence[str] = ()) -> list[str]:
         """The ``ray job submit`` command line for ``entrypoint`` on this cluster (run it with ``exec`` or
         ``in_client``): the one place that says how jobs reach the head."""
-        return [ray_executable(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
+        return [ray_executable(), "job", "submit", "--address", self.dashboard_url, *working_dir_args(working_dir),
                 *extra_args, "--", *entrypoint]
 
     def submit(self, entrypoint: Sequence[str], working_dir: Path = REPO_ROOT, extra_args: Sequence[str] = (),

@@ -2,8 +2,9 @@
 
 The run id is stored in every checkpoint, so a job restarted by Ray (worker loss, ``max_failures``)
 or resubmitted under the same name reopens the same run and its step axis continues. Parameters are
-the flattened resolved config with secrets removed (see ``core.redact``); nothing that looks like a
-credential, a token or a password inside a URI ever reaches MLflow.
+the flattened resolved config with secrets removed (see ``core.redact``): the value of a secret environment
+variable (also one a config took from ``${oc.env:...}``), anything shaped like a credential and a password
+inside a URI never reach MLflow, in params, tags, the run name or the experiment name.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
-from core.redact import redact_mapping
+from core.redact import redact_mapping, redact_value
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,11 @@ class Tracker:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
+        name = redact_value(self.cfg.experiment)
+        experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            mlflow.create_experiment(self.cfg.experiment, artifact_location=default_artifact_location(self.uri))
-        experiment = mlflow.set_experiment(self.cfg.experiment)
+            mlflow.create_experiment(name, artifact_location=default_artifact_location(self.uri))
+        experiment = mlflow.set_experiment(name)
         if not resume_run_id and job_key:
             found = mlflow.search_runs(
                 [experiment.experiment_id],
@@ -133,7 +135,7 @@ class Tracker:
             run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.cfg.log_system_metrics)
             log.info("resumed MLflow run %s", resume_run_id)
         else:
-            run = mlflow.start_run(run_name=run_name, log_system_metrics=self.cfg.log_system_metrics)
+            run = mlflow.start_run(run_name=redact_value(run_name), log_system_metrics=self.cfg.log_system_metrics)
             flat = flatten(redact_mapping(params))
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps a log_params batch at 100

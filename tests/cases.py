@@ -2,8 +2,9 @@
 
 A *case* is a test of ``tests/reliability/`` or any test marked ``@pytest.mark.reliability`` (the node
 faults of ``tests/cluster/test_node_loss.py``). Its docstring's first line states the expected behaviour;
-a run prints a summary at the end (cases tried, passed, samples lost) and, when ``RELIABILITY_REPORT``
-names a file, writes the Markdown table of cases and results that ``docs/reliability.md`` carries:
+a run prints a summary at the end (cases tried, passed, samples lost, secrets leaked) and, when
+``RELIABILITY_REPORT`` names a file, writes the Markdown table of cases and results that
+``docs/reliability.md`` carries:
 
 - ``RELIABILITY_REPORT=docs/reliability.md`` (a file with the ``reliability-cases`` markers): the summary
   line and the table replace what lies between the markers; the rest of the page is kept;
@@ -14,8 +15,9 @@ Cases that move samples through the system account for them with the ``ledger`` 
 either delivered exactly once or recorded as a rejection with a reason; anything else is a lost sample.
 A training job's samples are not seen one by one from outside, so a job case accounts for each epoch
 through the counts and the key-identity check the job itself logs (``Ledger.account_epochs``); the
-summary's "samples lost" sums both kinds. The hooks are installed by ``tests/conftest.py``, so they see
-every test of the suite.
+summary's "samples lost" sums both kinds. Cases that check outputs for planted secrets account for them
+with ``Ledger.account_text``: every planted value found in an output counts as a secret leaked. The hooks
+are installed by ``tests/conftest.py``, so they see every test of the suite.
 
 The table carries the commit the cases ran on; ``tests/test_docs_cases.py`` fails when the table in
 docs/reliability.md and the cases the suite collects disagree (a case added, renamed, removed or
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ class _Case:
     outcome: str = "not run"
     lost: int = 0
     duplicated: int = 0
+    leaked: int = 0
 
 
 @dataclass
@@ -60,7 +63,8 @@ _SUITE = _Suite()
 
 
 class Ledger:
-    """Counts, for one case, samples that went in against samples delivered and samples rejected."""
+    """Counts, for one case, samples that went in against samples delivered and samples rejected, and
+    planted secrets found in what the system printed, logged or stored."""
 
     def __init__(self, case: _Case) -> None:
         self._case = case
@@ -105,6 +109,20 @@ class Ledger:
         self._case.lost += lost
         self._case.duplicated += duplicated
         assert not lost and not duplicated, f"{lost} samples lost, {duplicated} duplicated over {epochs} epochs: {series}"
+
+
+    def account_text(self, outputs: Mapping[str, str | bytes], secrets: Mapping[str, str]) -> None:
+        """Records the secrets leaked into ``outputs``, then asserts there are none.
+
+        ``outputs`` maps where each text came from (``stderr of train.py``, ``MLflow tags``) to the text;
+        ``secrets`` maps a name for each planted secret to its value. Every (secret, output) pair with the
+        value in the output is one leak; the assertion names them, never the values.
+        """
+        assert outputs and secrets, "nothing was checked"
+        leaks = sorted(f"{name} in {where}" for where, text in outputs.items() for name, value in secrets.items()
+                       if (value.encode() if isinstance(text, bytes) else value) in text)
+        self._case.leaked += len(leaks)
+        assert not leaks, f"{len(leaks)} secrets leaked: {leaks}"
 
 
 def _last_per_step(history: Iterable[Any]) -> list[float]:
@@ -190,7 +208,8 @@ def _summary(cases: list[_Case]) -> str:
     passed = sum(c.outcome == "passed" for c in cases)
     failed = sum(c.outcome == "FAILED" for c in cases)
     return (f"cases tried: {len(tried)}, passed: {passed}, failed: {failed}, not run: {len(cases) - len(tried)}, "
-            f"samples lost: {sum(c.lost for c in cases)}, samples duplicated: {sum(c.duplicated for c in cases)}\n"
+            f"samples lost: {sum(c.lost for c in cases)}, samples duplicated: {sum(c.duplicated for c in cases)}, "
+            f"secrets leaked: {sum(c.leaked for c in cases)}\n"
             f"commit: {_commit()}")
 
 

@@ -41,5 +41,5 @@ def test_the_reliability_page_lists_every_collected_case_as_passed(tmp_path: Pat
     not_passed = {key: row for key, row in rows.items() if row[1] != row[2]}
     assert not not_passed, f"cases not passed in the run that wrote the page: {not_passed}"
     summary = re.search(r"cases tried: (\d+), passed: (\d+), failed: 0, not run: 0, samples lost: 0, "
-                        r"samples duplicated: 0\ncommit: [0-9a-f]{12}", block)  # fmt: skip
+                        r"samples duplicated: 0, secrets leaked: 0\ncommit: [0-9a-f]{12}", block)  # fmt: skip
     assert summary and summary[1] == summary[2] == str(len(cases)), block[:400]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import one_line
-from core.redact import redact_value
+from core.redact import WORKER_SETUP_HOOK, install_redaction, redact_value
 from core.s3 import pyarrow_target, storage_options_for
 from pipeline.config import (
     ConfigError,
@@ -179,7 +179,8 @@ def run(cfg: ExperimentConfig) -> Any:
         # A planted fault plan (fire drills, the reliability suite) must reach every process of the job,
         # also on a cluster whose workers did not start with it in their environment.
         plan = os.environ.get(faults.ENV)
-        runtime_env = {"env_vars": {faults.ENV: plan}} if plan else None
+        runtime_env: dict[str, Any] = {"env_vars": {faults.ENV: plan}} if plan else {}
+        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK  # secrets out of every worker's log records
         if plan:
             faults.parse(plan)  # a malformed plan stops here, before any worker starts
             log.warning("fault plan %s=%s is active: faults will be planted in this job", faults.ENV, plan)
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_redaction()  # every log record and an uncaught exception's traceback, secrets scrubbed
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -332,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result, job = run(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_value(str(err))}", file=sys.stderr)
         return 2
     except JobFailed as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_value(str(err))}", file=sys.stderr)
         return 1
     metrics = result.metrics or {}
     print(f"\nfinished {cfg.name}: epoch {metrics.get('epoch')}, step {metrics.get('step')}, "

@@ -214,11 +214,6 @@ def _files(root: Path) -> dict[str, bytes]:
     return out
 
 
-def _leaks(places: dict[str, bytes]) -> list[str]:
-    return sorted(f"{name} in {where}" for where, data in places.items() for name, value in PLANTED.items()
-                  if value.encode() in data)
-
-
 def _run(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 300) -> dict[str, bytes]:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, timeout=timeout)
     assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")[-3000:]
@@ -239,7 +234,7 @@ def secret_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return out, outputs
 
 
-def test_preprocessing_writes_no_secret_to_shards_manifests_rejects_or_logs(secret_shards, s3_bucket):
+def test_preprocessing_writes_no_secret_to_shards_manifests_rejects_or_logs(secret_shards, s3_bucket, ledger):
     """Preprocessing (local, S3) puts no planted secret in shards, manifests, rejects or logs."""
     import s3fs
 
@@ -259,7 +254,7 @@ def test_preprocessing_writes_no_secret_to_shards_manifests_rejects_or_logs(secr
     objects = {f"s3://{p}": fs.cat_file(p) for p in fs.find(bucket_root)}
     assert any(k.endswith("train.manifest.json") for k in objects) and any(k.endswith(".tar") for k in objects)
     assert (shards / "train.manifest.json").is_file() and (shards / "val.rejects.jsonl").is_file()
-    assert not _leaks({**outputs, **_files(shards), **objects})
+    ledger.account_text({**outputs, **_files(shards), **objects}, PLANTED)
 
 
 class _ListenerWatch(threading.Thread):
@@ -307,7 +302,7 @@ def _listeners(root_pids: list[int], pgid: int | None = None) -> dict[tuple[str,
 
 
 @pytest.mark.slow
-def test_training_job_writes_no_secret_to_mlflow_checkpoints_configs_or_logs(secret_shards, tmp_path):
+def test_training_job_writes_no_secret_to_mlflow_checkpoints_configs_or_logs(secret_shards, tmp_path, ledger):
     """Training puts no planted secret in MLflow, checkpoints, configs or logs; its Ray is loopback-only."""
     shards, _ = secret_shards
     runs = tmp_path / "runs"
@@ -356,7 +351,7 @@ def test_training_job_writes_no_secret_to_mlflow_checkpoints_configs_or_logs(sec
     assert checkpoints, "no checkpoint written"
     assert any("session_" in p and "/logs/" in p for p in ray_files), "Ray's session logs were not captured"
 
-    assert not _leaks({**logs, **mlflow_text, **_files(runs), **ray_files})
+    ledger.account_text({**logs, **mlflow_text, **_files(runs), **ray_files}, PLANTED)
     # The job's private Ray (python pipeline/train.py without RAY_ADDRESS) listened on loopback only.
     exposed = {addr: name for addr, name in watch.seen.items() if addr[0] not in LOOPBACK}
     assert watch.seen and not exposed, f"listening beyond loopback: {exposed}"
@@ -531,7 +526,7 @@ def test_crafted_shard_is_refused_by_verify_without_writing_anything(hostile_sha
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 1, done.stdout + done.stderr
     for problem in ("unsafe member name '../../escaped.mp4'", "unsafe member name '/tmp/mvit-abs-member.mp4'",
-                    "'link.mp4' is not a regular file", "'hard.mp4' is not a regular file",
+                    "member 'link.mp4' is a symbolic link", "member 'hard.mp4' is a hard link",
                     "unsafe member name 'sub/dir.mp4'"):
         assert problem in done.stdout, done.stdout
     _no_escape(tmp_path, out, victim, before)
@@ -550,7 +545,7 @@ def test_crafted_shard_read_by_the_data_service_skips_and_counts_hostile_samples
     assert delivered == ["good"]
     for key in ("../../escaped", "/tmp/mvit-abs-member", "sub/dir"):
         assert "unsafe member name" in failed[key], failed
-    assert "no .mp4" in failed["link"] and "no .mp4" in failed["hard"], failed
+    assert "is a symbolic link" in failed["link"] and "is a hard link" in failed["hard"], failed
     # The epoch adds up: 1 delivered + 5 FAILED of 6. A crafted member name can never be a manifest key
     # (preprocessing writes [A-Za-z0-9_-] keys only), so the three unsafe ones are counted apart
     # (``unkeyed``) and the epoch is checked by its counts; its key identity cannot be.
