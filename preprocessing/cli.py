@@ -16,7 +16,7 @@ from preprocessing.parallel import ParallelConfig
 from preprocessing.run import SplitJob, run_split
 from preprocessing.shards import ShardingConfig
 from core.errors import one_line
-from core.redact import redact_url, redact_value
+from core.redact import install_redaction, redact_url, redact_value
 from core.s3 import storage_options_for
 from core.tar_members import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MEMBER_HEADROOM
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
@@ -363,6 +363,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    install_redaction()  # every log record and an uncaught traceback, secrets scrubbed (core.redact)
     run = {"kinetics": _run_dataset, "imagenet": _run_dataset, "synth": _run_synth, "verify": _run_verify}[args.command]
     try:
         return run(args)

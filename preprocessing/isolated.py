@@ -242,5 +242,8 @@ def _main(fd: int, parent: int) -> None:
 
 
 if __name__ == "__main__":
+    from core.redact import install_redaction
+
+    install_redaction()  # secrets out of the encoder child's log records and tracebacks
     _main(int(sys.argv[1]), int(sys.argv[2]))
     os._exit(0)  # nothing to flush: skip the interpreter's teardown of PyAV and NumPy (~1 s)

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from core.redact import install_redaction
+
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 JobFn = Callable[[Any, Callable[[int], None]], Any]
@@ -69,6 +71,7 @@ _progress_queue: Any = None
 
 def _init_worker(progress_queue: Any) -> None:
     global _progress_queue
+    install_redaction()  # a spawned worker: secrets out of its log records, as in the CLI process
     _progress_queue = progress_queue
 
 
@@ -168,4 +171,5 @@ class _Counter:
 
 
 def _call_in_ray_task(fn: JobFn, job: Any, counter: Any) -> Any:
+    install_redaction()  # secrets out of this task's log records
     return fn(job, lambda n: counter.add.remote(n))

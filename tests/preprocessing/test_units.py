@@ -363,3 +363,32 @@ def test_inputs_encoded_to_estimate_shard_sizes_are_not_encoded_again(tmp_path: 
     assert by_count.shards == by_bytes.shards
     assert (tmp_path / "a" / "train-000000.tar").read_bytes() == (tmp_path / "b" / "train-000000.tar").read_bytes()
     assert (tmp_path / "a" / "train.rejects.jsonl").read_bytes() == (tmp_path / "b" / "train.rejects.jsonl").read_bytes()
+
+
+def test_every_preprocessing_process_scrubs_its_log_records(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI, its spawned workers, its Ray tasks and its encoder child each install core.redact's record
+    factory where they start, so a secret in a log record of any of them is written as ***."""
+    import logging
+    import sys
+
+    from preprocessing import cli, parallel
+
+    secret = "ghp_" + "a1B2c3D4" * 4 + "e5F6"
+    default = logging.getLogRecordFactory()
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    entries = {
+        "worker process": lambda: parallel._init_worker(None),
+        "Ray task": lambda: parallel._call_in_ray_task(lambda job, progress: job, 1, None),
+        "CLI": lambda: cli.main(["verify", str(tmp_path / "nothing"), "--split", "train"]),
+    }
+    try:
+        for name, enter in entries.items():
+            logging.setLogRecordFactory(logging.LogRecord)
+            enter()
+            record = logging.getLogger("preprocessing").makeRecord("preprocessing", logging.WARNING, __file__, 1,
+                                                                   "pushing with %s", (secret,), None)  # fmt: skip
+            assert secret not in record.getMessage() and "***" in record.getMessage(), name
+    finally:
+        logging.setLogRecordFactory(default)
+    main = Path(isolated.__file__).read_text().split('if __name__ == "__main__":', 1)[1]
+    assert "install_redaction()" in main  # the encoder child, before it serves a request
