@@ -8,6 +8,7 @@
                 before they reach a log, MLflow, an error line or a file
 - ``errors``    one-line error text and the error types both sides raise (config, unsafe checkpoints)
 - ``loopback``  the switch that keeps a local Ray on 127.0.0.1
+- ``child``     child processes that die with their parent, and how a process ended in words
 
 Nothing here imports torch, and nothing imports ``pipeline`` or ``preprocessing``: layers point down.
 """

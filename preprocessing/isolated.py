@@ -28,7 +28,6 @@ child never outlives it.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import signal
@@ -40,13 +39,13 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import IO, Any
 
+from core.child import die_with_parent, exit_text
 from preprocessing.items import WorkItem
 from preprocessing.transcode import EncodedSample, Encoder, RejectError, open_input
 
 DEFAULT_ITEM_TIMEOUT_S = 300.0
 _START_TIMEOUT_S = 120.0  # the child imports PyAV, Pillow and NumPy before it says it is ready
 _HEADER_MAX_BYTES = 1 << 20
-_PR_SET_PDEATHSIG = 1
 
 
 def encode(encoder: Encoder, item: WorkItem, storage_options: dict[str, Any], timeout: float | None) -> EncodedSample:
@@ -166,7 +165,7 @@ class _Child:
             self.process.kill()
         self.process.wait()
         self.conn.close()
-        return _ending(self.process.returncode)
+        return exit_text(self.process.returncode)
 
 
 def _header(conn: Connection) -> dict[str, Any]:
@@ -174,17 +173,6 @@ def _header(conn: Connection) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ValueError("a reply header that is not an object")
     return header
-
-
-def _ending(returncode: int | None) -> str:
-    """`was killed by SIGSEGV`, `exited with status 1`, ... for a Popen return code."""
-    if returncode is None or returncode >= 0:
-        return f"exited with status {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"was killed by {name}" + (" (as the kernel's OOM killer does)" if name == "SIGKILL" else "")
 
 
 # ---- the child ---------------------------------------------------------------------------------
@@ -231,10 +219,7 @@ def _received_fd(conn: Connection) -> int:
 
 
 def _main(fd: int, parent: int) -> None:
-    try:  # killed when the worker goes, even while stuck in a decoder
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: it still exits when the socket closes, unless stuck
-        pass
+    die_with_parent()  # killed when the worker goes, even while stuck in a decoder
     if os.getppid() != parent:  # the worker went before the request above took effect
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle

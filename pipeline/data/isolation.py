@@ -26,7 +26,6 @@ asks the kernel to kill it when its parent goes, so a hung child never outlives 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -42,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from core.child import die_with_parent, exit_text
+
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 300  # the zygote imports torch and Decord before it answers
 _CONTROL_BYTES = 1 << 16
 _HEADER_BYTES = 1 << 12
@@ -63,27 +63,6 @@ class ChildSettings:
     train: bool
     device_kind: str  # "cpu" | "gpu"
     device_index: int
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: a child still exits when its connection closes, unless hung
-        pass
-
-
-def exit_text(code: int | None) -> str:
-    """How a process ended, from its exit code (negative: the signal that killed it)."""
-    if code is None:
-        return "did not exit"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return f"exited with status {code}"
 
 
 # ---- the child: one SampleDecoder serving one connection -------------------------------------------
@@ -145,7 +124,7 @@ def _read_reply(conn: Connection) -> tuple[str, Any]:
 # ---- the zygote: imports once, forks children, reaps them --------------------------------------------
 
 def _zygote_main(control: socket.socket) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the actor's to handle
     import core.faults  # noqa: F401 - imported once here, so that every fork starts with them loaded
     import pipeline.data.sample_decode
@@ -168,7 +147,7 @@ def _zygote_main(control: socket.socket) -> None:
                 try:
                     control.close()
                     ours.close()
-                    _die_with_parent()  # a fork does not inherit this setting
+                    die_with_parent()  # a fork does not inherit this setting
                     _serve(Connection(theirs.detach()))
                 except BaseException:  # noqa: BLE001 - a child must never return into the zygote's loop
                     code = 1

@@ -105,6 +105,13 @@ def epoch_through_service(root: str | Path, split: str = "train") -> tuple[list[
     return delivered, EpochStats.merge(stats), batches[0]
 
 
+def first_sample(root: Path, split: str = "train") -> tuple[str, bytes, dict[str, Any]]:
+    """Key, video bytes and metadata of the first sample of a split's first shard."""
+    with tarfile.open(root / f"{split}-000000.tar") as tar:
+        key = tar.getnames()[0].rsplit(".", 1)[0]
+        return key, tar.extractfile(f"{key}.mp4").read(), json.loads(tar.extractfile(f"{key}.json").read())
+
+
 def shard_keys(root: Path, split: str) -> list[str]:
     """Sample keys of a split read straight from its tars (independent of the service)."""
     keys = []

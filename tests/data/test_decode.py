@@ -4,15 +4,13 @@ become FAILED rows, the decode context is chosen (CPU here) and logged."""
 from __future__ import annotations
 
 import io
-import json
 import logging
-import tarfile
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from data_helpers import decoder_batch, decoder_row, small_config
+from data_helpers import decoder_batch, decoder_row, first_sample, small_config
 
 from pipeline.data.decode import (
     Decoder,
@@ -26,20 +24,13 @@ from pipeline.data.plan import BROKEN, FAILED, OK, PAD
 from pipeline.data.sampling import eval_clips
 
 
-def _first_sample(root: Path, split: str = "train") -> tuple[str, bytes, dict]:
-    with tarfile.open(root / f"{split}-000000.tar") as tar:
-        names = tar.getnames()
-        key = names[0].rsplit(".", 1)[0]
-        return key, tar.extractfile(f"{key}.mp4").read(), json.loads(tar.extractfile(f"{key}.json").read())
-
-
 def _pyav_frames(data: bytes) -> np.ndarray:
     with av.open(io.BytesIO(data)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 def test_eval_views_are_the_frames_pyav_decodes_at_the_same_indices(kinetics_shards: Path) -> None:
-    key, data, meta = _first_sample(kinetics_shards)
+    key, data, meta = first_sample(kinetics_shards)
     assert (meta["width"], meta["height"]) == (96, 64)
     cfg = small_config(str(kinetics_shards))
     cfg.augment.crop_size = cfg.augment.eval_short_side = 64  # no resize: views are plain centre crops
@@ -55,7 +46,7 @@ def test_eval_views_are_the_frames_pyav_decodes_at_the_same_indices(kinetics_sha
 
 
 def test_training_views_are_deterministic_and_differ_per_view_and_epoch(kinetics_shards: Path) -> None:
-    key, data, meta = _first_sample(kinetics_shards)
+    key, data, meta = first_sample(kinetics_shards)
     cfg = small_config(str(kinetics_shards))
     decoder = Decoder(cfg, "video", train=True)
     first = decoder(decoder_batch([decoder_row(key, data, meta)]))
@@ -68,7 +59,7 @@ def test_training_views_are_deterministic_and_differ_per_view_and_epoch(kinetics
 
 
 def test_bad_samples_become_failed_rows_never_exceptions(kinetics_shards: Path) -> None:
-    key, data, meta = _first_sample(kinetics_shards)
+    key, data, meta = first_sample(kinetics_shards)
     cfg = small_config(str(kinetics_shards))
     decoder = Decoder(cfg, "video", train=True)
     rows = [decoder_row("good", data, meta), decoder_row("cut", data[:300], meta), decoder_row("noise", bytes(range(256)) * 40, meta),

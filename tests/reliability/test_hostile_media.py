@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import shutil
 import tarfile
 import tracemalloc
@@ -28,7 +27,8 @@ import pytest
 from preprocess_helpers import cli
 
 from pipeline.data.plan import FAILED, OK
-from tests.data.data_helpers import decoder_batch, decoder_row, small_config
+from tests.data.data_helpers import decoder_batch, decoder_row, first_sample, small_config
+from tests.preprocessing.crafted import huge_png
 
 _ONE_GIB = 1 << 30
 _BOMB_BYTES = 64 << 20  # the finding's bomb inflated to 1 GiB: 64 MiB of zeros is the same shape, cheaper to make
@@ -212,17 +212,12 @@ def _rss_growth(decode: Any) -> int:
     return psutil.Process().memory_info().rss - before
 
 
-def _first_sample(root: Path) -> tuple[str, bytes, dict[str, Any]]:
-    key, parts = next(iter(_samples(root / "train-000000.tar").items()))
-    return key, parts["mp4"], json.loads(parts["json"])
-
-
 def test_media_whose_metadata_disagrees_with_the_stream_is_failed(reliability_shards: Path, ledger: Any) -> None:
     """Metadata claiming 20000x20 for a 96x72 clip, or another frame count: FAILED naming both, and the decode is sized by the stream."""
     from pipeline.data.decode import Decoder
     from pipeline.data.sample_decode import SampleDecoder
 
-    key, data, meta = _first_sample(reliability_shards)
+    key, data, meta = first_sample(reliability_shards)
     assert (meta["width"], meta["height"]) == (96, 72)
     cfg = small_config(str(reliability_shards))
     wide = {**meta, "width": 20000, "height": 20}
@@ -279,22 +274,13 @@ def test_frames_over_the_pixel_caps_are_refused_before_decoding(tmp_path: Path, 
     ledger.account(inputs=["big", "many"], delivered=[], rejected=errors)
 
 
-def _png(width: int, height: int) -> bytes:
-    """A 1-bit PNG of ``width`` x ``height``: a huge picture in a few KB, whatever its name says."""
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("1", (width, height)).save(out, format="PNG", optimize=True)
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("side", [12000, 9000])
 def test_an_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path: Path, side: int, ledger: Any) -> None:
     """A PNG named .jpg of 12000^2 (over Pillow's warning) or 9000^2 (under it, over decoder.max_image_pixels): FAILED as an error, RSS under 24 MiB."""
     from pipeline.data.decode import Decoder
     from pipeline.data.sample_decode import SampleDecoder
 
-    data = _png(side, side)
+    data = huge_png(side, side)
     meta = {"width": side, "height": side}
     cfg = small_config(str(tmp_path))
     local = SampleDecoder(cfg, "image", train=False)
