@@ -1,13 +1,14 @@
-"""Where a small training job's time goes: the worker group's start, each train or validation pass's
-pipeline start, and the steps, read from Ray's own task timeline (``ray.timeline()``).
+"""Where a small training job's time goes: the worker group's start, each data execution's start, and
+the steps, read from Ray's own task timeline (``ray.timeline()``).
 
 The job is the reliability suite's small demo job (2 FSDP workers x 2 clips, 3 steps an epoch, 2 epochs,
 validated every epoch) on a synthetic Kinetics shard set made here, run in this process on a local Ray.
-Ray Data runs every pass (``iter_batches`` of an epoch) as a new execution: it starts a new decoder
-actor pool, whose actors start their decode zygotes (``pipeline/data/isolation.py``), and read tasks that
-may land on fresh worker processes. A pass's *start* is the time from its first ``start_epoch`` call on
-the split coordinator to the end of the first ``get`` that follows (the first batch handed to a
-worker); on a real epoch it is paid once per pass, on the test jobs it is most of their time.
+An execution (one per dataset and attempt: it reads all the passes the trainer planned, see
+``ShardLoader.plan``) starts a decoder actor pool, whose actors start their decode zygotes
+(``pipeline/data/isolation.py``), and read tasks that may land on fresh worker processes. An
+execution's *start* is the time from its first ``start_epoch`` call on the split coordinator to the end
+of the first ``get`` that follows (the first batch handed to a worker). Before executions spanned
+epochs, every pass (a training epoch, a validation) paid it.
 
     python benchmarks/epoch_start.py            # ~2 minutes on 2 cores
 """
@@ -26,7 +27,7 @@ from tests.train.helpers import demo_overrides, synthetic_kinetics_shards  # noq
 
 
 def _passes(events: list[dict], base_us: float) -> list[tuple[float, float]]:
-    """(start, seconds to the first batch) of every pass, from the coordinators' profile events."""
+    """(start, seconds to the first batch) of every execution, from the coordinators' profile events."""
     calls: dict[str, list[tuple[str, float, float]]] = {}
     for event in events:
         if event.get("ph") == "X" and event.get("name") in ("start_epoch", "get"):
@@ -41,7 +42,7 @@ def _passes(events: list[dict], base_us: float) -> list[tuple[float, float]]:
                 i += 1
                 continue
             begun = series[i][1]
-            while i < len(series) and series[i][0] == "start_epoch":  # every worker's call of the same pass
+            while i < len(series) and series[i][0] == "start_epoch":  # every worker's call for the same execution
                 i += 1
             if i < len(series):
                 out.append((begun, series[i][2] - begun))
@@ -78,9 +79,10 @@ def main() -> int:
     print(f"small demo job (2 workers x 2 clips, 2 epochs of 3 steps, validated every epoch): {took:.1f} s")
     print(f"  train function started on the workers at {min(trains):.1f} s" if trains else "  (no run_train_fn event)")
     for n, (begun, latency) in enumerate(passes, 1):
-        print(f"  pass {n}: started at {begun:6.1f} s, first batch {latency:4.1f} s later")
+        print(f"  execution {n}: started at {begun:6.1f} s, first batch {latency:4.1f} s later")
     total = sum(latency for _, latency in passes)
-    print(f"  pipeline starts: {len(passes)} passes, {total:.1f} s in all = {total / took:.0%} of the job")
+    print(f"  pipeline starts: {len(passes)} executions for 4 passes (2 epochs, 2 validations), {total:.1f} s "
+          f"in all = {total / took:.0%} of the job")
     return 0
 
 

@@ -5,10 +5,16 @@ For each worker count, in one run:
   Ray Train + FSDP2) on a synthetic Kinetics-layout shard set made by the preprocessing CLI; clips/s
   and the data-wait fraction are what the job itself logs to MLflow (first logging window dropped);
 - **in-memory**: the same components (``prepare_model``, ``build_optimizer``, FSDP2, the same global
-  batch and input size) in a ``TorchTrainer`` that steps on a batch held in memory, so data costs 0.
+  batch and input size) in a ``TorchTrainer`` that steps on a batch held in memory, so data costs 0;
+- **in-memory paced by the service**: the same, but each step first takes a batch from the job's data
+  service (and drops it), so the service's whole cost to a worker shows (the CPU its decoder actors
+  and read tasks take beside the step, the waits, the loader's own work on a batch), apart from what
+  the job's step adds (normalising, mixing, the real batch).
 
-It prints clips/s of both, the data-stall fraction 1 - real/in-memory, the job's own measured
-data-wait fraction, and the 1 -> 2 worker scaling of each.
+The stall 1 - real/in-memory splits into the service's part (1 - paced/in-memory) and the job's step
+(the rest). It prints clips/s of all three, that split, the job's own measured
+data-wait fraction and the part of it the data service had no batch ready (the rest is the worker's own
+work on an arrived batch), and the 1 -> 2 worker scaling of each.
 
     python benchmarks/train.py [--epochs 3] [--config configs/experiment/demo.yaml]
 """
@@ -38,11 +44,15 @@ def make_shards(root: Path) -> Path:
 
 
 def in_memory_loop(config: dict) -> None:
-    """A Ray Train worker stepping the job's model and optimiser on one batch kept in memory."""
+    """A Ray Train worker stepping the job's model and optimiser on one batch kept in memory. With
+    ``paced``, each step first takes a batch from the real data service (and drops it): the service's
+    whole cost to the worker (its CPU use beside the step, the waits, the loader's work on each batch)
+    without the job's own step (normalise, mixing, the real batch)."""
     import ray.train
     import torch
 
     from pipeline.config import build_model_config, from_container
+    from pipeline.data.loader import ShardLoader
     from pipeline.models.mvit import MViT
     from pipeline.trainer.optim import build_optimizer
     from pipeline.trainer.setup import WorkerContext, prepare_model
@@ -55,20 +65,51 @@ def in_memory_loop(config: dict) -> None:
     optimizer = build_optimizer(model, cfg.optim, cfg.global_batch_size)
     x = torch.randn((cfg.data.batch_size,) + model_cfg.input_shape, device=ctx.device)
     y = torch.randint(0, model_cfg.num_classes, (cfg.data.batch_size,), device=ctx.device)
+    batches = _service_batches(ShardLoader.for_train_worker("train", ctx.device, cfg.data.prefetch_batches),
+                               cfg.trainer.epochs) if config["paced"] else None  # fmt: skip
     times = []
     for step in range(config["steps"]):
         start = time.perf_counter()
+        if batches is not None:
+            next(batches)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= 2:  # warm-up steps excluded
+        if step >= config["warmup"]:  # warm-up steps excluded: the service's start and ramp among them
             times.append(time.perf_counter() - start)
     metrics = {"clips_per_s": cfg.data.batch_size * ctx.world_size / statistics.median(times)}
     # Ray Train attaches metrics to a run's Result only through a checkpoint: rank 0 reports an empty one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.is_main else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _service_batches(loader, epochs: int):
+    """The service's batches, epoch after epoch, as the job reads them (one planned execution)."""
+    loader.plan(range(epochs))
+    for epoch in range(epochs):
+        yield from loader.epoch(epoch)
+
+
+def _in_memory(cfg, workers: int, storage: Path, paced: bool) -> float:
+    """clips/s of ``in_memory_loop`` on ``workers`` workers (paced: beside the job's own data service)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.config import to_container
+    from pipeline.data.service import build_datasets, ray_train_data_config
+
+    trainer = TorchTrainer(
+        in_memory_loop,
+        train_loop_config={"experiment": to_container(cfg), "steps": 36, "warmup": 12, "paced": paced},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=ray.train.RunConfig(name=f"in-memory-{workers}-{paced}", storage_path=str(storage)),
+        **({"datasets": build_datasets(cfg.data, val=False), "dataset_config": ray_train_data_config(cfg.data)}
+           if paced else {}),
+    )  # fmt: skip
+    return trainer.fit().metrics["clips_per_s"]
 
 
 def main() -> int:
@@ -79,11 +120,9 @@ def main() -> int:
     args = parser.parse_args()
 
     import ray
-    import ray.train
     from mlflow.tracking import MlflowClient
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.config import load_config, to_container
+    from pipeline.config import load_config
     from core.loopback import keep_ray_on_loopback
     from pipeline.trainer.job import run
 
@@ -105,23 +144,20 @@ def main() -> int:
             (mlrun,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
             history = lambda name: [m.value for m in sorted(client.get_metric_history(mlrun.info.run_id, name), key=lambda m: m.step)][1:]  # noqa: E731
             real, wait = statistics.median(history("train/clips_per_s")), statistics.mean(history("train/data_wait_fraction"))
+            blocked = statistics.mean(history("train/data_blocked_fraction"))
 
             synth_cfg = load_config(args.config, overrides)
             synth_cfg.model.num_classes = len(job.classes)
-            trainer = TorchTrainer(
-                in_memory_loop,
-                train_loop_config={"experiment": to_container(synth_cfg), "steps": 12},
-                scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-                torch_config=TorchConfig(backend="gloo"),
-                run_config=ray.train.RunConfig(name=f"in-memory-{workers}", storage_path=str(Path(tmp) / "synthetic")),
-            )
-            memory = trainer.fit().metrics["clips_per_s"]
-            results[workers] = {"real": real, "memory": memory, "wait": wait}
+            memory, paced = (_in_memory(synth_cfg, workers, Path(tmp) / f"synthetic-{workers}", p) for p in (False, True))
+            results[workers] = {"real": real, "memory": memory, "paced": paced, "wait": wait, "blocked": blocked}
 
     print(f"\nMViT demo model ({args.config}), global batch {args.global_batch}, CPU, {args.epochs} epochs")
-    print("workers  real clips/s  in-memory clips/s  stall = 1 - real/in-memory  job's data-wait fraction")
+    print("workers  real clips/s  in-memory  in-memory paced by the service  stall  of it: service  job's step"
+          "  job's data wait  of which blocked")
     for workers, r in results.items():
-        print(f"{workers:7d}  {r['real']:12.1f}  {r['memory']:17.1f}  {1 - r['real'] / r['memory']:26.2f}  {r['wait']:24.2f}")
+        print(f"{workers:7d}  {r['real']:12.1f}  {r['memory']:9.1f}  {r['paced']:30.1f}  "
+              f"{1 - r['real'] / r['memory']:5.2f}  {1 - r['paced'] / r['memory']:13.2f}  "
+              f"{(r['paced'] - r['real']) / r['memory']:10.2f}  {r['wait']:15.2f}  {r['blocked']:16.2f}")
     print(f"scaling 1 -> 2 workers: real {results[2]['real'] / results[1]['real']:.2f}x, "
           f"in-memory {results[2]['memory'] / results[1]['memory']:.2f}x")
     ray.shutdown()

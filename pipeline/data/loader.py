@@ -1,6 +1,7 @@
 """The worker side: one worker's shard of a dataset as an iterator of torch batches, epoch by epoch.
 
     loader = ShardLoader.for_train_worker("train", device=device)      # inside the train function
+    loader.plan(range(start_epoch, epochs))     # the passes to come: one Ray Data execution reads them all
     for epoch in range(start_epoch, epochs):
         for batch in loader.epoch(epoch, position=resume_position if epoch == start_epoch else 0):
             x = normalize(batch["video"], mean, std)     # (B, C, T, H, W) float on the device
@@ -17,6 +18,11 @@ batch size, usually by at most one sample's views. B can be 0 only at an epoch's
 holds one sample (e.g. 30-view evaluation) or fewer than 2 x workers samples remain: every rank
 must still take that step (FSDP collectives) and skip the loss for it.
 
+Planned passes are read by one execution, pass after pass: the decoder actors, their decode
+processes and the read workers start once per run (or per attempt after a restart), not per epoch,
+and the next epoch's first batches are read while this one ends. A pass asked for out of plan
+(another epoch, a resume position) starts a new execution from there.
+
 Every worker gets the same number of batches per epoch (``Layout.batches_per_worker``), and the
 loader checks each batch is the unit the plan gives this rank, so a misconfigured split fails
 loudly instead of hanging a collective or silently repeating data.
@@ -26,7 +32,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -139,6 +146,42 @@ def _resources(values: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
+class _Stream:
+    """One Ray Data execution's batches for this worker, read pass after pass.
+
+    Ray Data's iterator has no timeout of its own, so a thread pulls from it into a one-slot queue that
+    the loader waits on with one. Between passes the thread waits with the next pass's first batch in
+    hand while the execution reads ahead, bounded by Ray Data's backpressure.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], passes: tuple[int, ...], position: int,
+                 name: str) -> None:  # fmt: skip
+        self._passes, self._position = passes, position
+        self._slot: queue.Queue = queue.Queue(maxsize=1)
+        threading.Thread(target=self._pump, args=(batches,), name=name, daemon=True).start()
+
+    @property
+    def next(self) -> tuple[int, int] | None:
+        """(epoch, position) of the pass this stream delivers next; None once its last pass is read."""
+        return (self._passes[0], self._position) if self._passes else None
+
+    def passed(self) -> None:
+        """The current pass has been read whole: the next one starts at its beginning."""
+        self._passes, self._position = self._passes[1:], 0
+
+    def get(self, timeout: float) -> tuple[str, Any]:
+        """("rows", batch), ("done", None) or ("error", exception); ``queue.Empty`` after ``timeout``."""
+        return self._slot.get(timeout=timeout)
+
+    def _pump(self, batches: Iterator[dict[str, np.ndarray]]) -> None:
+        try:
+            for rows in batches:
+                self._slot.put(("rows", rows))
+            self._slot.put(("done", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consuming thread, which raises it
+            self._slot.put(("error", err))
+
+
 class ShardLoader:
     """Iterates one worker's split of a dataset built by ``service.build_dataset``."""
 
@@ -166,6 +209,9 @@ class ShardLoader:
         self.stats = EpochStats(-1)
         self._layout: Layout | None = None
         self._done = 0
+        self._planned: tuple[int, ...] = ()
+        self._stream: _Stream | None = None
+        self.blocked_s = 0.0  # seconds spent waiting for the data service (no batch ready), since creation
 
     @classmethod
     def for_train_worker(cls, name: str = "train", device: torch.device | str | None = None,
@@ -195,62 +241,73 @@ class ShardLoader:
             return {"epoch": 0, "position": 0}
         return {"epoch": self.stats.epoch, "position": self._layout.position_after(self._done)}
 
+    def plan(self, epochs: Iterable[int]) -> None:
+        """The passes this worker is going to read, in order (a run's remaining epochs, or the epochs
+        after which it validates). Passes read in plan order share one Ray Data execution: its read
+        tasks and decoder actors start once and run on from one pass into the next, instead of starting
+        again (seconds) for every pass. Every worker must plan the same passes. Without a plan, each
+        ``epoch`` call is an execution of its own."""
+        epochs = tuple(int(e) for e in epochs)
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise ValueError(f"planned epochs must increase: {list(epochs)}")
+        self._planned = epochs
+
     def epoch(self, epoch: int, position: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch`` for this worker, starting at sample ``position`` of the epoch."""
         layout = self.layout(position)
-        self._cursor.request(self.rank, self.world_size, epoch, position)
+        stream = self._stream
+        if stream is None or stream.next != (epoch, position):
+            self._stream = None  # (an abandoned stream: its execution ends with the worker)
+            then = tuple(e for e in self._planned if e > epoch)
+            self._cursor.request(self.rank, self.world_size, epoch, position, then)
+            batches = self._iterator.iter_batches(
+                batch_size=self.rows_per_batch, batch_format="numpy", prefetch_batches=self.prefetch_batches
+            )
+            stream = self._stream = _Stream(batches, (epoch, *then), position, name=f"mvit-batches-{epoch}")
         self._layout, self._done = layout, 0
         digest = self.split_digest if position == 0 else None  # see EpochStats.expected_digest
         self.stats = stats = EpochStats(epoch, position, layout.remaining, expected_digest=digest)
-        batches = self._iterator.iter_batches(
-            batch_size=self.rows_per_batch, batch_format="numpy", prefetch_batches=self.prefetch_batches
-        )
-        for step, rows in enumerate(self._with_deadline(batches, epoch)):
-            self._check_unit(rows, epoch, layout, step)
-            batch = self._collect(rows, stats, epoch, step)
-            stats.batches += 1
-            self._done = step + 1
-            yield batch
-        if stats.batches != layout.batches_per_worker:
-            raise RuntimeError(
-                f"rank {self.rank} got {stats.batches} batches in epoch {epoch}, the plan has "
-                f"{layout.batches_per_worker}: was the dataset split into {self.world_size} parts?"
-            )
+        finished = False
+        try:
+            for step in range(layout.batches_per_worker):
+                rows = self._next_rows(stream, epoch, step)
+                if rows is None:
+                    raise RuntimeError(
+                        f"rank {self.rank} got {step} batches in epoch {epoch}, the plan has "
+                        f"{layout.batches_per_worker}: was the dataset split into {self.world_size} parts?"
+                    )
+                self._check_unit(rows, epoch, layout, step)
+                batch = self._collect(rows, stats, epoch, step)
+                stats.batches += 1
+                self._done = step + 1
+                yield batch
+            stream.passed()
+            if stream.next is None and self._next_rows(stream, epoch, layout.batches_per_worker) is not None:
+                raise RuntimeError(f"rank {self.rank} got more than the plan's {layout.batches_per_worker} batches "
+                                   f"in epoch {epoch}: was the dataset split into {self.world_size} parts?")
+            finished = True
+        finally:
+            if not finished or stream.next is None:
+                self._stream = None
 
-    def _with_deadline(self, batches: Iterator[dict[str, np.ndarray]], epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """``batches``, but a wait longer than ``data.batch_timeout_s`` for the next one raises
-        ``DataStalled`` naming what the data service waits for, instead of blocking this rank forever.
-
-        Ray Data's iterator has no timeout of its own, so a thread pulls from it into a one-slot queue.
-        """
+    def _next_rows(self, stream: _Stream, epoch: int, step: int) -> dict[str, np.ndarray] | None:
+        """The stream's next batch, None at its end. A wait longer than ``data.batch_timeout_s`` raises
+        ``DataStalled`` naming what the data service waits for, instead of blocking this rank forever."""
         timeout = self._facts.batch_timeout_s
-        slot: queue.Queue = queue.Queue(maxsize=1)
-        done = object()
-
-        def pump() -> None:
-            try:
-                for rows in batches:
-                    slot.put(("rows", rows))
-                slot.put(("done", done))
-            except BaseException as err:  # noqa: BLE001 - handed to the consuming thread, which raises it
-                slot.put(("error", err))
-
-        threading.Thread(target=pump, name=f"mvit-batches-{epoch}", daemon=True).start()
-        step = 0
-        while True:
-            try:
-                kind, item = slot.get(timeout=timeout)
-            except queue.Empty:
-                raise DataStalled(self._stall_text(epoch, step, f"no batch for {timeout:g} s (data.batch_timeout_s)")) from None
-            if kind == "done":
-                return
-            if kind == "error":
-                if "Timed out while starting actors" in str(item):
-                    raise DataStalled(self._stall_text(epoch, step, "the decoder actors were not placed within "
-                                                       "data.decoder.start_timeout_s")) from item  # fmt: skip
-                raise item
-            yield item
-            step += 1
+        began = time.perf_counter()
+        try:
+            kind, item = stream.get(timeout)
+            self.blocked_s += time.perf_counter() - began
+        except queue.Empty:
+            raise DataStalled(self._stall_text(epoch, step, f"no batch for {timeout:g} s (data.batch_timeout_s)")) from None
+        if kind == "done":
+            return None
+        if kind == "error":
+            if "Timed out while starting actors" in str(item):
+                raise DataStalled(self._stall_text(epoch, step, "the decoder actors were not placed within "
+                                                   "data.decoder.start_timeout_s")) from item  # fmt: skip
+            raise item
+        return item
 
     def _stall_text(self, epoch: int, step: int, what: str) -> str:
         """One line: which rank waited for what, and whether the cluster can place the decoder actors."""

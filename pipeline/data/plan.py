@@ -183,37 +183,54 @@ def make_plan(shards: list[ShardRef], *, seed: int, epoch: int, start: int, worl
 
 @ray.remote(num_cpus=0)
 class EpochCursor:
-    """Where the next execution of each dataset starts: (epoch, position, world size).
+    """Where the next execution of each dataset starts, and which passes it reads.
 
-    Ray Data runs a dataset again for every epoch (streaming_split re-executes it when all workers
-    ask for the next epoch) and plans the read at that moment; the plan asks this actor. Each worker
-    announces the epoch it is about to read, like ``DistributedSampler.set_epoch``, before it starts
-    iterating, so the announcements are all in when the split's barrier lets the execution start.
-    Without announcements a dataset reads epoch 0 from its start, for one reader. One actor per
-    driver serves all its datasets.
+    Ray Data plans a dataset's read when an execution starts (streaming_split starts one when all
+    workers ask for it); the plan asks this actor. Each worker announces what it is about to read,
+    like ``DistributedSampler.set_epoch``, before it starts iterating, so the announcements are all in
+    when the split's barrier lets the execution start: the epoch and position to start at, the world
+    size, and the epochs that follow in the same execution (``then``: one execution can carry a whole
+    run's passes, so the decoder actors and read workers start once, not once per epoch). Without
+    announcements a dataset reads epoch 0 from its start, for one reader. One actor per driver serves
+    all its datasets.
     """
 
     def __init__(self) -> None:
-        self._requests: dict[str, dict[int, tuple[int, int, int]]] = {}
+        self._requests: dict[str, dict[int, Span]] = {}
 
-    def request(self, dataset: str, rank: int, world_size: int, epoch: int, position: int) -> None:
+    def request(self, dataset: str, rank: int, world_size: int, epoch: int, position: int,
+                then: tuple[int, ...] = ()) -> None:  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         known = self._requests.get(dataset, {})
-        known = {r: v for r, v in known.items() if r < world_size and v[0] == world_size}
-        known[rank] = (world_size, epoch, position)
+        known = {r: v for r, v in known.items() if r < world_size and v.world_size == world_size}
+        known[rank] = Span(epoch, position, world_size, tuple(then))
         self._requests[dataset] = known
 
-    def current(self, dataset: str) -> tuple[int, int, int]:
-        """(epoch, position, world_size) all workers of ``dataset`` agree on."""
+    def current(self, dataset: str) -> Span:
+        """The span all workers of ``dataset`` agree on."""
         requests = self._requests.get(dataset, {})
         values = set(requests.values())
         if not values:
-            return 0, 0, 1
+            return Span(0, 0, 1)
         if len(values) > 1:
-            raise ValueError(f"workers disagree on the epoch to read: {sorted(requests.items())}")
-        world_size, epoch, position = values.pop()
-        return epoch, position, world_size
+            raise ValueError(f"workers disagree on the epochs to read: {sorted(requests.items())}")
+        return values.pop()
+
+
+@dataclass(frozen=True)
+class Span:
+    """What one execution of a dataset reads: ``epoch`` from sample ``position``, then each epoch of
+    ``then`` whole, laid out for ``world_size`` workers."""
+
+    epoch: int
+    position: int
+    world_size: int
+    then: tuple[int, ...] = ()
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        return (self.epoch, *self.then)
 
 
 @dataclass(frozen=True)
@@ -223,10 +240,10 @@ class CursorRef:
     actor: str
     dataset: str
 
-    def request(self, rank: int, world_size: int, epoch: int, position: int) -> None:
-        ray.get(_actor(self.actor).request.remote(self.dataset, rank, world_size, epoch, position))
+    def request(self, rank: int, world_size: int, epoch: int, position: int, then: tuple[int, ...] = ()) -> None:
+        ray.get(_actor(self.actor).request.remote(self.dataset, rank, world_size, epoch, position, tuple(then)))
 
-    def current(self) -> tuple[int, int, int]:
+    def current(self) -> Span:
         return ray.get(_actor(self.actor).current.remote(self.dataset))
 
 

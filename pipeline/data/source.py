@@ -1,6 +1,7 @@
 """Reading a split's shards into Ray Data: a ``Datasource`` whose read plan follows the epoch plan.
 
-One read task per read group (``plan.ReadGroup``). A task opens its shards through fsspec (local
+One read task per read group (``plan.ReadGroup``) of each epoch the execution carries (the
+cursor's ``plan.Span``: one execution may read a whole run's epochs back to back). A task opens its shards through fsspec (local
 paths, ``file://``, ``s3://`` with an endpoint override), iterates each tar with
 ``core.tar_members`` (bounded: per-member size cap, plain tar only, links, devices and sparse members
 refused), groups members into samples by webdataset's key rule (``_grouped``, which unlike
@@ -93,20 +94,23 @@ class ShardSource(Datasource):
         return self.total_bytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
-        epoch, position, world_size = self.cursor.current()
-        plan = make_plan(
-            self.shards, seed=self.seed, epoch=epoch, start=position, world_size=world_size, per_unit=self.per_unit,
-            permute=self.permute, interleave=self.interleave,
-        )  # fmt: skip
-        mean_bytes = self.total_bytes / max(1, plan.layout.total)
+        """The read tasks of every epoch of the cursor's span, in order: the first epoch from the resume
+        position, the others whole. Each epoch's units are a multiple of the world size, so the split
+        hands unit u of every epoch to worker u mod W."""
+        span = self.cursor.current()
         tasks = []
-        for group in plan.groups:
-            rows = plan.layout.group_rows(group)
-            meta = BlockMetadata(
-                num_rows=rows, size_bytes=int(rows * mean_bytes), input_files=[s.url for s in group.shards], exec_stats=None
-            )
-            reader = GroupReader(group, plan.layout, epoch, self)
-            tasks.append(ReadTask(reader, meta, schema=READ_SCHEMA, per_task_row_limit=per_task_row_limit))
+        for epoch in span.epochs:
+            plan = make_plan(
+                self.shards, seed=self.seed, epoch=epoch, start=span.position if epoch == span.epoch else 0,
+                world_size=span.world_size, per_unit=self.per_unit, permute=self.permute, interleave=self.interleave,
+            )  # fmt: skip
+            mean_bytes = self.total_bytes / max(1, plan.layout.total)
+            for group in plan.groups:
+                rows = plan.layout.group_rows(group)
+                meta = BlockMetadata(num_rows=rows, size_bytes=int(rows * mean_bytes),
+                                     input_files=[s.url for s in group.shards], exec_stats=None)  # fmt: skip
+                reader = GroupReader(group, plan.layout, epoch, self)
+                tasks.append(ReadTask(reader, meta, schema=READ_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
 
 

@@ -221,11 +221,13 @@ class Trainer:
         total_batches = self.train_data.batches_per_epoch(0)
         self.model.train()
         window, whole = Meter(), Meter()  # the logging window, and the whole epoch for its progress line
-        micro, clock = 0, time.perf_counter()
+        micro, clock, blocked = 0, time.perf_counter(), self.train_data.blocked_s
         batches: Iterator[dict[str, Any]] = self.train_data.epoch(epoch, start)
         for i, batch in enumerate(batches):
             arrived = time.perf_counter()
             window.wait += arrived - clock
+            window.blocked += self.train_data.blocked_s - blocked
+            blocked = self.train_data.blocked_s
             if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch * cfg.grad_accum_steps:
                 clock = time.perf_counter()
                 continue  # smoke runs: drain the epoch (equal counts everywhere) without stepping
@@ -290,7 +292,8 @@ class Trainer:
     def _log_window(self, window: Meter, whole: Meter, lr: float | None) -> None:
         """Collective: the window's figures averaged over ranks, logged per step (when ``lr`` is given),
         and added to the epoch's."""
-        averaged = Meter(*_all_reduce_mean([window.loss, window.rows, window.wait, window.busy], self.ctx))
+        sums = [window.loss, window.rows, window.wait, window.busy, window.blocked]
+        averaged = Meter(*_all_reduce_mean(sums, self.ctx))
         whole.add(averaged)
         if lr is not None:
             self.tracker.log_metrics(averaged.metrics("train/", self.ctx.world_size, lr), step=self.state.step)
@@ -337,6 +340,9 @@ class Trainer:
         cfg = self.cfg.trainer
         status = "FAILED"
         try:
+            # One data execution per split carries all the passes of this attempt (see ShardLoader.plan)
+            self.train_data.plan(range(self.state.epoch, cfg.epochs))
+            self.val_data.plan(e for e in range(self.state.epoch, cfg.epochs) if self._validates(e))
             for epoch in range(self.state.epoch, cfg.epochs):
                 stats = EpochStats.merge(_gather(self.train_epoch(epoch), self.ctx))
                 stats = stats.with_carry(self.epoch_carry, self.train_data.split_digest)  # whole, if it was resumed
@@ -347,7 +353,7 @@ class Trainer:
                 metrics = {f"data/{k}": v for k, v in stats.as_metrics(prefix="").items()}
                 metrics["data/identity_checked"] = float(identity_checked)  # 0: counts only (see the check)
                 metrics.update(self.epoch_meter.metrics("train/epoch_", self.ctx.world_size, None))
-                if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
+                if self._validates(epoch):
                     metrics.update(self.evaluate(epoch))
                 self.state.epoch, self.state.samples_in_epoch, self.state.epoch_carry = epoch + 1, 0, None
                 top1 = metrics.get("val/video_top1")
@@ -359,6 +365,10 @@ class Trainer:
             status = "FINISHED"
         finally:
             self.close(status)
+
+    def _validates(self, epoch: int) -> bool:
+        cfg = self.cfg.trainer
+        return (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs
 
     # -- close -----------------------------------------------------------------------------------
     def close(self, status: str) -> None:

@@ -24,24 +24,29 @@ class Meter:
     rows: float = 0.0
     wait: float = 0.0  # seconds waiting for the next batch
     busy: float = 0.0  # seconds stepping
+    # Of ``wait``: seconds the data service had no batch ready. The rest is this worker's own work on a
+    # batch that had arrived (the plan checks, the key fingerprints, the copy to a tensor and the device).
+    blocked: float = 0.0
 
     def add(self, other: Meter) -> None:
         self.loss += other.loss
         self.rows += other.rows
         self.wait += other.wait
         self.busy += other.busy
+        self.blocked += other.blocked
 
     def reset(self) -> None:
-        self.loss = self.rows = self.wait = self.busy = 0.0
+        self.loss = self.rows = self.wait = self.busy = self.blocked = 0.0
 
     def metrics(self, prefix: str, world_size: int, lr: float | None) -> dict[str, float]:
-        """Rank-averaged sums -> ``{prefix}loss``, ``clips_per_s`` (all ranks), ``data_wait_fraction``
-        (and ``lr`` when given)."""
+        """Rank-averaged sums -> ``{prefix}loss``, ``clips_per_s`` (all ranks), ``data_wait_fraction``,
+        ``data_blocked_fraction`` (the part of the wait with no batch ready) and ``lr`` when given."""
         elapsed = max(self.wait + self.busy, 1e-9)
         out = {
             f"{prefix}loss": self.loss / max(self.rows, 1),
             f"{prefix}clips_per_s": self.rows * world_size / elapsed,
             f"{prefix}data_wait_fraction": self.wait / elapsed,
+            f"{prefix}data_blocked_fraction": self.blocked / elapsed,
         }
         if lr is not None:
             out[f"{prefix}lr"] = lr

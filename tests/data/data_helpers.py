@@ -65,21 +65,33 @@ def run_epoch(
     """Split ``ds`` into ``world_size`` order-preserving parts and read one epoch on each in a thread,
     as Ray Train workers would. Returns per rank: batches (numpy copies), stats, and the resume state
     after ``stop_after`` batches (None = the whole epoch)."""
+    return run_epochs(ds, world_size, [epoch], position, stop_after)[epoch]
+
+
+def run_epochs(
+    ds: ray.data.Dataset, world_size: int, epochs: list[int], position: int = 0, stop_after: int | None = None,
+    plan: bool = False,
+) -> dict[int, tuple[list[list[dict[str, Any]]], list[EpochStats], list[dict[str, int]]]]:
+    """``run_epoch`` for several epochs read one after the other by the same workers (the first from
+    ``position``), with ``ShardLoader.plan(epochs)`` when ``plan``: {epoch: what run_epoch returns}."""
     iterators = ds.streaming_split(world_size, equal=True) if world_size > 1 else [ds.iterator()]
-    batches: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
-    stats: list[Any] = [None] * world_size
-    states: list[Any] = [None] * world_size
+    results = {e: ([[] for _ in range(world_size)], [None] * world_size, [None] * world_size) for e in epochs}
     errors: list[BaseException] = []
 
     def work(rank: int) -> None:
         try:
             loader = ShardLoader(iterators[rank], rank=rank, world_size=world_size, prefetch_batches=1)
-            for batch in loader.epoch(epoch, position):
-                batches[rank].append({k: (v.numpy().copy() if hasattr(v, "numpy") else v) for k, v in batch.items()})
-                if stop_after is not None and len(batches[rank]) == stop_after:
-                    states[rank] = loader.state()
-            stats[rank] = loader.stats
-            states[rank] = states[rank] or loader.state()
+            if plan:
+                loader.plan(epochs)
+            for epoch in epochs:
+                batches, stats, states = results[epoch]
+                for batch in loader.epoch(epoch, position if epoch == epochs[0] else 0):
+                    batches[rank].append({k: (v.numpy().copy() if hasattr(v, "numpy") else v)
+                                          for k, v in batch.items()})  # fmt: skip
+                    if stop_after is not None and len(batches[rank]) == stop_after:
+                        states[rank] = loader.state()
+                stats[rank] = loader.stats
+                states[rank] = states[rank] or loader.state()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             errors.append(exc)
 
@@ -90,7 +102,7 @@ def run_epoch(
         thread.join(timeout=600)
     if errors:
         raise errors[0]
-    return batches, stats, states
+    return results
 
 
 def epoch_through_service(root: str | Path, split: str = "train") -> tuple[list[str], EpochStats, list[dict[str, Any]]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from data_helpers import delivered, rows_by_id, run_cli, run_epoch, shard_keys, small_config
+from data_helpers import delivered, rows_by_id, run_cli, run_epoch, run_epochs, shard_keys, small_config
 
 from pipeline.data.config import imagenet_defaults
 from pipeline.data.loader import EpochStats
@@ -152,6 +152,43 @@ def test_an_epoch_resumes_from_a_position_on_any_world_size(
         total = EpochStats.merge(stats)
         assert total.complete and total.start == position and total.expected == 12 - position
         assert total.expected_digest is None and not check_epoch_identity(total, "epoch 0")  # see the check
+
+
+def _decoder_actors() -> set[str]:
+    """Ids of the decoder actors this test process's Ray job has created so far (any state)."""
+    import ray
+    from ray.util.state import list_actors
+
+    context = ray.get_runtime_context()
+    actors = list_actors(address=context.gcs_address, filters=[("job_id", "=", context.get_job_id())], limit=10_000,
+                         raise_on_missing_output=False)  # fmt: skip
+    return {a.actor_id for a in actors if "Decoder" in a.class_name}
+
+
+def test_planned_epochs_are_read_by_one_execution_with_the_batches_of_separate_ones(
+    kinetics_shards: Path, train_epoch0: tuple[list, list]
+) -> None:
+    cfg = small_config(str(kinetics_shards))
+    cfg.decoder.max_actors = 1
+    before = _decoder_actors()
+    planned = run_epochs(build_dataset(cfg, "train", train=True), 2, [0, 1, 2], plan=True)
+    assert len(_decoder_actors() - before) == 1  # one pool for the three epochs (one per epoch without a plan)
+    keys = shard_keys(kinetics_shards, "train")
+    for epoch, (batches, stats, states) in planned.items():
+        _check_disjoint_halves(batches, stats, keys, views=2)
+        assert {s["epoch"] for s in states} == {epoch}
+        alone = train_epoch0[0] if epoch == 0 else run_epoch(build_dataset(cfg, "train", train=True), 2, epoch)[0]
+        for rank in range(2):
+            assert [b["video_id"] for b in batches[rank]] == [b["video_id"] for b in alone[rank]]
+            for a, b in zip(batches[rank], alone[rank]):
+                np.testing.assert_array_equal(a["video"], b["video"])
+    assert rows_by_id(planned[1][0][0] + planned[1][0][1]).keys() == rows_by_id(planned[2][0][0] + planned[2][0][1]).keys()
+    # A resumed run plans from where it stopped: epoch 1 from a position, then epoch 2, in one execution
+    position = 5
+    resumed = run_epochs(build_dataset(cfg, "train", train=True), 2, [1, 2], position=position, plan=True)
+    total = EpochStats.merge(resumed[1][1])
+    assert total.complete and total.start == position and total.expected == 12 - position
+    assert [b["video_id"] for b in resumed[2][0][0]] == [b["video_id"] for b in planned[2][0][0]]
 
 
 def test_images_go_through_the_same_service(tmp_path_factory: pytest.TempPathFactory) -> None:

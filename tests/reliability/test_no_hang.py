@@ -145,6 +145,14 @@ def _failed_job(shards: Path, runs: Path, plan: dict, error: str, **extra: objec
     return job_id
 
 
+def _gcs() -> str:
+    """This test process's Ray cluster: the state API would refuse to guess when other clusters run on the
+    machine (a namespace cluster of tests/cluster, another session's)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.mark.slow
 def test_a_read_task_that_keeps_dying_is_retried_exactly_read_max_retries_times(
     reliability_shards: Path, ray_cluster: None, tmp_path: Path
@@ -156,12 +164,16 @@ def test_a_read_task_that_keeps_dying_is_retried_exactly_read_max_retries_times(
     job_id = _failed_job(reliability_shards, tmp_path / "runs", {"kill_read": [shard]},
                          "WorkerCrashedError: The worker died unexpectedly while executing this task",
                          **{"data.read_max_retries": 1})  # fmt: skip
-    tasks = list_tasks(filters=[("job_id", "=", job_id)], limit=10_000, detail=True, raise_on_missing_output=False)
+    tasks = list_tasks(address=_gcs(), filters=[("job_id", "=", job_id)], limit=10_000, detail=True,
+                       raise_on_missing_output=False)  # fmt: skip
     attempts: dict[str, set[int]] = {}
     for task in tasks:
         if task.name.startswith("ReadMViTShards") and task.state == "FAILED":
             attempts.setdefault(task.task_id, set()).add(task.attempt_number)
-    assert list(attempts.values()) == [{0, 1}], attempts  # one read task, tried twice: 1 + read_max_retries
+    # One read task tried twice (1 + read_max_retries), which failed the job. The same shard's read for the
+    # next epoch (read ahead by the same execution) may have had its first try by then, never more.
+    assert [tries for tries in attempts.values() if tries == {0, 1}] == [{0, 1}], attempts
+    assert all(tries <= {0, 1} for tries in attempts.values()), attempts
 
 
 @pytest.mark.slow
@@ -175,7 +187,8 @@ def test_a_decoder_actor_that_keeps_dying_is_restarted_exactly_max_restarts_time
     job_id = _failed_job(reliability_shards, tmp_path / "runs", {"kill_decoder_actor": [key]},
                          "ActorDiedError: The actor died unexpectedly before finishing this task",
                          **{"data.decoder.max_restarts": 2})  # fmt: skip
-    actors = list_actors(filters=[("job_id", "=", job_id)], limit=10_000, detail=True, raise_on_missing_output=False)
+    actors = list_actors(address=_gcs(), filters=[("job_id", "=", job_id)], limit=10_000, detail=True,
+                         raise_on_missing_output=False)  # fmt: skip
     decoders = [(a.state, a.num_restarts) for a in actors if "Decoder" in a.class_name]
     assert decoders.count(("DEAD", 2)) == 1, decoders  # the one that got the batch: restarted twice, then gone
     assert all(restarts <= 2 for _, restarts in decoders), decoders

@@ -140,9 +140,10 @@ def test_epoch_identity_check_catches_a_duplicate_that_hides_a_loss() -> None:
 def test_epoch_line_carries_every_figure_and_mlflow_gets_the_timing() -> None:
     from pipeline.trainer.progress import EpochProgress, Meter, format_epoch_line
 
-    meter = Meter(loss=12.0, rows=8.0, wait=1.0, busy=3.0)  # rank-averaged sums of one epoch
+    meter = Meter(loss=12.0, rows=8.0, wait=1.0, busy=3.0, blocked=0.4)  # rank-averaged sums of one epoch
     figures = meter.metrics("train/epoch_", world_size=2, lr=None)
-    assert figures == {"train/epoch_loss": 1.5, "train/epoch_clips_per_s": 4.0, "train/epoch_data_wait_fraction": 0.25}
+    assert figures == {"train/epoch_loss": 1.5, "train/epoch_clips_per_s": 4.0, "train/epoch_data_wait_fraction": 0.25,
+                       "train/epoch_data_blocked_fraction": 0.1}
     line = format_epoch_line(3, 10, {**figures, "val/video_top1": 87.5, "val/video_top5": 100.0}, 7.52e-4,
                              elapsed=82.0, eta=123.0)
     assert line == ("epoch 4/10 | loss 1.5000 | lr 7.52e-04 | 4.0 clips/s | data wait 25% | "
