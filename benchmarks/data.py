@@ -12,10 +12,24 @@
 Both service runs use the MViT-B 16x4 sampling (16 frames, stride 4 at 30 fps) with short-side
 jitter [256, 320] (applied at decode time), random 224 crop and flip, one view per decoded clip,
 so one clip = one decode on every side. Service throughput is steady state: counted from the
-first batch of each epoch (the actor pool starts per epoch) to the last. A final line measures the
-full recipe (RandomResizedCrop, RandAugment m7 n4, random erasing, 2 views per decode) per actor.
+first batch of each epoch (the actor pool starts per epoch) to the last.
 
-    python benchmarks/data.py                 # ~6 min on 2 cores; source videos cached in --workdir
+4. The full recipe (RandomResizedCrop, flip, RandAugment m7 n4, random erasing 0.25, 2 views per
+   decode) per actor, twice: augmentation in the actor, and ``augment.on_device`` (the actor renders
+   crop, resize and flip and sends the drawn ops and boxes; ``device_augment`` applies them on the
+   training device). Ratio = decoded clips/s (views/s / 2) / the decode-only clips/s (target >= 0.9
+   on the device). Each of the 2 views has its own clip start (``train_clip`` per view), so one decode
+   reads the frames of 2 clips; a second decode-only reference with 2 views per decode (jitter crop and
+   flip, no RandAugment or erasing) does the same decoding and shows what the augmentation itself costs.
+   The four run interleaved, one epoch each, for ``--rounds`` rounds; medians are reported, so a load
+   that changes during the run moves all four alike.
+
+   This machine has no GPU: its "device" is the consumer's CPU, which shares the 2 cores with the actor,
+   so ``augment_on_device`` is not run inside the timed loop (a GPU would run it beside the actors, not
+   on their cores); it is timed on the consumer afterwards, on the first batches the service delivered,
+   and reported apart, per view and as the CPU share it would take at the measured rate.
+
+    python benchmarks/data.py                 # ~12 min on 2 cores; source videos cached in --workdir
 """
 
 from __future__ import annotations
@@ -23,13 +37,18 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
+import statistics
 import tarfile
+import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import av  # noqa: F401  # PyAV before decord (decord's bundled libav breaks PyAV's libvpx otherwise)
 import numpy as np
+import psutil
 import torch
 
 
@@ -70,13 +89,14 @@ def prepare(workdir: Path, videos: int, copies: int, seconds: int, size: str) ->
     return raw, shards
 
 
-def bench_config(root: Path, actors: int, full_recipe: bool = False) -> DataConfig:
+def bench_config(root: Path, actors: int, full_recipe: bool = False, on_device: bool = False,
+                 views: int = 1) -> DataConfig:  # fmt: skip
     augment = AugmentConfig(
         crop_size=224, mode="jitter", jitter_scales=[256, 320], flip=True, rand_augment=False, random_erasing=0.0,
-        repeated_aug=1,
+        repeated_aug=views, on_device=False,
     )  # fmt: skip
-    if full_recipe:
-        augment = AugmentConfig(crop_size=224, mode="rrc", repeated_aug=2)  # RandAugment m7 n4, erasing 0.25
+    if full_recipe:  # RandAugment m7 n4, erasing 0.25
+        augment = AugmentConfig(crop_size=224, mode="rrc", repeated_aug=2, on_device=on_device)
     return DataConfig(
         root=str(root), batch_size=4, seed=0, prefetch_batches=2, sampling=SAMPLING, augment=augment,
         decoder=DecoderPoolConfig(min_actors=actors, max_actors=actors, num_cpus=1.0, threads=1, tasks_in_flight=2),
@@ -86,24 +106,123 @@ def bench_config(root: Path, actors: int, full_recipe: bool = False) -> DataConf
 # ---- the service -----------------------------------------------------------------------------
 
 
-def run_service(cfg: DataConfig, epochs: int) -> tuple[float, list[tuple[str, int]]]:
-    """Steady-state clips/s over ``epochs`` epochs and the (key, epoch) of every clip delivered."""
+class Rate(NamedTuple):
+    """Rows (views) delivered per second of wall time, and per CPU second the decoder actors and their
+    decode processes spent meanwhile: what one actor delivers with a core to itself, however busy the
+    machine is (this one is shared)."""
+
+    wall: float
+    cpu: float
+
+
+def decoder_cpu() -> dict[tuple[int, float], float]:
+    """CPU seconds so far of every decoder actor process of this driver's Ray instance and of its decode
+    zygote and children (reaped children included, in their parent's figure), by (pid, start time)."""
+    seconds = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "(Decoder)" not in " ".join(proc.cmdline()):
+                continue
+            for member in [proc, *proc.children(recursive=True)]:
+                t = member.cpu_times()
+                seconds[(member.pid, member.create_time())] = t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:  # ended while being read: its time is not counted
+            continue
+    return seconds
+
+
+class DecoderCpu:
+    """CPU seconds, from ``start`` on, of the decoder processes that were running at ``start`` (the actor
+    delivering the batches and its decode processes), read by a thread every ``interval`` seconds: an
+    actor that Ray Data tears down once the last batch is out (before the consumer has it) still counts
+    up to its last reading. Processes that start later are left out: a Decoder actor Ray starts meanwhile
+    (one does, mid-epoch) spends its seconds importing, not on these batches."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self._base: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._last.update(decoder_cpu())
+
+    def start(self) -> None:
+        self._base = decoder_cpu()
+        self._last.update(self._base)
+
+    def seconds(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(decoder_cpu())
+        return sum(self._last[key] - before for key, before in self._base.items())
+
+
+def run_service(cfg: DataConfig, epochs: int, keep: int = 0) -> tuple[Rate, list[tuple[str, int]], list[dict]]:
+    """Steady-state throughput over ``epochs`` epochs, counted from each epoch's first batch to its last;
+    the (key, epoch) of every clip delivered and the first ``keep`` batches."""
     from pipeline.data.loader import ShardLoader
     from pipeline.data.service import build_dataset
 
     loader = ShardLoader(build_dataset(cfg, "train", train=True).iterator(), prefetch_batches=cfg.prefetch_batches)
-    clips, seconds, delivered = 0, 0.0, []
+    clips, seconds, cpu, delivered, kept = 0, 0.0, 0.0, [], []
     for epoch in range(epochs):
-        first = None
+        first, meter = None, DecoderCpu()
         for batch in loader.epoch(epoch):
             delivered += [(key, epoch) for key, view in zip(batch["video_id"], batch["view"].tolist()) if view == 0]
+            if len(kept) < keep:
+                kept.append(batch)
             if first is None:
                 first = time.perf_counter()
+                meter.start()
                 continue
             clips += len(batch["video_id"])
         seconds += time.perf_counter() - first
+        cpu += meter.seconds()
         assert loader.stats.complete and loader.stats.failed == 0, loader.stats
-    return clips / seconds, delivered
+    return Rate(clips / seconds, clips / cpu), delivered, kept
+
+
+def full_recipe_rounds(shards: Path, rounds: int) -> tuple[dict[str, Rate], list[float], list[dict]]:
+    """Views per wall and per decoder CPU second for each recipe (medians over ``rounds``), the per-round
+    ratios on-device decoded clips / decode-only clips per CPU second, and the first batches delivered
+    with ``augment.on_device``."""
+    recipes = {
+        "decode only": bench_config(shards, 1),
+        "decode only, 2 views": bench_config(shards, 1, views=2),
+        "in the actor": bench_config(shards, 1, full_recipe=True),
+        "on the device": bench_config(shards, 1, full_recipe=True, on_device=True),
+    }
+    rates: dict[str, list[Rate]] = {name: [] for name in recipes}
+    kept: list[dict] = []
+    for _ in range(rounds):
+        for name, cfg in recipes.items():
+            rate, _, batches = run_service(cfg, 1, keep=0 if kept or name != "on the device" else 8)
+            rates[name].append(rate)
+            kept += batches
+    ratios = [device.cpu / 2 / alone.cpu for device, alone in zip(rates["on the device"], rates["decode only"])]
+    medians = {name: Rate(statistics.median(r.wall for r in rs), statistics.median(r.cpu for r in rs))
+               for name, rs in rates.items()}  # fmt: skip
+    return medians, ratios, kept
+
+
+def time_device_augment(batches: list[dict], cfg: DataConfig) -> float:
+    """Seconds per view of ``augment_on_device`` on this process's CPU (1 thread), over ``batches`` as the
+    service delivered them with ``augment.on_device``, best of 3 passes."""
+    from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device
+
+    views = sum(len(b["video_id"]) for b in batches)
+    assert views and all("erase" in b for b in batches)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for b in batches:
+            params = DeviceAugmentParams(b["rand_augment"], b["erase"], cfg.augment.mean, cfg.augment.std)
+            augment_on_device(b["video"], params)
+        best = min(best, time.perf_counter() - start)
+    return best / views
 
 
 # ---- the limit: Decord alone on the same bytes and indices -----------------------------------
@@ -208,6 +327,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--size", default="1280x720", help="source WIDTHxHEIGHT")
     parser.add_argument("--epochs", type=int, default=3, help="service epochs per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the full-recipe comparison")
     parser.add_argument("--baseline-clips", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -225,11 +345,13 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              object_store_memory=1 << 30, log_to_driver=False)  # fmt: skip
     try:
-        one, delivered = run_service(bench_config(shards, 1), args.epochs)
-        two, _ = run_service(bench_config(shards, 2), args.epochs)
-        full, _ = run_service(bench_config(shards, 1, full_recipe=True), 1)
+        one, delivered, _ = run_service(bench_config(shards, 1), args.epochs)
+        two, _, _ = run_service(bench_config(shards, 2), args.epochs)
+        one, two = one.wall, two.wall
+        rates, ratios, kept = full_recipe_rounds(shards, args.rounds)
     finally:
         ray.shutdown()
+    augment_s = time_device_augment(kept, bench_config(shards, 1, full_recipe=True, on_device=True))
     limit = decord_limit(bench_config(shards, 1), delivered, shard_samples(shards))
     baseline = pytorchvideo_baseline(raw, args.baseline_clips)
 
@@ -239,10 +361,27 @@ def main() -> None:
     print(f"service, 2 decoder actors         {two:7.2f} clips/s")
     print(f"Decord get_batch tight loop       {limit:7.2f} clips/s (same bytes, sizes, indices; 1 process)")
     print(f"PyTorchVideo on source videos     {baseline:7.2f} clips/s (1 process)")
-    print(f"full recipe, 1 actor (2 views)    {full:7.2f} views/s = {full / 2:.2f} decoded clips/s")
+    full, device, alone, two_views = (rates[k] for k in ("in the actor", "on the device", "decode only",
+                                                         "decode only, 2 views"))  # fmt: skip
+    print(f"1 actor, {args.rounds} interleaved rounds of 1 epoch each, medians; views/s, and views per CPU second "
+          "of the decoder processes:")  # fmt: skip
+    for name, label in [("decode only", "decode only (1 view per decode)"),
+                        ("decode only, 2 views", "decode only, 2 views per decode"),
+                        ("in the actor", "full recipe, augmentation in the actor"),
+                        ("on the device", "full recipe, augmentation on the device")]:  # fmt: skip
+        views = 1 if name == "decode only" else 2
+        print(f"  {label:<40} {rates[name].wall:6.2f} views/s, {rates[name].cpu:6.2f} per CPU-s "
+              f"= {rates[name].cpu / views:5.2f} decoded clips per CPU-s")  # fmt: skip
+    print(f"  augment_on_device on the consumer's CPU (1 thread): {augment_s * 1e3:.1f} ms/view")
     print(f"ratio 1  service per actor / Decord limit        {one / limit:5.2f}   (target >= 0.85)")
     print(f"ratio 2  service per actor / PyTorchVideo         {one / baseline:5.2f}x  (target >= 3)")
     print(f"ratio 3  scaling 1 -> 2 decoder actors            {two / one:5.2f}x  (2 cores shared with reader+consumer)")
+    print(f"ratio 4  full recipe decoded clips / decode only, per CPU-s: in the actor {full.cpu / 2 / alone.cpu:5.2f}, "
+          f"on the device {device.cpu / 2 / alone.cpu:5.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"wall: {full.wall / 2 / alone.wall:.2f}, {device.wall / 2 / alone.wall:.2f})   (target >= 0.9 on the device)")
+    print(f"ratio 5  full recipe / decode only, both 2 views per decode, per CPU-s: in the actor "
+          f"{full.cpu / two_views.cpu:5.2f}, on the device {device.cpu / two_views.cpu:5.2f} (wall: "
+          f"{full.wall / two_views.wall:.2f}, {device.wall / two_views.wall:.2f})")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ Every input is printed with where it comes from, in one of three kinds:
   checkpoint settings of the experiment config, the number of metrics the trainer logs per step
   (``Meter.metrics``), the epoch layout (``pipeline.data.plan.Layout``);
 - measured on this machine: the CPU time one K400-like training sample costs the decoder (Decord
-  decode, then the full augmentation recipe), on the synthetic clips ``benchmarks/data.py`` uses. The
-  defaults are the figures of a ``--measure`` run recorded in docs/benchmarks.md; ``--measure`` measures
-  them again (1-2 minutes; it also saves a real checkpoint of the model to count its bytes);
+  decode, then what the actor renders: the full augmentation recipe, or with ``augment.on_device``,
+  resolved as the job resolves it, crop, resize and flip only, RandAugment and erasing running on the
+  training GPUs), on the synthetic clips ``benchmarks/data.py`` uses. The defaults are the figures of
+  ``--measure`` runs recorded in docs/benchmarks.md; ``--measure`` measures them again (1-2 minutes;
+  it also saves a real checkpoint of the model to count its bytes);
 - assumed, each a named option whose help cites its source: GPU peak FLOP/s and the fraction of it a
   training step reaches, the dataset size, the encoded size of a clip, S3 bandwidth per node, node
   shapes.
@@ -40,9 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Recorded by `python benchmarks/plan.py --measure` on this project's 2-core CPU machine (docs/benchmarks.md,
-# "Plan"): CPU seconds per training sample (2 views, full K400 recipe) on the synthetic 1280x720 -> 320p clips.
-MEASURED_DECODE_CPU_S = 0.1439
-MEASURED_AUGMENT_CPU_S = 0.0782
+# "Plan"): CPU seconds per training sample (2 views, K400 recipe) on the synthetic 1280x720 -> 320p clips:
+# Decord, and the actor's rendering, with the augmentation in the actor (False) or on the device (True:
+# crop, resize, flip), measured taking turns on the same samples.
+MEASURED_CPU_S = {False: (0.1279, 0.0866), True: (0.1279, 0.0350)}  # augment.on_device: (Decord, rendering)
 
 # bf16 dense tensor-core peak, TFLOP/s (without sparsity): NVIDIA A100 datasheet (SXM, 312) and NVIDIA
 # H100 datasheet (SXM5, 1979 "with sparsity" = 989 dense).
@@ -87,57 +90,82 @@ def _bench_data():
     return module
 
 
-def measure_decode(cfg, workdir: Path, count: int, rounds: int) -> tuple[float, float, float, float]:
-    """(decode CPU s, augment CPU s, wall s) per training sample, and the shards' bytes per sample.
+def measure_decode(cfg, workdir: Path, count: int, rounds: int) -> tuple[dict[bool, tuple[float, float, float]], float]:
+    """{augment.on_device: (decode CPU s, augment CPU s, wall s) per training sample}, both settings, and
+    the shards' bytes per sample.
 
     The project's ``SampleDecoder`` (what a decoder actor runs) with the experiment's data config,
     single-threaded, in this process; CPU time (``time.process_time``) so a busy machine changes the
     figure less than wall time. "decode" is ``_read_clips`` (Decord: open, seek, decode and scale the
-    frames both views need); "augment" is the rest of ``decode`` (crops, flip, RandAugment, erasing).
-    ``rounds`` passes over the same ``count`` samples (new views each pass); the pass with the least CPU
-    time counts (best of N: what the code costs, less what other processes on the machine cost it).
+    frames both views need); "augment" is the rest of ``decode``: crops, flip, RandAugment, erasing, or
+    with ``augment.on_device`` crops and flip (and packing the drawn parameters behind the pixels).
+    ``rounds`` passes over the same ``count`` samples (new views each pass), the two settings taking
+    turns on the same samples and draws; per setting the pass with the least CPU time counts (best of
+    N: what the code costs, less what other processes on the machine cost it). Both settings decode the
+    same frames, so both get the lesser of their two Decord figures: the difference between them is
+    the rendering alone, not the noise of two measurements of the same decoding.
     """
+    import dataclasses
+
     import torch
 
     bench = _bench_data()
     _, shards = bench.prepare(workdir, videos=8, copies=8, seconds=10, size="1280x720")
     manifest = json.loads((shards / "train.manifest.json").read_text())
     samples = bench.shard_samples(shards)
-    from pipeline.data.sample_decode import SampleDecoder
-
     torch.set_num_threads(1)
-    decoder = SampleDecoder(cfg.data, "video", train=True)
-    read_cpu = [0.0]
-    read_clips = decoder._read_clips
-
-    def timed_read(*args, **kwargs):
-        start = time.process_time()
-        try:
-            return read_clips(*args, **kwargs)
-        finally:
-            read_cpu[0] += time.process_time() - start
-
-    decoder._read_clips = timed_read
     keys = sorted(samples)
-    shape = (cfg.data.augment.repeated_aug, 3, cfg.data.sampling.num_frames, cfg.data.augment.crop_size,
-             cfg.data.augment.crop_size)  # fmt: skip
-    data, width, height = samples[keys[0]]
-    decoder.decode(data, {"width": width, "height": height}, keys[0], 99)  # warm-up: imports, first open
-    best = None
+    decoders = {on: _TimedDecoder(dataclasses.replace(cfg.data, augment=dataclasses.replace(cfg.data.augment,
+                                                                                           on_device=on)))
+                for on in (False, True)}  # fmt: skip
+    best: dict[bool, tuple[float, float, float]] = {}
     for r in range(rounds):
-        read_cpu[0] = 0.0
-        cpu, wall = time.process_time(), time.perf_counter()
-        for i in range(count):
-            key = keys[i % len(keys)]
-            data, width, height = samples[key]
-            out = decoder.decode(data, {"width": width, "height": height}, key, r * count + i)
-            assert out.shape == shape, out.shape
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        if best is None or cpu < best[0]:
-            best = (cpu, read_cpu[0], wall)
-    cpu, read, wall = best
+        for on, decoder in decoders.items():
+            cpu, read, wall = decoder.run([(samples[keys[i % len(keys)]], keys[i % len(keys)], r * count + i)
+                                           for i in range(count)])  # fmt: skip
+            if on not in best or cpu < best[on][0]:
+                best[on] = (cpu, read, wall)
     per_sample = manifest["total_bytes"] / manifest["num_samples"]
-    return read / count, (cpu - read) / count, wall / count, per_sample
+    decode = min(read for _, read, _ in best.values()) / count
+    return {on: (decode, (cpu - read) / count, wall / count) for on, (cpu, read, wall) in best.items()}, per_sample
+
+
+class _TimedDecoder:
+    """A ``SampleDecoder`` whose Decord part (``_read_clips``) is timed apart from the rest."""
+
+    def __init__(self, data) -> None:
+        from pipeline.data.sample_decode import SampleDecoder
+
+        self.decoder = SampleDecoder(data, "video", train=True)
+        self.read_cpu = 0.0
+        read_clips = self.decoder._read_clips
+
+        def timed_read(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return read_clips(*args, **kwargs)
+            finally:
+                self.read_cpu += time.process_time() - start
+
+        self.decoder._read_clips = timed_read
+        aug = data.augment
+        self.shape = (aug.repeated_aug, 3, data.sampling.num_frames, aug.crop_size, aug.crop_size)
+        if self.decoder.on_device:  # each view's pixels, then its drawn ops and box (SampleDecoder.decode)
+            from pipeline.data.sampling import augment_dtype, augment_slots
+
+            self.shape = (self.shape[0], math.prod(self.shape[1:]) + augment_dtype(augment_slots(aug)).itemsize)
+
+    def run(self, work: list) -> tuple[float, float, float]:
+        """(CPU s, of which Decord, wall s) for ``work``: ((bytes, width, height), key, epoch) per sample,
+        after one warm-up decode (imports, first open)."""
+        ((data, width, height), key, _) = work[0]
+        self.decoder.decode(data, {"width": width, "height": height}, key, 10**6)
+        self.read_cpu = 0.0
+        cpu, wall = time.process_time(), time.perf_counter()
+        for (data, width, height), key, epoch in work:
+            out = self.decoder.decode(data, {"width": width, "height": height}, key, epoch)
+            assert out.shape == self.shape, out.shape
+        return time.process_time() - cpu, self.read_cpu, time.perf_counter() - wall
 
 
 def measure_checkpoint(cfg) -> tuple[int, float]:
@@ -234,10 +262,11 @@ def main() -> None:
     parser.add_argument("--gpu-node-cpus", type=int, default=88,
                         help="CPUs of a GPU node's Ray pod: the prod overlay's 44 per 4 GPUs, for 8 GPUs")
     parser.add_argument("--cpu-node-cpus", type=int, default=15, help="CPUs of a cpu-workers pod (prod overlay: 15)")
-    parser.add_argument("--decode-cpu-s", type=float, default=MEASURED_DECODE_CPU_S,
+    parser.add_argument("--decode-cpu-s", type=float, default=None,
                         help="CPU s per training sample in Decord (measured: see --measure)")
-    parser.add_argument("--augment-cpu-s", type=float, default=MEASURED_AUGMENT_CPU_S,
-                        help="CPU s per training sample in the augmentation (measured: see --measure)")
+    parser.add_argument("--augment-cpu-s", type=float, default=None,
+                        help="CPU s per training sample in the actor's rendering: the full augmentation, or crop, "
+                             "resize and flip with data.augment.on_device (measured: see --measure)")
     parser.add_argument("--decode-slowdown", type=float, default=1.0,
                         help="multiplier on the decode CPU time for real footage (1.0 = the synthetic clips "
                              "as measured; real footage was guessed 1.5-2x slower, never measured)")
@@ -258,6 +287,11 @@ def main() -> None:
 
     cfg = load_config(ROOT / args.config, ["data.root=s3://mvit-data/k400-shards", *args.set])
     data, trainer, tracking = cfg.data, cfg.trainer, cfg.tracking
+    on_device = data.augment.on_device = data.augment.on_device_for(trainer.use_gpu)  # as the job resolves it
+    recorded = MEASURED_CPU_S[on_device]
+    args.decode_cpu_s = recorded[0] if args.decode_cpu_s is None else args.decode_cpu_s
+    args.augment_cpu_s = recorded[1] if args.augment_cpu_s is None else args.augment_cpu_s
+    rendered = "crop, resize, flip; RandAugment + erasing on the GPUs" if on_device else "full recipe"
     kinds = [k.strip().lower() for k in args.gpu_kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in GPU_PEAK_TFLOPS]
     if unknown:
@@ -268,12 +302,13 @@ def main() -> None:
     measured_note = "recorded --measure run (docs/benchmarks.md, Plan)"
     ckpt_measured = None
     if args.measure:
-        decode_s, augment_s, wall_s, shard_bytes = measure_decode(cfg, Path(args.workdir), args.measure_samples,
-                                                                  args.measure_rounds)
-        args.decode_cpu_s, args.augment_cpu_s = decode_s, augment_s
+        figures, shard_bytes = measure_decode(cfg, Path(args.workdir), args.measure_samples, args.measure_rounds)
+        args.decode_cpu_s, args.augment_cpu_s, wall_s = figures[on_device]
+        other = figures[not on_device]
         measured_note = (f"measured now: best of {args.measure_rounds} x {args.measure_samples} samples, "
                          f"{wall_s:.3f} s wall per sample; "
-                         f"shards {shard_bytes / 1e6:.3f} MB/sample")
+                         f"shards {shard_bytes / 1e6:.3f} MB/sample; augment.on_device={str(not on_device).lower()}: "
+                         f"{other[0]:.4f} s + {other[1]:.4f} s")
         ckpt_measured = measure_checkpoint(cfg)
     if not (args.decode_cpu_s > 0 and args.augment_cpu_s > 0):
         parser.error("no decode figures: run with --measure, or give --decode-cpu-s and --augment-cpu-s")
@@ -334,7 +369,7 @@ def main() -> None:
         Input("shard encoding", f"short side {encoder.short_side}, GOP {encoder.gop}: {stored_w}x{stored_h} at 16:9",
               "preprocessing VideoEncoder"),
         Input("decode CPU/sample", f"{args.decode_cpu_s:.4f} s Decord + {args.augment_cpu_s:.4f} s augmentation "
-                                   f"(full recipe, {views} views) = {1 / sample_cpu:.2f} samples/s per core",
+                                   f"({rendered}, {views} views) = {1 / sample_cpu:.2f} samples/s per core",
               measured_note),
     ]
     if ckpt_measured:
@@ -398,7 +433,7 @@ def main() -> None:
         ("CPU decode: decoder cores", lambda p: f"{math.ceil(p['cpu_cores']):,}"),
         (f"CPU decode: cpu-workers pods of {args.cpu_node_cpus}", lambda p: f"{p['cpu_nodes']:,}"),
         ("NVDEC: decode per GPU, 1080p eq.", lambda p: f"{p['nvdec_1080p']:,.0f} frames/s"),
-        ("NVDEC: augmentation cores", lambda p: f"{p['aug_cores']:,.0f}"),
+        ("NVDEC: augmentation cores" if not on_device else "NVDEC: crop/flip cores", lambda p: f"{p['aug_cores']:,.0f}"),
         ("NVDEC: actors per GPU needed", lambda p: f"{p['actors_per_gpu']} (set: {nvdec_actors_per_gpu}, "
                                                    f"{nvdec_fed:.0f} samples/s)"),
         ("object store, GPU node", lambda p: gib(store_gpu_node)),
@@ -422,7 +457,9 @@ def main() -> None:
     print("cores = samples/s x (decode + augmentation CPU s) / service efficiency; cpu-workers pods for what the")
     print(f"{spare_gpu_node_cpus:g} spare CPUs of each GPU node leave. NVDEC: ~{frames_per_sample:.0f} frames decoded "
           f"per sample ({views} x ({span:.0f} + GOP/2)) at {stored_w}x{stored_h};")
-    print("the augmentation stays on the decoder actor's CPU. Object store: trainers x (prefetch + 1) decoded batches")
+    print(("the augmentation stays on the decoder actor's CPU" if not on_device else "crop, resize and flip stay on the "
+           "decoder actor's CPU, RandAugment and erasing run on the GPUs (data.augment.on_device)")
+          + ". Object store: trainers x (prefetch + 1) decoded batches")  # fmt: skip
     print("+ CPU decoder actors x tasks in flight x (decoded + encoded batch). S3 read = samples/s x clip bytes.")
     print("Checkpoint upload = size / GPU nodes / S3 per node (through one node in brackets); checkpoints at epoch")
     print(f"ends and every {every} steps. MLflow calls = steps/s / log_every_steps (rank 0). "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from core.errors import ConfigError
 from core.redact import redact_url
@@ -81,6 +81,13 @@ class AugmentConfig:
     every frame). ``repeated_aug``: views per decoded training sample (decode once, augment k
     times; the k views land in the same batch). Mixup/cutmix/label smoothing are applied on the
     training device by ``pipeline.data.device.mix_batch``; set both alphas to 0 to turn mixing off.
+
+    ``on_device``: where RandAugment and random erasing run. true: on the training device, batched
+    (``pipeline.data.device_augment``), beside normalisation and mixing; the decoder actors keep
+    decode, crop and flip and send each view's drawn ops and box along, so a view is the same either
+    way (the parameters are drawn in the actor as before). false: in the decoder actors. "auto": true
+    when the training workers use GPUs (``trainer.use_gpu``), resolved by the job on the driver; a
+    dataset built outside a training job, with "auto" left unresolved, augments in the actors.
     """
 
     crop_size: int = 224
@@ -103,6 +110,11 @@ class AugmentConfig:
     label_smoothing: float = 0.1
     mean: list[float] = field(default_factory=lambda: list(KINETICS_MEAN))
     std: list[float] = field(default_factory=lambda: list(KINETICS_STD))
+    on_device: Union[bool, str] = "auto"
+
+    def on_device_for(self, training_on_gpu: bool) -> bool:
+        """``on_device`` resolved for a job whose training workers do (or do not) use GPUs."""
+        return training_on_gpu if self.on_device == "auto" else self.on_device is True
 
 
 @dataclass
@@ -260,6 +272,8 @@ class DataConfig:
             (0 <= a.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)", a.label_smoothing),
             (len(a.mean) == 3, "augment.mean", "must have 3 values", a.mean),
             (len(a.std) == 3 and min(a.std) > 0, "augment.std", "must have 3 values > 0", a.std),
+            (a.on_device is True or a.on_device is False or a.on_device == "auto", "augment.on_device",
+             "must be 'auto', true or false", a.on_device),
             (d.min_actors >= 1, "decoder.min_actors", "must be >= 1", d.min_actors),
             (d.max_actors >= d.min_actors, "decoder.max_actors", "must be >= data.decoder.min_actors", d.max_actors),
             (d.num_cpus >= 0, "decoder.num_cpus", "must be >= 0", d.num_cpus),

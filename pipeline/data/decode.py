@@ -10,6 +10,11 @@ view: a training view (``augment.repeated_aug`` per sample, decoded once) or an 
 by Pillow; both resize at decode time where that saves work (Decord's scaler for the frame size the
 views need, Pillow's JPEG draft mode for DCT-domain downscaling by 2/4/8).
 
+With ``augment.on_device`` a training row also carries its view's drawn RandAugment ops and erase box
+(``rand_augment`` float64 (slots, 3), ``erase`` int64 (5,); ``sampling.augment_record``), which the
+decode process sends behind the view's pixels and the actor checks before passing them on; the
+training device applies them (``device_augment``).
+
 Decode context: ``decord.gpu(i)`` (NVDEC) when Decord was built with CUDA and Ray gave the actor a
 GPU, ``decord.cpu(0)`` otherwise; chosen per actor at start-up and logged. A sample that fails to
 decode becomes ``views`` rows with status FAILED and the reason, never an exception: whether its
@@ -28,6 +33,7 @@ import numpy as np
 
 from pipeline.data.config import DataConfig, DecoderPoolConfig
 from pipeline.data.plan import BROKEN, FAILED, OK, PAD, stable_hash
+from pipeline.data.sampling import augment_dtype, augment_problem, augment_slots
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,21 @@ def view_rng(seed: int, epoch: int, key: str, view: int, stream: int = 0) -> np.
     return np.random.default_rng([seed, epoch, view, stable_hash("sample", key), stream])
 
 
+def split_views(packed: np.ndarray, shape: tuple[int, ...], slots: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's views and their augmentation records out of what ``SampleDecoder.decode`` returns with
+    ``augment.on_device``: (views, pixels + record bytes) uint8 -> pixels of ``shape``, records. Raises
+    ``ValueError`` for anything a decode process could not have drawn (``sampling.augment_problem``)."""
+    dtype, pixels = augment_dtype(slots), int(np.prod(shape[1:]))
+    if packed.dtype != np.uint8 or packed.shape != (shape[0], pixels + dtype.itemsize):
+        raise ValueError(f"the decode process sent {packed.dtype} {list(packed.shape)} for {shape[0]} views with "
+                         f"augmentation parameters")  # fmt: skip
+    records = np.ascontiguousarray(packed[:, pixels:]).view(dtype).reshape(shape[0])
+    problem = augment_problem(records, crop)
+    if problem:
+        raise ValueError(f"the decode process sent invalid augmentation parameters: {problem}")
+    return packed[:, :pixels].reshape(shape), records
+
+
 def sample_meta(text: str) -> dict[str, Any]:
     """The ``.json`` metadata of a row ({} when absent or unreadable)."""
     try:
@@ -138,6 +159,7 @@ class Decoder:
         self.cfg, self.modality, self.train = cfg, modality, train
         self.views = views_per_sample(cfg, modality, train)
         self.frames = 1 if modality == "image" else cfg.sampling.num_frames
+        self.on_device = train and cfg.augment.on_device is True  # as SampleDecoder decides it
         self.device = DecodeDevice("cpu", 0, "images decode with Pillow on the CPU")
         gpu_ids: list = []
         if modality == "video":
@@ -196,6 +218,9 @@ class Decoder:
         video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
         status = np.full(rows, OK, np.int8)
         errors = [""] * rows
+        slots = augment_slots(self.cfg.augment)
+        records = np.zeros(rows, augment_dtype(slots))
+        records["ops"][..., 0] = -1
         for i in range(n):
             kind, key = int(batch["kind"][i]), str(batch["key"][i])
             block = slice(i * views, (i + 1) * views)
@@ -206,8 +231,14 @@ class Decoder:
                 status[block], errors[block] = FAILED, [str(batch["error"][i])] * views
                 continue
             try:
-                video[block] = self._decode_one(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
-                                                int(batch["epoch"][i]))  # fmt: skip
+                decoded = self._decode_one(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
+                                           int(batch["epoch"][i]))  # fmt: skip
+                if self.on_device:
+                    try:
+                        decoded, records[block] = split_views(decoded, (views, *video.shape[1:]), slots, crop)
+                    except ValueError as err:  # the child's numbers, not the sample: still only this sample fails
+                        raise SampleFailed(str(err)) from None
+                video[block] = decoded
             except Exception as exc:  # noqa: BLE001 - a bad sample is skipped and counted, never fatal
                 if self._process is not None and not isinstance(exc, SampleFailed):
                     raise  # the isolation itself broke (not the sample): Ray Data's bounded retries take over
@@ -217,6 +248,8 @@ class Decoder:
                 status[block], errors[block] = FAILED, [message] * views
                 video[block] = 0
         repeat = lambda column: np.repeat(np.asarray(batch[column]), views)  # noqa: E731
+        augment = {"rand_augment": np.ascontiguousarray(records["ops"]),
+                   "erase": np.ascontiguousarray(records["erase"])} if self.on_device else {}  # fmt: skip
         return {
             "video": video,
             "label": np.where(status == OK, repeat("label"), -1).astype(np.int64),
@@ -227,4 +260,5 @@ class Decoder:
             "unit": repeat("unit"),
             "epoch": repeat("epoch"),
             "error": np.asarray(errors, dtype=object),
+            **augment,
         }

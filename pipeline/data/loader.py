@@ -368,4 +368,8 @@ class ShardLoader:
             "mix_seed": stable_hash("mix", self.seed, epoch, stats.start, step, self.rank) % 2**63,
             "epoch": epoch,
             "step": step,
+            # augment.on_device: each view's drawn RandAugment ops and erase box, for device_augment. They stay
+            # on the host, which groups the rows by op; only the pixels work on the device.
+            **{name: torch.from_numpy(np.ascontiguousarray(rows[name][keep]))
+               for name in ("rand_augment", "erase") if name in rows},
         }

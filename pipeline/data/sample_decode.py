@@ -3,13 +3,20 @@
 The heavy half of decoding (torch, torchvision, Decord), kept apart from the actor (``decode``) so that
 only the process that decodes imports it: the decode child's zygote (``isolation``), or the actor
 itself when ``decoder.isolate`` is off.
+
+With ``augment.on_device`` (training only) a view is rendered up to the flip, and each view's drawn
+RandAugment ops and erase box travel with it: ``decode`` then returns every view's pixels followed by
+its ``sampling.augment_record`` bytes, one uint8 row per view, because what a decode child sends its
+actor is raw uint8 bytes of a declared shape (never a pickle); the actor splits and checks them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import av
@@ -19,7 +26,15 @@ from PIL import Image
 
 from pipeline.data.config import DataConfig
 from pipeline.data.decode import decord_has_cuda, load_decord, view_rng, views_per_sample
-from pipeline.data.sampling import ViewSpec, eval_clips, eval_views, train_clip, train_view
+from pipeline.data.sampling import (
+    ViewSpec,
+    augment_record,
+    augment_slots,
+    eval_clips,
+    eval_views,
+    train_clip,
+    train_view,
+)
 from pipeline.data.transforms import render_view
 
 
@@ -37,6 +52,7 @@ class SampleDecoder:
                  device_index: int = 0) -> None:  # fmt: skip
         self.cfg, self.modality, self.train = cfg, modality, train
         self.views = views_per_sample(cfg, modality, train)
+        self.on_device = train and cfg.augment.on_device is True  # "auto" unresolved: no training device known
         torch.set_num_threads(max(1, round(cfg.decoder.num_cpus)))
         self._ctx = None
         if modality == "video":
@@ -48,12 +64,30 @@ class SampleDecoder:
     # ---- one sample ---------------------------------------------------------------------------
 
     def decode(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
-        """(views, 3, T, crop, crop) uint8 for one sample."""
+        """(views, 3, T, crop, crop) uint8 for one sample; with ``on_device``, (views, pixels + record
+        bytes) uint8, which ``decode.split_views`` takes apart."""
         if not data:
             raise ValueError("empty media member")
         if self.modality == "image":
             return self._decode_image(data, meta, key, epoch)
         return self._decode_video(data, meta, key, epoch)
+
+    def _render(self, views: Iterable[tuple[torch.Tensor, ViewSpec]], fx: float, fy: float) -> np.ndarray:
+        """Each (frames, spec) as a view, rendered in full or, with ``on_device``, up to the flip and packed
+        with the ops and box the training device applies. ``views`` is consumed lazily: one view's frames
+        at a time are held beside the decoded ones."""
+        aug = self.cfg.augment
+        if not self.on_device:
+            return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy()
+                             for frames, spec in views])  # fmt: skip
+        slots = augment_slots(aug)
+        pixels, records = [], []
+        for frames, spec in views:
+            bare = dataclasses.replace(spec, ops=(), erase=None)
+            pixels.append(render_view(frames, fx, fy, bare, aug.crop_size, aug.mean, aug.std).numpy().reshape(-1))
+            records.append(augment_record(spec, slots))
+        packed = np.stack(records).view(np.uint8).reshape(len(records), -1)
+        return np.concatenate([np.stack(pixels), packed], axis=1)
 
     def _specs(self, width: int, height: int, key: str, epoch: int) -> list[ViewSpec]:
         aug = self.cfg.augment
@@ -81,11 +115,7 @@ class SampleDecoder:
             # 72x48); decode at the stored size instead and let render_view resize.
             frames, wanted, plan = self._read_clips(data, specs, key, epoch, meta, None, (width, height))
         fx, fy = frames.shape[2] / width, frames.shape[1] / height
-        aug = self.cfg.augment
-        return np.stack(
-            [render_view(frames[np.searchsorted(wanted, clip)], fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy()
-             for clip, spec in plan]
-        )  # fmt: skip
+        return self._render(((frames[np.searchsorted(wanted, clip)], spec) for clip, spec in plan), fx, fy)
 
     def _read_clips(
         self, data: bytes, specs: list[ViewSpec], key: str, epoch: int, meta: dict[str, Any],
@@ -142,8 +172,7 @@ class SampleDecoder:
                     fx, fy = spanned_w / width, spanned_h / height
             rgb = np.asarray(image.convert("RGB"))
         frames = torch.from_numpy(rgb.copy()).unsqueeze(0)  # T = 1
-        aug = self.cfg.augment
-        return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy() for spec in specs])
+        return self._render(((frames, spec) for spec in specs), fx, fy)
 
 
 def _stream_size(data: bytes) -> tuple[int, int]:

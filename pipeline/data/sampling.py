@@ -4,6 +4,10 @@ Everything here is a pure function of its inputs and a ``numpy.random.Generator`
 seeds one generator per view from (seed, epoch, sample key, view), so a view's frames, crop, flip,
 RandAugment ops and erased box depend on nothing else (not on the actor, the batch or the order).
 
+With ``augment.on_device`` the decoder renders crop, resize and flip only and sends each view's
+RandAugment ops and erase box along as fixed-width numbers (``augment_record``), which
+``device_augment`` applies on the training device; they are drawn here either way, in the same order.
+
 Temporal sampling: a clip is ``num_frames`` frames ``stride`` frames apart at ``target_fps``, i.e.
 ``stride * fps / target_fps`` source frames apart (rounded per frame), as PySlowFast's sampling
 rate is defined. Training starts it uniformly at random where it fits in the video; evaluation
@@ -180,6 +184,54 @@ def erase_box(rng: np.random.Generator, crop: int, probability: float) -> Erase 
         if 0 < w < crop and 0 < h < crop:
             return Erase(int(rng.integers(0, crop - w + 1)), int(rng.integers(0, crop - h + 1)), w, h,
                          int(rng.integers(2**31)))  # fmt: skip
+    return None
+
+
+# ---- a view's augmentation as numbers (augment.on_device) -------------------------------------
+
+
+def augment_slots(aug: AugmentConfig) -> int:
+    """RandAugment op slots per view (at least one, so the column keeps a shape when RandAugment is off)."""
+    return max(aug.rand_augment_ops if aug.rand_augment else 0, 1)
+
+
+def augment_dtype(slots: int) -> np.dtype:
+    """One view's record: per slot (op index in RAND_AUGMENT_OPS or -1, magnitude, sign), and the erase
+    box (x, y, w, h, seed; w = 0: none). Little-endian and fixed-width: it crosses from the decode child
+    to the actor as raw bytes. float64 keeps the drawn magnitude exactly."""
+    return np.dtype([("ops", "<f8", (slots, 3)), ("erase", "<i8", (5,))])
+
+
+def augment_record(spec: ViewSpec, slots: int) -> np.ndarray:
+    record = np.zeros((), augment_dtype(slots))
+    record["ops"][:, 0] = -1
+    for slot, op in enumerate(spec.ops):
+        record["ops"][slot] = (RAND_AUGMENT_OPS.index(op.name), op.magnitude, op.sign)
+    if spec.erase is not None:
+        e = spec.erase
+        record["erase"] = (e.x, e.y, e.w, e.h, e.seed)
+    return record
+
+
+def augment_problem(records: np.ndarray, crop: int) -> str | None:
+    """Why these records cannot be what ``train_view`` drew (None if they can). The actor checks what a
+    decode child sends: a child that hostile media took over may send anything, and these numbers
+    index an op table and address pixels on the training device."""
+    ops, erase = records["ops"], records["erase"]
+    index, magnitude, sign = ops[..., 0], ops[..., 1], ops[..., 2]
+    used = index >= 0
+    if not np.isin(index, np.arange(-1, len(RAND_AUGMENT_OPS))).all():
+        return "an op index outside the op table"
+    if not (np.isfinite(magnitude[used]).all() and (magnitude[used] >= 0).all() and (magnitude[used] <= 10).all()):
+        return "a magnitude outside [0, 10]"
+    if not np.isin(sign[used], (-1, 1)).all():
+        return "a sign other than +-1"
+    x, y, w, h, seed = erase.T
+    boxed = w > 0
+    small = (x >= 0) & (y >= 0) & (h > 0) & (x <= crop) & (y <= crop) & (w <= crop) & (h <= crop)  # no overflow below
+    inside = small & (x + w <= crop) & (y + h <= crop) & (seed >= 0) & (seed < 2**31)
+    if not (inside | ~boxed).all() or (erase[~boxed] != 0).any():
+        return "an erase box outside the crop"
     return None
 
 

@@ -13,12 +13,20 @@ PySlowFast's recipe sets bicubic.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.data.device_augment import (
+    enhance_factor,
+    erase_patch,
+    posterize_bits,
+    rotate_degrees,
+    shear_degrees,
+    solarize_add,
+    solarize_threshold,
+    translate_fraction,
+)
 from pipeline.data.sampling import RandAugmentOp, ViewSpec
 
 _FILL = [128.0, 128.0, 128.0]  # timm's fill for geometric ops
@@ -55,16 +63,16 @@ def apply_rand_augment(clip: torch.Tensor, op: RandAugmentOp) -> torch.Tensor:
     if name == "Invert":
         return F.invert(clip)
     if name == "Rotate":
-        return F.rotate(clip, op.sign * 30.0 * level, interpolation=InterpolationMode.BILINEAR, fill=_FILL)
+        return F.rotate(clip, rotate_degrees(level, op.sign), interpolation=InterpolationMode.BILINEAR, fill=_FILL)
     if name == "PosterizeIncreasing":
-        return F.posterize(clip, 4 - int(level * 4))
+        return F.posterize(clip, posterize_bits(level))
     if name == "SolarizeIncreasing":
-        threshold = 256 - int(level * 256)
+        threshold = solarize_threshold(level)
         return F.solarize(clip, threshold) if threshold < 256 else clip
     if name == "SolarizeAdd":
-        added = (clip.to(torch.int16) + int(level * 110)).clamp_(max=255).to(torch.uint8)
+        added = (clip.to(torch.int16) + solarize_add(level)).clamp_(max=255).to(torch.uint8)
         return torch.where(clip < 128, added, clip)
-    factor = 1.0 + op.sign * level * 0.9
+    factor = enhance_factor(level, op.sign)
     if name == "ColorIncreasing":
         return F.adjust_saturation(clip, factor)
     if name == "ContrastIncreasing":
@@ -75,7 +83,7 @@ def apply_rand_augment(clip: torch.Tensor, op: RandAugmentOp) -> torch.Tensor:
         return F.adjust_sharpness(clip, factor)
     if name in ("ShearX", "ShearY"):
         # timm's PIL matrix (1, f, 0, 0, 1, 0) shears about the top-left corner, not the centre
-        degrees = math.degrees(math.atan(op.sign * 0.3 * level))
+        degrees = shear_degrees(level, op.sign)
         shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
         return F.affine(clip, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=shear,
                         interpolation=InterpolationMode.BILINEAR, fill=_FILL, center=[0.0, 0.0])  # fmt: skip
@@ -83,7 +91,7 @@ def apply_rand_augment(clip: torch.Tensor, op: RandAugmentOp) -> torch.Tensor:
         # timm samples the input at x + pct * width (a sub-pixel shift, content moves left for pct > 0);
         # torchvision's translate moves content by +t, hence the minus sign
         height, width = clip.shape[-2:]
-        pct = op.sign * 0.45 * level
+        pct = translate_fraction(level, op.sign)
         shift = [-pct * width, 0.0] if name == "TranslateXRel" else [0.0, -pct * height]
         return F.affine(clip, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
                         interpolation=InterpolationMode.BILINEAR, fill=_FILL)  # fmt: skip
@@ -95,12 +103,6 @@ def erase(
 ) -> torch.Tensor:
     """Fill the same box of every frame with per-pixel noise ~ N(mean, std) (in 0..255 units), which
     is N(0, 1) after normalisation, as timm's RandomErasing(mode="pixel") draws it."""
-    generator = torch.Generator().manual_seed(seed)
-    channels = clip.shape[1]
-    noise = torch.randn((channels, h, w), generator=generator)
-    mean_t = torch.tensor(mean).view(-1, 1, 1) * 255.0
-    std_t = torch.tensor(std).view(-1, 1, 1) * 255.0
-    patch = (noise * std_t + mean_t).round_().clamp_(0, 255).to(torch.uint8)
     out = clip.clone()
-    out[:, :, y : y + h, x : x + w] = patch
+    out[:, :, y : y + h, x : x + w] = erase_patch(clip.shape[1], h, w, seed, mean, std)
     return out

@@ -167,6 +167,9 @@ def run(cfg: ExperimentConfig) -> Any:
                           f"service makes {sampling.num_frames}x{augment.crop_size}^2 (data.sampling.num_frames, "
                           "data.augment.crop_size)")
 
+    # "auto" becomes a boolean here, where it is known whether the trainers use GPUs: the decoder actors
+    # and the workers (through the job spec) then agree on where RandAugment and erasing run
+    augment.on_device = augment.on_device_for(cfg.trainer.use_gpu)
     storage_path, storage_fs = _storage(cfg)
     check_storage(cfg)
     default_tracking_dir = storage_path if storage_fs is None and "://" not in storage_path else "~/.mvit"

@@ -184,7 +184,14 @@ class Trainer:
         return torch.zeros((1,) + self.model_cfg.input_shape, device=self.ctx.device)
 
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        x = normalize(batch["video"], self.mean, self.std)
+        video = batch["video"]
+        if "erase" in batch:  # augment.on_device: the decoder drew the views' RandAugment ops and boxes
+            # imported here: it pulls in torchvision (seconds), which a job without the option never needs
+            from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device
+
+            video = augment_on_device(video, DeviceAugmentParams(batch["rand_augment"], batch["erase"], self.mean,
+                                                                 self.std))  # fmt: skip
+        x = normalize(video, self.mean, self.std)
         rows = int(x.shape[0])
         if rows == 0:  # weight 0: the step only keeps the ranks' collectives in step
             return self.model(self._placeholder_clip()).sum() * 0.0, 0
