@@ -272,10 +272,7 @@ class ShardLoader:
             for step in range(layout.batches_per_worker):
                 rows = self._next_rows(stream, epoch, step)
                 if rows is None:
-                    raise RuntimeError(
-                        f"rank {self.rank} got {step} batches in epoch {epoch}, the plan has "
-                        f"{layout.batches_per_worker}: was the dataset split into {self.world_size} parts?"
-                    )
+                    raise self._miscount(epoch, str(step), layout)
                 self._check_unit(rows, epoch, layout, step)
                 batch = self._collect(rows, stats, epoch, step)
                 stats.batches += 1
@@ -283,12 +280,15 @@ class ShardLoader:
                 yield batch
             stream.passed()
             if stream.next is None and self._next_rows(stream, epoch, layout.batches_per_worker) is not None:
-                raise RuntimeError(f"rank {self.rank} got more than the plan's {layout.batches_per_worker} batches "
-                                   f"in epoch {epoch}: was the dataset split into {self.world_size} parts?")
+                raise self._miscount(epoch, f"more than {layout.batches_per_worker}", layout)
             finished = True
         finally:
             if not finished or stream.next is None:
                 self._stream = None
+
+    def _miscount(self, epoch: int, got: str, layout: Layout) -> RuntimeError:
+        return RuntimeError(f"rank {self.rank} got {got} batches in epoch {epoch}, the plan has "
+                            f"{layout.batches_per_worker}: was the dataset split into {self.world_size} parts?")
 
     def _next_rows(self, stream: _Stream, epoch: int, step: int) -> dict[str, np.ndarray] | None:
         """The stream's next batch, None at its end. A wait longer than ``data.batch_timeout_s`` raises

@@ -1,8 +1,8 @@
 """Reading a split's shards into Ray Data: a ``Datasource`` whose read plan follows the epoch plan.
 
 One read task per read group (``plan.ReadGroup``) of each epoch the execution carries (the
-cursor's ``plan.Span``: one execution may read a whole run's epochs back to back). A task opens its shards through fsspec (local
-paths, ``file://``, ``s3://`` with an endpoint override), iterates each tar with
+cursor's ``plan.Span``: one execution may read a whole run's epochs back to back). A task opens its
+shards through fsspec (local paths, ``file://``, ``s3://`` with an endpoint override), iterates each tar with
 ``core.tar_members`` (bounded: per-member size cap, plain tar only, links, devices and sparse members
 refused), groups members into samples by webdataset's key rule (``_grouped``, which unlike
 ``group_by_keys`` keeps a complete sample read just before a break), interleaves the shards
