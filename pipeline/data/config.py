@@ -23,7 +23,6 @@ from typing import Optional, Union
 
 from core.errors import ConfigError
 from core.redact import redact_url
-from core.s3 import storage_options_for
 from core.tar_members import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MEMBER_HEADROOM
 
 KINETICS_MEAN = [0.45, 0.45, 0.45]
@@ -205,7 +204,11 @@ class DataConfig:
     def storage_options(self) -> dict:
         """fsspec options for ``root``: for S3, a non-secret endpoint and the retry policy (read here,
         on the driver, from ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE``, so every read task retries the
-        same way; see ``core.s3.RetryPolicy``). Credentials stay in the env."""
+        same way; see ``core.s3.RetryPolicy``). Credentials stay in the env. Imported here, not at the
+        top: core.s3 needs pyarrow, and the model and benchmark code that imports this module must run
+        on a bare CUDA machine with torch alone (benchmarks/gpu_check.py)."""
+        from core.s3 import storage_options_for
+
         return storage_options_for(self.root, self.s3_endpoint_url)
 
     def __post_init__(self) -> None:

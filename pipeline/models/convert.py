@@ -31,7 +31,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from core.errors import CheckpointMismatch, UnsafeCheckpoint, weights_only_refusal
 from pipeline.models.mvit import MViT, MViTConfig
@@ -282,6 +281,8 @@ def _check_slowfast_cfg(obj: object, model: MViT) -> None:
     text = obj.get("cfg") if isinstance(obj, Mapping) and "model_state" in obj else None
     if not isinstance(text, str):
         return
+    import yaml  # here, not at the top: a bare CUDA machine (benchmarks/gpu_check.py) has torch but no PyYAML
+
     try:
         mvit = yaml.safe_load(text).get("MVIT")
     except (yaml.YAMLError, AttributeError):
