@@ -78,7 +78,11 @@ class AugmentConfig:
     ``rand_augment_*``: timm-style RandAugment (m, n, magnitude std, increasing ops), same ops on
     every frame of a clip. ``random_erasing``: probability of erasing one box (the same box in
     every frame). ``repeated_aug``: views per decoded training sample (decode once, augment k
-    times; the k views land in the same batch). Mixup/cutmix/label smoothing are applied on the
+    times; the k views land in the same batch). ``clips_per_sample``: how many clip positions those
+    views are cut from (PySlowFast's ``DATA.TRAIN_CROP_NUM_TEMPORAL``, whose default 1 is what the
+    MViT recipes train with: every ``AUG.NUM_SAMPLE`` view augments the same decoded clip); it must
+    divide ``repeated_aug``, and ``repeated_aug`` gives each view a clip of its own, at the cost of
+    decoding that many clips' frames per sample. Mixup/cutmix/label smoothing are applied on the
     training device by ``pipeline.data.device.mix_batch``; set both alphas to 0 to turn mixing off.
 
     ``on_device``: where RandAugment and random erasing run. true: on the training device, batched
@@ -101,6 +105,7 @@ class AugmentConfig:
     rand_augment_mstd: float = 0.5
     random_erasing: float = 0.25
     repeated_aug: int = 2
+    clips_per_sample: int = 1
     eval_short_side: int = 224
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -270,6 +275,8 @@ class DataConfig:
             (0 <= a.mix_prob <= 1, "augment.mix_prob", "must be in [0, 1]", a.mix_prob),
             (0 <= a.switch_prob <= 1, "augment.switch_prob", "must be in [0, 1]", a.switch_prob),
             (a.repeated_aug >= 1, "augment.repeated_aug", "must be >= 1", a.repeated_aug),
+            (a.clips_per_sample >= 1 and a.repeated_aug % max(a.clips_per_sample, 1) == 0, "augment.clips_per_sample",
+             f"must be >= 1 and divide augment.repeated_aug ({a.repeated_aug})", a.clips_per_sample),
             (a.mixup_alpha >= 0, "augment.mixup_alpha", "must be >= 0", a.mixup_alpha),
             (a.cutmix_alpha >= 0, "augment.cutmix_alpha", "must be >= 0", a.cutmix_alpha),
             (0 <= a.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)", a.label_smoothing),
@@ -296,6 +303,7 @@ class DataConfig:
         ]
         # a rule that compares with another key names it: that key may be the one that was set
         related = {"augment.eval_short_side": ("data.augment.crop_size",),
+                   "augment.clips_per_sample": ("data.augment.repeated_aug",),
                    "decoder.max_actors": ("data.decoder.min_actors",)}
         for ok, name, rule, value in checks:
             if not ok:

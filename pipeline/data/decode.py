@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.data.config import DataConfig, DecoderPoolConfig
 from pipeline.data.plan import BROKEN, FAILED, OK, PAD, stable_hash
-from pipeline.data.sampling import augment_dtype, augment_problem, augment_slots
+from pipeline.data.sampling import augment_dtype, augment_problem, augment_slots, train_clip
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,14 @@ def view_rng(seed: int, epoch: int, key: str, view: int, stream: int = 0) -> np.
     """A generator of one training view: a function of (seed, epoch, key, view) only. Stream 0 draws
     the spatial parameters, stream 1 the clip position."""
     return np.random.default_rng([seed, epoch, view, stable_hash("sample", key), stream])
+
+
+def train_clips(cfg: DataConfig, key: str, epoch: int, video_frames: int, fps: float) -> list[np.ndarray]:
+    """Frame indices of the ``augment.clips_per_sample`` clips a training sample's views are cut from,
+    clip c drawn by view c's clip-position stream: with one clip per view this is each view's own draw,
+    as before the setting existed, and with one clip per sample it is view 0's."""
+    return [train_clip(view_rng(cfg.seed, epoch, key, clip, stream=1), video_frames, fps, cfg.sampling)
+            for clip in range(cfg.augment.clips_per_sample)]
 
 
 def split_views(packed: np.ndarray, shape: tuple[int, ...], slots: int, crop: int) -> tuple[np.ndarray, np.ndarray]:

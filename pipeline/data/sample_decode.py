@@ -25,14 +25,13 @@ import torch
 from PIL import Image
 
 from pipeline.data.config import DataConfig
-from pipeline.data.decode import decord_has_cuda, load_decord, view_rng, views_per_sample
+from pipeline.data.decode import decord_has_cuda, load_decord, train_clips, view_rng, views_per_sample
 from pipeline.data.sampling import (
     ViewSpec,
     augment_record,
     augment_slots,
     eval_clips,
     eval_views,
-    train_clip,
     train_view,
 )
 from pipeline.data.transforms import render_view
@@ -137,8 +136,9 @@ class SampleDecoder:
             raise ValueError(f"metadata says {claimed!r} frames, the stream has {count}")
         sampling = self.cfg.sampling
         if self.train:
-            rngs = [view_rng(self.cfg.seed, epoch, key, view, stream=1) for view in range(len(specs))]
-            plan = [(train_clip(rng, count, fps, sampling), spec) for rng, spec in zip(rngs, specs)]
+            clips = train_clips(self.cfg, key, epoch, count, fps)
+            per_clip = len(specs) // len(clips)
+            plan = [(clips[view // per_clip], spec) for view, spec in enumerate(specs)]
         else:  # view = clip * crops + crop
             plan = [(clip, spec) for clip in eval_clips(count, fps, sampling) for spec in specs]
         wanted = np.unique(np.concatenate([clip for clip, _ in plan]))

@@ -17,8 +17,10 @@ from pipeline.data.decode import (
     choose_decode_device,
     decord_has_cuda,
     pool_gpus_per_actor,
+    train_clips,
     views_per_sample,
 )
+from core.errors import ConfigError
 from pipeline.data.config import DecoderPoolConfig
 from pipeline.data.plan import BROKEN, FAILED, OK, PAD
 from pipeline.data.sampling import eval_clips
@@ -56,6 +58,41 @@ def test_training_views_are_deterministic_and_differ_per_view_and_epoch(kinetics
     assert not np.array_equal(first["video"][0], first["video"][1])  # repeated augmentation: 2 views
     next_epoch = decoder(decoder_batch([{**decoder_row(key, data, meta), "epoch": 1}]))
     assert not np.array_equal(first["video"], next_epoch["video"])
+
+
+@pytest.mark.parametrize("clips", [1, 2, 4])
+def test_a_samples_training_views_are_cut_from_clips_per_sample_decoded_clips(kinetics_shards: Path, clips: int) -> None:
+    """PySlowFast's repeated augmentation: the views of one decode share its clip (clips_per_sample 1,
+    the default), or split evenly over that many clips, each drawn as view c's own clip would be."""
+    key, data, meta = first_sample(kinetics_shards)
+    cfg = small_config(str(kinetics_shards))
+    a = cfg.augment
+    # no resize, flip or colour op: a view is the clip's frames cropped at some x of the 96x64 frame
+    a.mode, a.jitter_scales, a.crop_size, a.eval_short_side = "jitter", [64, 64], 64, 64
+    a.flip, a.rand_augment, a.random_erasing = False, False, 0.0
+    a.repeated_aug, a.clips_per_sample = 4, clips
+    out = Decoder(cfg.validate(), "video", train=True)(decoder_batch([decoder_row(key, data, meta)]))
+    reference = _pyav_frames(data)
+    drawn = train_clips(cfg, key, 0, len(reference), meta["fps"])
+    assert len(drawn) == clips and out["status"].tolist() == [OK] * 4
+    if clips > 1:
+        assert any(not np.array_equal(drawn[0], other) for other in drawn[1:])  # the clips do differ here
+
+    def crops_of(indices: np.ndarray) -> list[np.ndarray]:
+        return [reference[indices][:, :, x:x + 64].transpose(3, 0, 1, 2) for x in range(96 - 64 + 1)]
+
+    for view in range(4):
+        clip = view // (4 // clips)
+        assert any(np.array_equal(out["video"][view], crop) for crop in crops_of(drawn[clip])), (view, clip)
+        others = [c for c in drawn if not np.array_equal(c, drawn[clip])]
+        assert not any(np.array_equal(out["video"][view], crop) for c in others for crop in crops_of(c))
+
+
+def test_clips_per_sample_must_divide_the_views() -> None:
+    cfg = small_config("shards")
+    cfg.augment.clips_per_sample = 3  # repeated_aug 2
+    with pytest.raises(ConfigError, match="augment.clips_per_sample.*divide augment.repeated_aug"):
+        cfg.validate()
 
 
 def test_bad_samples_become_failed_rows_never_exceptions(kinetics_shards: Path) -> None:
