@@ -14,7 +14,10 @@ For each worker count, in one run:
 The stall 1 - real/in-memory splits into the service's part (1 - paced/in-memory) and the job's step
 (the rest). It prints clips/s of all three, that split, the job's own measured
 data-wait fraction and the part of it the data service had no batch ready (the rest is the worker's own
-work on an arrived batch), and the 1 -> 2 worker scaling of each.
+work on an arrived batch), and the 1 -> 2 worker scaling of each. For the two in-memory runs it also
+prints where the machine's CPU went during the timed steps: rank 0's own process against all others
+(with the service paced beside one worker: its decoder actors and read tasks), the cores a shared
+machine's step loses to the service.
 
     python benchmarks/train.py [--epochs 3] [--config configs/experiment/demo.yaml]
 """
@@ -67,22 +70,64 @@ def in_memory_loop(config: dict) -> None:
     y = torch.randint(0, model_cfg.num_classes, (cfg.data.batch_size,), device=ctx.device)
     batches = _service_batches(ShardLoader.for_train_worker("train", ctx.device, cfg.data.prefetch_batches),
                                cfg.trainer.epochs) if config["paced"] else None  # fmt: skip
-    times = []
+    times, takes = [], []
     for step in range(config["steps"]):
+        if step == config["warmup"]:
+            cpu = _CpuSplit.start()
         start = time.perf_counter()
         if batches is not None:
             next(batches)
+            if step >= config["warmup"]:
+                takes.append(time.perf_counter() - start)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= config["warmup"]:  # warm-up steps excluded: the service's start and ramp among them
             times.append(time.perf_counter() - start)
-    metrics = {"clips_per_s": cfg.data.batch_size * ctx.world_size / statistics.median(times)}
+    metrics = {"clips_per_s": cfg.data.batch_size * ctx.world_size / statistics.median(times),
+               "torch_threads": torch.get_num_threads(), **cpu.stop(),
+               "take_fraction": sum(takes) / sum(times)}  # the step's time spent in next(): taking the batch
     # Ray Train attaches metrics to a run's Result only through a checkpoint: rank 0 reports an empty one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.is_main else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _CpuSplit:
+    """Where the machine's CPU went during the timed steps, in cores (CPU-seconds per second): this
+    worker's process (the step, and the loader's work on a batch) and every other process (with one
+    worker and the service paced beside it: the decoder actors, their decode processes and Ray Data's
+    read tasks). On a machine whose cores the step alone would fill, the other processes' cores are
+    what the step loses."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process, self._wall = psutil.Process(), time.monotonic()
+        self._busy, self._own = self._busy_s(), self._own_s()
+
+    @classmethod
+    def start(cls) -> "_CpuSplit":
+        return cls()
+
+    @staticmethod
+    def _busy_s() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _own_s(self) -> float:
+        t = self._process.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> dict[str, float]:
+        import psutil
+
+        wall = time.monotonic() - self._wall
+        busy, own = (self._busy_s() - self._busy) / wall, (self._own_s() - self._own) / wall
+        return {"cores": psutil.cpu_count(), "step_cores": own, "other_cores": max(busy - own, 0.0)}
 
 
 def _service_batches(loader, epochs: int):
@@ -92,8 +137,9 @@ def _service_batches(loader, epochs: int):
         yield from loader.epoch(epoch)
 
 
-def _in_memory(cfg, workers: int, storage: Path, paced: bool) -> float:
-    """clips/s of ``in_memory_loop`` on ``workers`` workers (paced: beside the job's own data service)."""
+def _in_memory(cfg, workers: int, storage: Path, paced: bool) -> dict[str, float]:
+    """Rank 0's figures of ``in_memory_loop`` on ``workers`` workers (paced: beside the job's own data
+    service): clips/s of the whole run, torch's threads and where the CPU went (``_CpuSplit``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -109,7 +155,7 @@ def _in_memory(cfg, workers: int, storage: Path, paced: bool) -> float:
         **({"datasets": build_datasets(cfg.data, val=False), "dataset_config": ray_train_data_config(cfg.data)}
            if paced else {}),
     )  # fmt: skip
-    return trainer.fit().metrics["clips_per_s"]
+    return trainer.fit().metrics
 
 
 def main() -> int:
@@ -149,7 +195,8 @@ def main() -> int:
             synth_cfg = load_config(args.config, overrides)
             synth_cfg.model.num_classes = len(job.classes)
             memory, paced = (_in_memory(synth_cfg, workers, Path(tmp) / f"synthetic-{workers}", p) for p in (False, True))
-            results[workers] = {"real": real, "memory": memory, "paced": paced, "wait": wait, "blocked": blocked}
+            results[workers] = {"real": real, "memory": memory["clips_per_s"], "paced": paced["clips_per_s"],
+                                "wait": wait, "blocked": blocked, "cpu": {"in-memory": memory, "paced": paced}}
 
     print(f"\nMViT demo model ({args.config}), global batch {args.global_batch}, CPU, {args.epochs} epochs")
     print("workers  real clips/s  in-memory  in-memory paced by the service  stall  of it: service  job's step"
@@ -158,6 +205,12 @@ def main() -> int:
         print(f"{workers:7d}  {r['real']:12.1f}  {r['memory']:9.1f}  {r['paced']:30.1f}  "
               f"{1 - r['real'] / r['memory']:5.2f}  {1 - r['paced'] / r['memory']:13.2f}  "
               f"{(r['paced'] - r['real']) / r['memory']:10.2f}  {r['wait']:15.2f}  {r['blocked']:16.2f}")
+    print("\nwhere the machine's CPU went during the timed steps (cores, of rank 0's view of the machine)")
+    print("workers  run        torch threads  this worker  other processes  machine's cores  time taking batches")
+    for workers, r in results.items():
+        for name, c in r["cpu"].items():
+            print(f"{workers:7d}  {name:9s}  {c['torch_threads']:13d}  {c['step_cores']:11.2f}  "
+                  f"{c['other_cores']:15.2f}  {c['cores']:15d}  {c['take_fraction']:19.2f}")
     print(f"scaling 1 -> 2 workers: real {results[2]['real'] / results[1]['real']:.2f}x, "
           f"in-memory {results[2]['memory'] / results[1]['memory']:.2f}x")
     ray.shutdown()
