@@ -30,10 +30,20 @@ from pipeline.tracking import TrackingConfig
 from pipeline.trainer.config import OptimConfig, TrainerConfig
 
 
+# Where the model's starting weights come from; not part of the network (``build_model_config`` skips them).
+# init_from: a model reference (``pipeline.model_ref``), None = random initialisation, "" = required (a
+# preset's placeholder, refused by the driver); init_head: keep = the classifier loads strictly, new =
+# re-initialised when its classes differ from the data's.
+_INIT_FIELDS = ("init_from", "init_head")
+INIT_HEADS = ("keep", "new")
+
+
 def _model_section() -> type:
-    """``preset`` plus every ``MViTConfig`` field as an optional override (None = the preset's value)."""
+    """``preset`` plus every ``MViTConfig`` field as an optional override (None = the preset's value), and
+    where the weights start from (``init_from``, ``init_head``)."""
     hints = typing.get_type_hints(MViTConfig)
-    fields_ = [("preset", str, field(default="mvit_b_16x4"))]
+    fields_ = [("preset", str, field(default="mvit_b_16x4")), ("init_from", Optional[str], field(default=None)),
+               ("init_head", str, field(default="keep"))]
     fields_ += [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(MViTConfig)]
     return dataclasses.make_dataclass("ModelSection", fields_)
 
@@ -45,6 +55,8 @@ def build_model_config(section: Any) -> MViTConfig:
     """The network a ``model:`` section describes: the preset with the given fields replaced."""
     values = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
     preset = values.pop("preset")
+    for name in _INIT_FIELDS:
+        values.pop(name, None)
     return preset_config(preset, **{k: v for k, v in values.items() if v is not None})
 
 
@@ -167,10 +179,15 @@ def _validate(cfg: ExperimentConfig) -> None:
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"{ConfigError.KEY}: unknown MViT preset {ConfigError.VALUE}; available: "
                           f"{', '.join(sorted(PRESETS))}", "model.preset", cfg.model.preset)
+    if cfg.model.init_head not in INIT_HEADS:
+        raise ConfigError(f"must be one of {', '.join(INIT_HEADS)}", "model.init_head", cfg.model.init_head)
     try:
-        build_model_config(cfg.model)  # bad sizes, pooling that does not fit the input
+        model_cfg = build_model_config(cfg.model)  # bad sizes, pooling that does not fit the input
     except ConfigError as err:
         raise err.under("model") from None  # MViTConfig keys its errors by its own field names
+    if cfg.optim.freeze_blocks > model_cfg.depth:
+        raise ConfigError(f"must be at most the model's depth ({model_cfg.depth})", "optim.freeze_blocks",
+                          cfg.optim.freeze_blocks, related=("model.depth",))
     cfg.data.validate()
 
 

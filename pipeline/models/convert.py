@@ -15,8 +15,10 @@ Loading is strict on purpose: every key the model expects must be provided and e
 must be used, with matching shapes, or a ``CheckpointMismatch`` names the offending keys. (PySlowFast
 loads with ``strict=False`` and silently keeps random weights for whatever did not match.) The only
 shape changes applied are the documented ones: position embeddings and relative-position tables are
-resized when the checkpoint was trained at another input size, and 2-D patch kernels of image
-checkpoints gain the temporal axis of length 1 this model uses. What no key or shape shows (Q/K/V pooled
+resized when the checkpoint was trained at another input size, and an image checkpoint loaded into a
+video model is inflated: its 2-D kernels (patch embedding, Q/K/V pooling) repeated over the model's
+temporal kernel and divided by its length, its joint position embedding split into the separable
+class / spatial / (zero) temporal ones (``fit_to_model``). What no key or shape shows (Q/K/V pooled
 before their projections, max vs avg pooling, residual pooling) is read from a PySlowFast file's ``cfg``.
 """
 
@@ -27,6 +29,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -128,7 +131,7 @@ def _rename(state: Mapping[str, torch.Tensor], rules: _Rules) -> StateDict:
 def _fuse_separate_qkv(state: StateDict) -> StateDict:
     """Some PySlowFast and PyTorchVideo checkpoints keep Q, K, V as three Linear layers; we use one.
 
-    Stacking them is exact only when they project before pooling, as ours does: ``_check_slowfast_cfg``
+    Stacking them is exact only when they project before pooling, as ours does: ``check_slowfast_cfg``
     refuses PySlowFast files that pool first.
     """
     out = dict(state)
@@ -270,7 +273,7 @@ def _resizer_for(key: str) -> _Resizer | None:
     return None
 
 
-def _check_slowfast_cfg(obj: object, model: MViT) -> None:
+def check_slowfast_cfg(obj: object, cfg: MViTConfig) -> None:
     """Refuses a PySlowFast file whose training config (``cfg``, YAML text) sets what its weights cannot show.
 
     Three ``MVIT`` settings change what the weights compute without changing a key or a shape:
@@ -293,29 +296,98 @@ def _check_slowfast_cfg(obj: object, model: MViT) -> None:
     if mvit.get("POOL_FIRST"):
         problems.append("MVIT.POOL_FIRST is true (Q/K/V pooled before their projections; this model pools after)")
     mode = mvit.get("MODE", "conv")
-    if mode != model.cfg.pool_mode:
-        problems.append(f"MVIT.MODE is {mode!r} but this model has pool_mode={model.cfg.pool_mode!r}")
+    if mode != cfg.pool_mode:
+        problems.append(f"MVIT.MODE is {mode!r} but this model has pool_mode={cfg.pool_mode!r}")
     residual = bool(mvit.get("RESIDUAL_POOLING", False))
-    if residual != model.cfg.residual_pooling:
+    if residual != cfg.residual_pooling:
         problems.append(f"MVIT.RESIDUAL_POOLING is {residual} but this model has "
-                        f"residual_pooling={model.cfg.residual_pooling}")
+                        f"residual_pooling={cfg.residual_pooling}")
     if problems:
         raise CheckpointMismatch("the PySlowFast checkpoint was trained as another network: " + "; ".join(problems))
 
 
-def adapt_to_model(model: MViT, state: Mapping[str, torch.Tensor], drop_head: bool = False) -> StateDict:
-    """Checks a native state dict against ``model`` and resizes what may be resized.
+HeadPolicy = Literal["keep", "new", "drop"]
+_HEAD = "head."
+# Conv kernels an image checkpoint holds with no (or a length-1) temporal axis: the patch embedding and the
+# Q/K/V pooling convs.
+_INFLATABLE = re.compile(r"^(patch_embed\.proj|blocks\.\d+\.attn\.pool_[qkv])\.weight$")
 
-    ``drop_head=True`` leaves the classifier at its fresh initialisation (fine-tuning on other classes);
-    the checkpoint's head is then ignored by name, never by accident.
+
+def inflate_kernel(weight: torch.Tensor, frames: int) -> torch.Tensor:
+    """A 2-D conv kernel, (O, I, kh, kw) or (O, I, 1, kh, kw), repeated over ``frames`` time steps and divided
+    by ``frames`` (I3D's inflation, PySlowFast's ``CHECKPOINT_INFLATE``): on a clip whose frames are all the
+    same image, every output whose temporal window lies inside the clip equals the 2-D conv's on that image."""
+    if weight.ndim == 4:
+        weight = weight.unsqueeze(2)
+    if weight.shape[2] != 1:
+        raise CheckpointMismatch(f"only a kernel with one time step can be inflated, got shape {tuple(weight.shape)}")
+    return weight.repeat(1, 1, frames, 1, 1) / frames
+
+
+@dataclass(frozen=True)
+class FittedState:
+    """A checkpoint's weights fitted to a model: ``state`` has exactly the model's keys and shapes;
+    ``reinitialized`` names the keys that hold the model's own fresh values, ``adapted`` says which keys
+    were reshaped and how (for the job's log)."""
+
+    state: StateDict
+    reinitialized: tuple[str, ...]
+    adapted: tuple[str, ...]
+
+
+def _joint_to_separable(state: StateDict, model: MViT, adapted: list[str]) -> None:
+    """An image checkpoint's joint position embedding (cls slot + square grid) as a video model's separable
+    ones: the class slot, the grid as the spatial table (resized to the model's grid) and a zero temporal
+    table, so every frame's tokens get the image's position code, and nothing else."""
+    pos = state.pop("pos_embed")
+    t, h, w = model.grid
+    state["pos_embed_class"] = pos[:, :1]
+    state["pos_embed_spatial"] = pos[:, 1:] if pos.shape[1] - 1 == h * w else _resize_spatial_pos(pos[:, 1:], h * w)
+    state["pos_embed_temporal"] = pos.new_zeros((1, t, pos.shape[2]))
+    adapted.append(f"pos_embed {tuple(pos.shape)} -> pos_embed_class + pos_embed_spatial (1, {h * w}, "
+                   f"{pos.shape[2]}) + pos_embed_temporal of zeros (1, {t}, {pos.shape[2]})")
+
+
+def _single_frame_pos(pos: torch.Tensor, model: MViT) -> torch.Tensor:
+    """A joint image position embedding for a joint model of ``model.grid``: the grid resized, then the same
+    spatial code for every frame (tokens are laid out time-major)."""
+    t, h, w = model.grid
+    grid = pos[:, 1:] if pos.shape[1] - 1 == h * w else _resize_spatial_pos(pos[:, 1:], h * w)
+    return torch.cat((pos[:, :1], grid.repeat(1, t, 1)), dim=1)
+
+
+def fit_to_model(model: MViT, state: Mapping[str, torch.Tensor], head: HeadPolicy = "keep") -> FittedState:
+    """Checks a native state dict against ``model`` (any device, ``meta`` included) and reshapes what has a
+    defined meaning in the model: position embeddings and relative-position tables resized to its grid, an
+    image model's kernels inflated over time and its joint position embedding split (see ``inflate_kernel``,
+    ``_joint_to_separable``).
+
+    ``head``: ``keep`` loads the classifier as it is (strict: another class count is a mismatch); ``new``
+    re-initialises it only when its class count differs from the model's; ``drop`` always. The checkpoint's
+    classifier is ignored by name, never by accident. Anything else that does not fit raises
+    ``CheckpointMismatch`` naming every missing, unexpected and mis-shaped key.
     """
     expected = model.state_dict()
     state = dict(state)
-    if drop_head:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        state.update({k: v for k, v in expected.items() if k.startswith("head.")})
-    if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].ndim == 4:
-        state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].unsqueeze(2)
+    adapted: list[str] = []
+    reinitialized: list[str] = []
+    head_keys = sorted(k for k in expected if k.startswith(_HEAD))
+    if head == "drop" or (head == "new" and any(
+            k in state and state[k].shape != expected[k].shape for k in head_keys)):
+        state = {k: v for k, v in state.items() if not k.startswith(_HEAD)}
+        reinitialized = head_keys
+    for key in reinitialized:
+        state[key] = expected[key]
+    if "pos_embed" in state and "pos_embed" not in expected and "pos_embed_spatial" in expected \
+            and not any(k in state for k in ("pos_embed_spatial", "pos_embed_temporal", "pos_embed_class")):
+        _joint_to_separable(state, model, adapted)
+    for key in [k for k in state if _INFLATABLE.match(k) and k in expected]:
+        have, want = state[key], expected[key]
+        if have.ndim == 4 and want.ndim == 5 or (have.ndim == 5 and have.shape[2] == 1 and want.shape[2] > 1):
+            if tuple(have.shape[:2]) + tuple(have.shape[-2:]) == tuple(want.shape[:2]) + tuple(want.shape[-2:]):
+                state[key] = inflate_kernel(have, want.shape[2])
+                if want.shape[2] > 1:
+                    adapted.append(f"{key} inflated over {want.shape[2]} time steps")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = []
@@ -324,9 +396,12 @@ def adapt_to_model(model: MViT, state: Mapping[str, torch.Tensor], drop_head: bo
         if want == have:
             continue
         resize = _resizer_for(key)
+        if key == "pos_embed" and model.grid[0] > 1 and math.isqrt(have[1] - 1) ** 2 == have[1] - 1:
+            resize = lambda t, _: _single_frame_pos(t, model)  # noqa: E731 - an image's embedding, every frame
         if resize is not None and len(want) == len(have):
             state[key] = resize(state[key], want)
             if state[key].shape == want:
+                adapted.append(f"{key} resized {tuple(have)} -> {tuple(want)}")
                 continue
         mis_shaped.append(f"{key}: checkpoint {tuple(have)} vs model {tuple(want)}")
     if missing or unexpected or mis_shaped:
@@ -338,7 +413,12 @@ def adapt_to_model(model: MViT, state: Mapping[str, torch.Tensor], drop_head: bo
         if mis_shaped:
             lines.append(f"shape mismatch ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
         raise CheckpointMismatch("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
-    return state
+    return FittedState(state, tuple(reinitialized), tuple(adapted))
+
+
+def adapt_to_model(model: MViT, state: Mapping[str, torch.Tensor], drop_head: bool = False) -> StateDict:
+    """``fit_to_model``'s state: ``drop_head=True`` leaves the classifier at its fresh initialisation."""
+    return fit_to_model(model, state, "drop" if drop_head else "keep").state
 
 
 def load_weights(
@@ -353,7 +433,7 @@ def load_weights(
     carry tensors and plain containers, never code; anything else raises ``UnsafeCheckpoint``.
     """
     obj = source if isinstance(source, Mapping) else load_checkpoint_file(source)
-    _check_slowfast_cfg(obj, model)
+    check_slowfast_cfg(obj, model.cfg)
     state = unwrap_checkpoint(obj)
     detected = detect_format(state) if fmt == "auto" else fmt
     native = adapt_to_model(model, to_native(state, detected), drop_head=drop_head)

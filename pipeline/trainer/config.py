@@ -21,6 +21,13 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_epochs: float = 30.0
     clip_grad_norm: float | None = 1.0  # None disables clipping
+    # Fine-tuning. layer_decay: the LR of layer l (0 = patch embedding, cls token and position embeddings;
+    # block i = i + 1; the final norm and head = depth + 1) is scaled by layer_decay ** (depth + 1 - l);
+    # 1.0 = off. freeze_blocks / freeze_epochs: the embedding and the first freeze_blocks blocks take no
+    # update (LR 0) in epochs 0 .. freeze_epochs - 1; 0 = off.
+    layer_decay: float = 1.0
+    freeze_blocks: int = 0
+    freeze_epochs: int = 0
 
     def __post_init__(self) -> None:
         """Raises ``ConfigError`` keyed ``optim.*``: ``load_config`` names the source of that key."""
@@ -37,6 +44,11 @@ class OptimConfig:
             raise ConfigError("must both be in [0, 1)", "optim.betas", list(self.betas))
         if not self.eps > 0:
             raise ConfigError("must be > 0", "optim.eps", self.eps)
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError("must be in (0, 1] (1.0 = no layer-wise decay)", "optim.layer_decay", self.layer_decay)
+        for name in ("freeze_blocks", "freeze_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError("must be >= 0", f"optim.{name}", getattr(self, name))
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError("must be > 0 (or null for no clipping)", "optim.clip_grad_norm", self.clip_grad_norm)
 

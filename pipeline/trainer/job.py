@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from pipeline.config import (
     to_redacted_yaml,
 )
 from pipeline.tracking import config_hash, git_commit, resolve_uri
-from pipeline.trainer.spec import JobSpec
+from pipeline.trainer.spec import InitWeights, JobSpec
 
 log = logging.getLogger("pipeline.trainer")
 
@@ -108,6 +108,49 @@ def check_storage(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"trainer.storage_path={shown!r}: bucket {bucket!r} does not exist or is not accessible")
 
 
+@dataclass(frozen=True)
+class InitPlan:
+    """``model.init_from`` resolved and fitted on the driver: what the workers will load."""
+
+    source: str
+    state: dict[str, Any]  # the fitted tensors, re-initialised keys left out
+    reinitialized: tuple[str, ...]
+    adapted: tuple[str, ...]
+
+    def tags(self) -> dict[str, str]:
+        return {"init_from": self.source, "init_reinitialized": ",".join(self.reinitialized) or "none",
+                "init_adapted": str(len(self.adapted))}
+
+
+def resolve_init(cfg: ExperimentConfig, model_cfg: Any, classes: list[str], tracking_uri: str) -> InitPlan | None:
+    """Resolves ``model.init_from`` (``pipeline.model_ref``) and fits it to the job's model, built on the meta
+    device (no memory, no compute), before any worker starts: a bad reference or weights that do not fit
+    stop the job here with one line."""
+    if cfg.model.init_from is None:
+        return None
+    if not cfg.model.init_from.strip():
+        raise ConfigError("model.init_from is empty: this config needs the weights to start from (a path, s3://, "
+                          "runs:/RUN_ID/PATH or models:/NAME/VERSION), or null to start from random weights")
+    import torch
+
+    from pipeline.model_ref import ModelRefError, fit, resolve
+    from pipeline.models.mvit import MViT
+
+    try:
+        weights = resolve(cfg.model.init_from, tracking_uri=tracking_uri, s3_endpoint_url=cfg.data.s3_endpoint_url)
+        with torch.device("meta"):
+            model = MViT(model_cfg)
+        fitted = fit(weights, model, cfg.model.init_head, classes)
+    except ModelRefError as err:
+        raise ConfigError(f"model.init_from: {err}") from None
+    reinit = set(fitted.reinitialized)
+    plan = InitPlan(weights.describe(), {k: v for k, v in fitted.state.items() if k not in reinit},
+                    fitted.reinitialized, fitted.adapted)
+    log.info("model.init_from: %s; re-initialised: %s%s", plan.source, ", ".join(plan.reinitialized) or "nothing",
+             "".join(f"; {line}" for line in plan.adapted[:4]) + (" ..." if len(plan.adapted) > 4 else ""))
+    return plan
+
+
 def _storage(cfg: ExperimentConfig) -> tuple[str, Any]:
     """``RunConfig.storage_path`` and filesystem (S3 requests retried and bounded: see ``core.s3``)."""
     return pyarrow_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url)
@@ -174,7 +217,10 @@ def run(cfg: ExperimentConfig) -> Any:
     check_storage(cfg)
     default_tracking_dir = storage_path if storage_fs is None and "://" not in storage_path else "~/.mvit"
     tracking_uri = resolve_uri(cfg.tracking, default_tracking_dir)
+    init = resolve_init(cfg, model_cfg, data.classes, tracking_uri)
     job = job_spec(cfg, data, tracking_uri, cfg.trainer.storage_path if storage_fs else storage_path)
+    if init is not None:
+        job = replace(job, tags={**job.tags, **init.tags()})
 
     if not ray.is_initialized():
         from core import faults
@@ -199,6 +245,8 @@ def run(cfg: ExperimentConfig) -> Any:
             # asks every second; without it the job's log gets one warning a second.
             ray.init(address="local", include_dashboard=True, num_cpus=max(os.cpu_count() or 1, 4),
                      runtime_env=runtime_env)
+    if init is not None:  # one copy in the object store for every rank of every attempt
+        job = replace(job, init=InitWeights(init.source, ray.put(init.state), init.reinitialized))
     reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
     datasets = build_datasets(cfg.data, reserved_gpus=reserved)
     trainer = TorchTrainer(

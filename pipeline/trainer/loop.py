@@ -44,7 +44,7 @@ from pipeline.trainer.evaluate import VideoAccumulator
 from pipeline.trainer.export import copy_to_storage, export_model
 from pipeline.trainer.optim import LRSchedule, build_optimizer
 from pipeline.trainer.progress import EpochProgress, Meter
-from pipeline.trainer.setup import WorkerContext, prepare_model
+from pipeline.trainer.setup import WorkerContext, load_initial_weights, prepare_model, resuming
 from pipeline.trainer.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,18 @@ class Trainer:
         self.ctx = WorkerContext.current()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, before sharding
         self.model_cfg = build_model_config(cfg.model)
-        self.model = prepare_model(MViT(self.model_cfg), self.ctx, cfg.trainer.precision,
-                                   cfg.trainer.activation_checkpointing, cfg.trainer.compile)
+        model = MViT(self.model_cfg)
+        if job.init is not None:  # before sharding; a checkpoint of this job, when there is one, wins
+            if resuming():
+                log.info("rank %d: resuming this job's checkpoint; model.init_from (%s) not applied", self.ctx.rank,
+                         job.init.source)  # fmt: skip
+            else:
+                load_initial_weights(model, job.init)
+                if self.ctx.is_main:
+                    log.info("initialised the model from %s; re-initialised: %s", job.init.source,
+                             ", ".join(job.init.reinitialized) or "nothing")
+        self.model = prepare_model(model, self.ctx, cfg.trainer.precision, cfg.trainer.activation_checkpointing,
+                                   cfg.trainer.compile)
         # The global batch of this attempt: an elastic group that lost workers takes smaller steps, so its
         # LR follows the linear scaling rule for the batch it really has (equal to the config's at full size)
         global_batch = self.ctx.world_size * cfg.data.batch_size * cfg.trainer.grad_accum_steps
@@ -209,7 +219,7 @@ class Trainer:
         (loss / accum).backward()
         if micro + 1 < accum:
             return loss.item() * rows, rows, None
-        lr = self.schedule.set(progress)
+        lr = self.schedule.set(progress, self.state.epoch)
         if self.cfg.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
         self.optimizer.step()

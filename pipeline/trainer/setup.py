@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from pipeline.models.mvit import MViT
 from pipeline.trainer.parallelize import FSDPSettings, ParallelSettings, parallelize
+from pipeline.trainer.spec import InitWeights
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,29 @@ class WorkerContext:
             rank = dist.get_rank() if dist.is_initialized() else 0
             world = dist.get_world_size() if dist.is_initialized() else 1
             return cls(rank, world, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resuming() -> bool:
+    """Whether this attempt resumes a checkpoint of its own job (Ray Train hands it one): the job's own
+    progress wins over ``model.init_from``, so a restarted fine-tune resumes instead of starting again."""
+    try:
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None
+    except (RuntimeError, AttributeError, ValueError):  # not in a Ray Train worker
+        return False
+
+
+def load_initial_weights(model: MViT, init: InitWeights) -> None:
+    """Loads the driver's fitted weights into the (unsharded) model: before FSDP2 shards it, so every rank
+    shards the same full tensors. Strict but for the re-initialised keys, which keep the model's values."""
+    import ray
+
+    state = ray.get(init.weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if sorted(missing) != sorted(init.reinitialized) or unexpected:
+        raise RuntimeError(f"initial weights {init.source} do not match the model built on this worker: missing "
+                           f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 def param_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -12,6 +12,20 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class InitWeights:
+    """The weights a job starts from (``model.init_from``), resolved and fitted to the model on the driver.
+
+    ``weights`` is a Ray object reference to the fitted state dict without the ``reinitialized`` keys (those
+    keep the model's fresh values): every rank reads the same object, whatever node it runs on, and no
+    worker touches the reference's storage or MLflow store again.
+    """
+
+    source: str  # ``ResolvedWeights.describe()``: the reference (redacted) and what it was
+    weights: Any  # ray.ObjectRef[dict[str, torch.Tensor]]
+    reinitialized: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobSpec:
     experiment: dict[str, Any]  # the resolved ExperimentConfig as plain values (``pipeline.config.to_container``)
     tracking_uri: str  # MLflow: tracking.tracking_uri, else MLFLOW_TRACKING_URI, else a SQLite file in storage
@@ -21,6 +35,7 @@ class JobSpec:
     texts: dict[str, str] = field(default_factory=dict)  # MLflow artifact path -> text (config, manifests)
     export_dir: str = ""  # where the final model is copied (storage_path/NAME/final_model)
     export_storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for export_dir
+    init: InitWeights | None = None  # model.init_from; None = random initialisation
 
     def config(self) -> Any:
         """The typed ``ExperimentConfig`` again, built (and validated) in the worker."""
