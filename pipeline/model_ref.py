@@ -24,13 +24,15 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.distributed.checkpoint import CheckpointException  # a BaseException, not an Exception
 
-from core.errors import CheckpointMismatch, UnsafeCheckpoint, one_line
+from core.errors import CheckpointMismatch, one_line
 from core.redact import redact_value
 from pipeline.models.config import MViTConfig
 from pipeline.models.convert import (
@@ -103,7 +105,7 @@ def resolve(ref: str, tracking_uri: str | None = None, s3_endpoint_url: str | No
             return _read_local(local, shown)
     except ModelRefError:
         raise
-    except (CheckpointMismatch, UnsafeCheckpoint, OSError, ValueError, RuntimeError, KeyError) as err:
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any unreadable file or folder: one line
         raise ModelRefError(f"model reference {shown!r}: cannot read it: {one_line(err)}") from None
 
 
@@ -227,7 +229,9 @@ def read_dcp_model(dcp_dir: Path) -> StateDict:
     if not model:
         raise ValueError("the DCP checkpoint holds no model tensors")
     target = {"model": model}
-    dcp.load(target, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeLoadPlanner(), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process without a process group: meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeLoadPlanner(), no_dist=True)
     return {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v for k, v in model.items()}
 
 
@@ -276,3 +280,36 @@ def fit(weights: ResolvedWeights, model: torch.nn.Module, init_head: str = "keep
         if init_head == "keep" and "head.projection" in text:
             hint = " (a classifier for other classes: set model.init_head=new to re-initialise it)"
         raise ModelRefError(f"model reference {weights.ref!r} does not fit the model: {text[:1500]}{hint}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.model_ref REF``: what a reference resolves to, before a job uses it."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.model_ref",
+        description="Resolve a model reference (what model.init_from takes) and say what it holds: a checkpoint "
+                    "file or folder (local or s3://), a final model folder, a DCP checkpoint, runs:/RUN_ID/PATH, "
+                    "models:/NAME/VERSION or models:/NAME@ALIAS.")
+    parser.add_argument("ref", help="the model reference")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store of runs:/ and models:/ (default: "
+                        "MLFLOW_TRACKING_URI)")
+    parser.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL[_S3])")
+    args = parser.parse_args(argv)
+    try:
+        weights = resolve(args.ref, tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                          s3_endpoint_url=args.s3_endpoint_url)
+    except ModelRefError as err:
+        print(f"error: {redact_value(str(err))}", file=sys.stderr)
+        return 2
+    print(weights.describe())
+    if weights.model_config is not None:
+        cfg = weights.model_config
+        print(f"network: depth {cfg.depth}, embed_dim {cfg.embed_dim}, {cfg.num_frames}x{cfg.crop_size}^2 input, "
+              f"{cfg.num_classes} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.model_ref import ModelRefError, check_against, fit, resolve
+from pipeline.model_ref import ModelRefError, check_against, fit, main, resolve
 from pipeline.models.convert import to_torchvision
 from pipeline.models.mvit import MViT
 from pipeline.trainer.export import export_model
@@ -115,6 +115,7 @@ def test_bad_references_are_refused_with_one_line(model: MViT, tmp_path: Path) -
     with open(tmp_path / "code.pt", "wb") as f:
         pickle.dump({"model_state": _Payload()}, f)
     torch.save({"step": 3}, tmp_path / "no_tensors.pt")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
     cases = [
         ("", "empty model reference"),
         (str(tmp_path / "missing.pt"), "no such file or folder"),
@@ -124,6 +125,7 @@ def test_bad_references_are_refused_with_one_line(model: MViT, tmp_path: Path) -
         (str(tmp_path / "garbage.pt"), "cannot read it"),
         (str(tmp_path / "code.pt"), "refused to load checkpoint"),
         (str(tmp_path / "no_tensors.pt"), "contains no tensors"),
+        (str(tmp_path / "cut.safetensors"), "cannot read it"),
     ]
     for ref, message in cases:
         with pytest.raises(ModelRefError, match=message) as err:
@@ -133,3 +135,16 @@ def test_bad_references_are_refused_with_one_line(model: MViT, tmp_path: Path) -
     with pytest.raises(ModelRefError, match="does not fit the model: .*shape mismatch") as err:
         fit(resolve(str(tmp_path / "wide.pt")), model)
     assert "\n" not in str(err.value)
+
+
+def test_the_command_line_says_what_a_reference_holds(model: MViT, tmp_path: Path, capsys) -> None:
+    export_model(model.state_dict(), model.cfg, tmp_path / "final", classes=CLASSES)
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "models:/NAME@ALIAS" in capsys.readouterr().out
+    assert main([str(tmp_path / "final")]) == 0
+    out = capsys.readouterr().out
+    assert "(final_model, native layout, 92 tensors, 7 classes)" in out and "depth 4, embed_dim 16" in out
+    assert main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file or folder" in err
