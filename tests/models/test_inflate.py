@@ -108,3 +108,19 @@ def test_head_policies_keep_new_and_drop() -> None:
     kept = fit_to_model(same, source, "new")  # same class count: the classifier is kept
     assert kept.reinitialized == () and torch.equal(kept.state["head.projection.weight"], source["head.projection.weight"])
     assert fit_to_model(same, source, "drop").reinitialized == ("head.projection.bias", "head.projection.weight")
+
+
+def test_the_presets_fine_tune_loads_in1k_mvit_b_16_into_mvit_b_16x4() -> None:
+    """configs/experiment/k400_mvit_b_16x4_from_in1k.yaml's pair at full size: every weight of the image
+    network finds its place in the video network (the target built on the meta device, as the driver does)."""
+    from pipeline.models.presets import preset_config
+
+    with torch.device("meta"):
+        image_net = MViT(preset_config("mvit_b_16"))
+        video = MViT(preset_config("mvit_b_16x4", num_classes=400))
+    image = {k: torch.zeros(v.shape) for k, v in image_net.state_dict().items()}  # shapes are what is checked
+    fitted = fit_to_model(video, image, "new")
+    assert fitted.reinitialized == ("head.projection.bias", "head.projection.weight")
+    inflated = [line for line in fitted.adapted if "inflated over 3" in line]
+    assert len(inflated) == 1 + sum(1 for k in image if ".pool_" in k and k.endswith(".weight"))
+    assert fitted.state["pos_embed_temporal"].shape == (1, 8, 96) and fitted.state["pos_embed_spatial"].shape == (1, 3136, 96)
