@@ -378,7 +378,11 @@ def fit_to_model(model: MViT, state: Mapping[str, torch.Tensor], head: HeadPolic
         reinitialized = head_keys
     for key in reinitialized:
         state[key] = expected[key]
-    if "pos_embed" in state and "pos_embed" not in expected and "pos_embed_spatial" in expected \
+    # An image checkpoint: its patch kernel has no (or a length-1) time axis. Only then is a joint position
+    # embedding a single frame's grid; a video's joint one (T x H x W) has no spatial part to take.
+    patch = state.get("patch_embed.proj.weight")
+    image_source = patch is not None and (patch.ndim == 4 or patch.shape[2] == 1)
+    if image_source and "pos_embed" in state and "pos_embed" not in expected and "pos_embed_spatial" in expected \
             and not any(k in state for k in ("pos_embed_spatial", "pos_embed_temporal", "pos_embed_class")):
         _joint_to_separable(state, model, adapted)
     for key in [k for k in state if _INFLATABLE.match(k) and k in expected]:
@@ -396,10 +400,13 @@ def fit_to_model(model: MViT, state: Mapping[str, torch.Tensor], head: HeadPolic
         if want == have:
             continue
         resize = _resizer_for(key)
-        if key == "pos_embed" and model.grid[0] > 1 and math.isqrt(have[1] - 1) ** 2 == have[1] - 1:
+        if key == "pos_embed" and image_source and model.grid[0] > 1 and math.isqrt(have[1] - 1) ** 2 == have[1] - 1:
             resize = lambda t, _: _single_frame_pos(t, model)  # noqa: E731 - an image's embedding, every frame
         if resize is not None and len(want) == len(have):
-            state[key] = resize(state[key], want)
+            try:
+                state[key] = resize(state[key], want)
+            except CheckpointMismatch:  # no grid to resize (non-square): a mismatch like any other
+                pass
             if state[key].shape == want:
                 adapted.append(f"{key} resized {tuple(have)} -> {tuple(want)}")
                 continue

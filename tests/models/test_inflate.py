@@ -124,3 +124,11 @@ def test_the_presets_fine_tune_loads_in1k_mvit_b_16_into_mvit_b_16x4() -> None:
     inflated = [line for line in fitted.adapted if "inflated over 3" in line]
     assert len(inflated) == 1 + sum(1 for k in image if ".pool_" in k and k.endswith(".weight"))
     assert fitted.state["pos_embed_temporal"].shape == (1, 8, 96) and fitted.state["pos_embed_spatial"].shape == (1, 3136, 96)
+
+
+def test_a_video_models_joint_embedding_is_never_taken_for_an_image_grid() -> None:
+    """4 x 8 x 8 = 256 = 16^2 tokens: a square count, but the checkpoint's patch kernel spans time, so it is
+    a mis-shaped embedding (refused), not an image grid to resize and repeat."""
+    video = MViT(tiny_config(1, num_frames=8, sep_pos_embed=False)).state_dict()  # grid 4 x 8 x 8
+    with pytest.raises(CheckpointMismatch, match=r"pos_embed: checkpoint \(1, 257, 16\)"):
+        fit_to_model(MViT(tiny_config(1, num_frames=4, sep_pos_embed=False)), video)
