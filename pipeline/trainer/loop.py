@@ -277,6 +277,7 @@ class Trainer:
                         "counts only", self.state.epoch, carry["position"], self.state.samples_in_epoch)  # fmt: skip
             carry = None
         self.state.epoch_carry = carry
+        self.tracker.flush()  # the metrics of every step this checkpoint covers are stored before it
         self.checkpoints.report({}, self.state, with_checkpoint=True)
 
     def answer_preemption(self) -> None:
@@ -378,6 +379,7 @@ class Trainer:
                     self.state.best_top1 = top1
                 metrics.update(self.progress.epoch_done(epoch, metrics, self.schedule.current()))
                 self.tracker.log_metrics({**metrics, "epoch": epoch + 1}, step=self.state.step)
+                self.tracker.flush()  # as in checkpoint_mid_epoch
                 self.checkpoints.report(metrics, self.state, with_checkpoint=True)
             status = "FINISHED"
         finally:
