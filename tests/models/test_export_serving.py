@@ -9,6 +9,7 @@ import json
 import zipfile
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_onnx_dynamic_batch_matches_eager_and_carries_the_metadata(trained, tmp_
     assert spec["sampling"]["frame_stride"] == 4 and spec["eval_views"]["short_side"] == 36
     assert spec["eval_views"]["clips"] == 2 and spec["recipe"] == _recipe(tmp_path)
     assert meta["export"]["opset"] == 23 and meta["export"]["batch"] == "dynamic"
-    assert "Attention" in {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+    assert "Attention" in {n.op_type for n in onnx.load(str(out)).graph.node}
     sidecar = json.loads((tmp_path / "model.onnx.json").read_text())
     assert {k: sidecar[k] for k in meta} == meta
     assert sidecar["verification"]["passed"] and [c["batch"] for c in sidecar["verification"]["checks"]] == [1, 3]
@@ -95,7 +96,7 @@ def test_onnx_fixed_batch_takes_only_that_batch(trained, tmp_path):
     assert main(["--model", str(folder), "--out", str(out), "--batch", "2", "--opset", "18"]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [2, 3, 4, 32, 32]
-    assert "Attention" not in {n.op_type for n in __import__("onnx").load(str(out)).graph.node}  # decomposed
+    assert "Attention" not in {n.op_type for n in onnx.load(str(out)).graph.node}  # decomposed
     clips = _clips(2)
     np.testing.assert_allclose(session.run(None, {"clip": clips})[0], _eager(model, clips), rtol=RTOL, atol=ATOL)
     with pytest.raises(Exception, match="[Ii]nvalid"):
@@ -103,7 +104,8 @@ def test_onnx_fixed_batch_takes_only_that_batch(trained, tmp_path):
 
 
 def test_torch_export_round_trip_through_s3(trained, s3_bucket, tmp_path):
-    """Model folder read from and the program written to S3; the program reloads with torch alone."""
+    """Model folder read from and the program written to S3; torch.export.load gives back the program and
+its metadata."""
     import s3fs
 
     folder, model = trained
