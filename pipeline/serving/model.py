@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from core.errors import ConfigError, one_line
+from core.errors import ConfigError, credentials_hint, is_client_error, one_line
 from core.redact import redact_url
 from core.s3 import storage_options_for
 from pipeline.models.config import MViTConfig
@@ -54,16 +54,16 @@ def read_final_model(url: str, endpoint_url: str | None = None) -> LoadedModel:
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options_for(url, endpoint_url))
         root = root.rstrip("/")
-        if not (fs.isfile(f"{root}/{CONFIG_FILE}") and fs.isfile(f"{root}/{WEIGHTS_FILE}")):
-            raise ServingError(not_final)
         meta = json.loads(fs.cat_file(f"{root}/{CONFIG_FILE}"))
         weights = fs.cat_file(f"{root}/{WEIGHTS_FILE}")
-    except ServingError:
-        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ServingError(not_final) from None
     except json.JSONDecodeError as err:
         raise ServingError(f"{not_final}: {CONFIG_FILE} is not JSON ({err})") from None
-    except (OSError, ValueError, ImportError) as err:
-        raise ServingError(f"cannot read --model {shown}: {one_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - storage and S3 client errors become the one line; bugs do not
+        if not isinstance(err, (OSError, ValueError, ImportError)) and not is_client_error(err):
+            raise
+        raise ServingError(f"cannot read --model {shown}: {one_line(err)}{credentials_hint(err)}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("mvit_config"), dict):
         raise ServingError(f"{not_final}: {CONFIG_FILE} has no 'mvit_config' mapping")
     try:
