@@ -178,7 +178,6 @@ def test_the_trainers_compile_compiles_every_block_of_a_model_deeper_than_the_re
     torch.manual_seed(0)
     model = MViT(preset_config("mvit_b_16x4", num_classes=7, num_frames=4, crop_size=32, embed_dim=16, depth=10,
                                stage_starts=(1, 3), kv_stride=(1, 2, 2), drop_path_rate=0.3, head_dropout=0.0))
-    assert len(model.blocks) > torch._dynamo.config.recompile_limit
     counts = gpu_check.count_eager_calls(model)
     torch.compiler.set_default_backend("eager")  # dynamo's capture without a backend compiler: the limit is dynamo's
     try:
