@@ -170,10 +170,12 @@ def test_a_read_task_that_keeps_dying_is_retried_exactly_read_max_retries_times(
     for task in tasks:
         if task.name.startswith("ReadMViTShards") and task.state == "FAILED":
             attempts.setdefault(task.task_id, set()).add(task.attempt_number)
-    # One read task tried twice (1 + read_max_retries), which failed the job. The same shard's read for the
-    # next epoch (read ahead by the same execution) may have had its first try by then, never more.
-    assert [tries for tries in attempts.values() if tries == {0, 1}] == [{0, 1}], attempts
+    # A read task tried twice (1 + read_max_retries) failed the job. The same shard's read for the next
+    # epoch (read ahead by the same execution) runs beside it and may have used its tries too by then; no
+    # task is ever tried more often.
+    assert any(tries == {0, 1} for tries in attempts.values()), attempts
     assert all(tries <= {0, 1} for tries in attempts.values()), attempts
+    assert len(attempts) <= 2, attempts  # this epoch's read of the shard and the next epoch's, nothing else
 
 
 @pytest.mark.slow
