@@ -35,6 +35,7 @@ from train import make_shards  # noqa: E402  (the same shard set as benchmarks/t
 # (category, the frames that put a sample in it), first match wins; matched against the training
 # thread's stack below Trainer.run. "bare step" categories are what an in-memory loop does too.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("job: validation (its batches and waits included)", ("Trainer.evaluate",)),
     ("bare step: model forward", ("Trainer._forward_loss>Module._wrapped_call_impl",)),
     ("bare step: backward", ("Tensor.backward",)),
     ("bare step: gradient clipping", ("clip_grad_norm_",)),
@@ -44,12 +45,11 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("job: mixup / cutmix, soft targets", ("mix_batch",)),
     ("job: loss", ("soft_cross_entropy",)),
     ("job: reseeding, LR schedule, fault hook", ("Trainer._reseed", "Schedule.set", "check_step")),
-    ("job: waiting for a batch", ("ShardLoader._next_rows",)),
+    ("job: waiting for a training batch", ("ShardLoader._next_rows",)),
     ("job: taking a batch (checks, tensors)", ("ShardLoader.",)),
     ("job: logging (all-reduce + MLflow)", ("Trainer._log_window", "Tracker.log_metrics")),
     ("job: preemption check", ("Trainer.answer_preemption",)),
     ("job: checkpoints", ("CheckpointManager.", "Trainer.checkpoint_mid_epoch")),
-    ("job: validation", ("Trainer.evaluate",)),
     ("job: epoch checks and report", ("Trainer.train_epoch",)),
 )
 
