@@ -45,11 +45,11 @@ from pipeline.models.convert import (
     to_native,
     unwrap_checkpoint,
 )
+from pipeline.trainer.checkpoint import DCP_DIR  # a DCP checkpoint folder's files
+from pipeline.trainer.checkpoint import TRAIN_STATE_FILE as DCP_STATE
+from pipeline.trainer.export import CONFIG_FILE as FINAL_CONFIG  # the final model folder's files
+from pipeline.trainer.export import WEIGHTS_FILE as FINAL_WEIGHTS
 
-# The final model folder's files (pipeline/trainer/export.py writes them)
-FINAL_WEIGHTS, FINAL_CONFIG = "model.safetensors", "model_config.json"
-# A DCP checkpoint folder's files (pipeline/trainer/checkpoint.py writes them)
-DCP_STATE, DCP_DIR = "train_state.json", "dcp"
 _NESTED = ("final_model", "model")  # where a job's storage folder or an MLflow run keeps the final model
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 Kind = Literal["file", "final_model", "dcp"]

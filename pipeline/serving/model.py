@@ -21,9 +21,8 @@ from core.redact import redact_url
 from core.s3 import storage_options_for
 from pipeline.models.config import MViTConfig
 from pipeline.models.mvit import MViT
+from pipeline.trainer.export import CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "model_config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 class ServingError(ValueError):

@@ -20,12 +20,15 @@ from core.errors import CheckpointMismatch
 from pipeline.models.convert import to_torchvision
 from pipeline.models.config import MViTConfig
 
+# The folder's two files: every reader (pipeline.model_ref, pipeline.serving) names them from here.
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
+
 
 def export_model(weights: dict[str, torch.Tensor], cfg: MViTConfig, out_dir: Path,
                  classes: Sequence[str] | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    written = [out_dir / "model.safetensors", out_dir / "model_config.json"]
+    written = [out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE]
     save_file(tensors, str(written[0]))
     meta = {"mvit_config": dataclasses.asdict(cfg), "classes": list(classes) if classes else None}
     written[1].write_text(json.dumps(meta, indent=2) + "\n")
