@@ -73,7 +73,7 @@ def in_memory_loop(config: dict) -> None:
     times, takes = [], []
     for step in range(config["steps"]):
         if step == config["warmup"]:
-            cpu = _CpuSplit.start()
+            cpu = _CpuSplit()
         start = time.perf_counter()
         if batches is not None:
             next(batches)
@@ -106,10 +106,6 @@ class _CpuSplit:
 
         self._process, self._wall = psutil.Process(), time.monotonic()
         self._busy, self._own = self._busy_s(), self._own_s()
-
-    @classmethod
-    def start(cls) -> "_CpuSplit":
-        return cls()
 
     @staticmethod
     def _busy_s() -> float:
