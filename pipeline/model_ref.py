@@ -282,6 +282,60 @@ def fit(weights: ResolvedWeights, model: torch.nn.Module, init_head: str = "keep
         raise ModelRefError(f"model reference {weights.ref!r} does not fit the model: {text[:1500]}{hint}") from None
 
 
+@dataclass(frozen=True)
+class InferenceModel:
+    """A reference turned into a network ready to run (eval mode, fp32, CPU), with what it classifies."""
+
+    model: torch.nn.Module  # pipeline.models.mvit.MViT
+    config: MViTConfig
+    classes: list[str] | None
+    source: str  # ``ResolvedWeights.describe()``
+
+
+# What decides whether a model can take the data's clips and labels: compared before any work starts.
+_INPUT_FIELDS = (("num_frames", "frames"), ("crop_size", "crop"), ("in_channels", "channels"),
+                 ("num_classes", "classes"))
+
+
+def _names(classes: list[str]) -> str:
+    return f"{len(classes)} classes ({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''})"
+
+
+def load_for_inference(ref: str, model_cfg: MViTConfig | None = None, classes: list[str] | None = None, *,
+                       tracking_uri: str | None = None, s3_endpoint_url: str | None = None,
+                       what: str = "the data") -> InferenceModel:
+    """The network ``ref`` names, its weights loaded strictly, for evaluation, prediction and export.
+
+    The network is the one the reference records (a final model folder, a registered model); a bare
+    checkpoint file or a DCP checkpoint records none, so ``model_cfg`` (from an experiment config) builds
+    it. When both exist they must agree on what the data feeds the model (frames, crop, channels, class
+    count), and class names known on both sides must be the same list: otherwise ``ModelRefError`` says
+    which, in one line, before anything is decoded. ``what`` names the other side in that line.
+    """
+    from pipeline.models.mvit import MViT
+
+    weights = resolve(ref, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
+    cfg = weights.model_config or model_cfg
+    if cfg is None:
+        raise ModelRefError(f"model reference {weights.ref!r} is a {weights.fmt} {weights.kind} that does not say "
+                            "which network it is: give --config with the experiment that describes it")
+    if weights.model_config is not None and model_cfg is not None:
+        differ = [f"{name} {getattr(weights.model_config, field)} (for {what}: {getattr(model_cfg, field)})"
+                  for field, name in _INPUT_FIELDS if getattr(weights.model_config, field) != getattr(model_cfg, field)]
+        if differ:
+            raise ModelRefError(f"model/data mismatch: model reference {weights.ref!r} takes {', '.join(differ)}")
+    if weights.classes and classes and list(weights.classes) != list(classes):
+        raise ModelRefError(f"model/data mismatch: model reference {weights.ref!r} classifies "
+                            f"{_names(weights.classes)}, {what} has {_names(classes)}")
+    with torch.device("meta"):
+        skeleton = MViT(cfg)
+    fitted = fit(weights, skeleton, "keep")  # strict: every key, every shape
+    model = MViT(cfg)
+    model.load_state_dict({k: v.float() for k, v in fitted.state.items()})
+    return InferenceModel(model.eval(), cfg, weights.classes or (list(classes) if classes else None),
+                          weights.describe())
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.model_ref REF``: what a reference resolves to, before a job uses it."""
     import argparse
