@@ -156,6 +156,13 @@ def _storage(cfg: ExperimentConfig) -> tuple[str, Any]:
     return pyarrow_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url)
 
 
+def tracking_uri_for(cfg: ExperimentConfig, storage_path: str, storage_fs: Any) -> str:
+    """The job's MLflow store: ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file
+    beside local checkpoints (``~/.mvit`` when they go to object storage)."""
+    local = storage_fs is None and "://" not in storage_path
+    return resolve_uri(cfg.tracking, storage_path if local else "~/.mvit")
+
+
 def job_spec(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storage_path: str) -> JobSpec:
     """What every worker needs besides the config: tracking target, tags, texts to log as artifacts."""
     import ray
@@ -187,6 +194,38 @@ def job_spec(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storag
     )
 
 
+def connect_ray() -> None:
+    """Joins the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it), else starts a local Ray on
+    loopback, with what every process of a job needs: the planted fault plan, if any, and the redaction
+    of secrets in worker logs. Training and evaluation jobs start the same way."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from core import faults
+
+    # A planted fault plan (fire drills, the reliability suite) must reach every process of the job,
+    # also on a cluster whose workers did not start with it in their environment.
+    plan = os.environ.get(faults.ENV)
+    runtime_env: dict[str, Any] = {"env_vars": {faults.ENV: plan}} if plan else {}
+    runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK  # secrets out of every worker's log records
+    if plan:
+        faults.parse(plan)  # a malformed plan stops here, before any worker starts
+        log.warning("fault plan %s=%s is active: faults will be planted in this job", faults.ENV, plan)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env)
+    else:  # plain `python pipeline/train.py`: a local Ray on loopback
+        from core.loopback import keep_ray_on_loopback
+
+        keep_ray_on_loopback()  # every Ray port on 127.0.0.1 (Ray would also listen on other interfaces)
+        # Logical CPUs, not cores: the train worker, the decoder actors and Ray Data's read and
+        # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
+        # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's PlacementGroupCleaner
+        # asks every second; without it the job's log gets one warning a second.
+        ray.init(address="local", include_dashboard=True, num_cpus=max(os.cpu_count() or 1, 4),
+                 runtime_env=runtime_env)
+
+
 def run(cfg: ExperimentConfig) -> Any:
     import ray
     import ray.train
@@ -215,36 +254,13 @@ def run(cfg: ExperimentConfig) -> Any:
     augment.on_device = augment.on_device_for(cfg.trainer.use_gpu)
     storage_path, storage_fs = _storage(cfg)
     check_storage(cfg)
-    default_tracking_dir = storage_path if storage_fs is None and "://" not in storage_path else "~/.mvit"
-    tracking_uri = resolve_uri(cfg.tracking, default_tracking_dir)
+    tracking_uri = tracking_uri_for(cfg, storage_path, storage_fs)
     init = resolve_init(cfg, model_cfg, data.classes, tracking_uri)
     job = job_spec(cfg, data, tracking_uri, cfg.trainer.storage_path if storage_fs else storage_path)
     if init is not None:
         job = replace(job, tags={**job.tags, **init.tags()})
 
-    if not ray.is_initialized():
-        from core import faults
-
-        # A planted fault plan (fire drills, the reliability suite) must reach every process of the job,
-        # also on a cluster whose workers did not start with it in their environment.
-        plan = os.environ.get(faults.ENV)
-        runtime_env: dict[str, Any] = {"env_vars": {faults.ENV: plan}} if plan else {}
-        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK  # secrets out of every worker's log records
-        if plan:
-            faults.parse(plan)  # a malformed plan stops here, before any worker starts
-            log.warning("fault plan %s=%s is active: faults will be planted in this job", faults.ENV, plan)
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env=runtime_env)
-        else:  # plain `python pipeline/train.py`: a local Ray on loopback
-            from core.loopback import keep_ray_on_loopback
-
-            keep_ray_on_loopback()  # every Ray port on 127.0.0.1 (Ray would also listen on other interfaces)
-            # Logical CPUs, not cores: the train worker, the decoder actors and Ray Data's read and
-            # repartition tasks each hold a CPU slot, and on a 2-core laptop they must all fit at once.
-            # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's PlacementGroupCleaner
-            # asks every second; without it the job's log gets one warning a second.
-            ray.init(address="local", include_dashboard=True, num_cpus=max(os.cpu_count() or 1, 4),
-                     runtime_env=runtime_env)
+    connect_ray()
     if init is not None:  # one copy in the object store for every rank of every attempt
         job = replace(job, init=InitWeights(init.source, ray.put(init.state), init.reinitialized))
     reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
