@@ -144,6 +144,21 @@ def _download_mlflow(ref: str, shown: str, tracking_uri: str | None, dst: Path) 
         raise ModelRefError(f"model reference {shown!r}: MLflow could not download it: {one_line(err)}") from None
 
 
+def mlflow_run_id(ref: str, tracking_uri: str | None = None) -> str | None:
+    """The MLflow run a ``runs:/`` reference names, or that a registered model version (``models:/``, by
+    number or alias) was created from; None for other references or a version with no run."""
+    if ref.startswith("runs:/"):
+        return ref[len("runs:/"):].split("/", 1)[0] or None
+    match = _MODEL_URI.match(ref.rstrip("/")) if ref.startswith("models:/") else None
+    if match is None:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
+    version = match["version"] or client.get_model_version_by_alias(match["name"], match["alias"]).version
+    return client.get_model_version(match["name"], version).run_id or None
+
+
 def _download_s3(ref: str, shown: str, endpoint_url: str | None, dst: Path) -> Path:
     """The file, or the whole folder, at ``ref`` copied to ``dst`` with s3fs (the project's endpoint and
     retry policy, ``core.s3.storage_options_for``)."""

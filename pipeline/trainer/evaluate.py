@@ -69,3 +69,27 @@ class VideoAccumulator:
         out["videos"] = float(len(ids))
         out["views"] = float(self.view_count)
         return out
+
+
+def video_report(acc: VideoAccumulator, classes: Sequence[str], top: int = 5) -> dict:
+    """What an evaluation tells beyond top-k, at video level (softmax averaged over each video's views):
+    accuracy per class, the confusion matrix (rows: true class, columns: predicted top-1) and each video's
+    top predictions, as plain values for a JSON report."""
+    ids = sorted(acc.prob_sum)
+    n = len(classes)
+    confusion = [[0] * n for _ in range(n)]
+    predictions = []
+    if ids:
+        probs = torch.stack([acc.prob_sum[v] / acc.views[v] for v in ids])
+        values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+        for vid, vals, idx in zip(ids, values.tolist(), indices.tolist()):
+            label = acc.labels[vid]
+            confusion[label][idx[0]] += 1
+            predictions.append({"video_id": vid, "label": label, "views": acc.views[vid],
+                                "top": [[i, round(p, 6)] for i, p in zip(idx, vals)]})
+    per_class = []
+    for c, name in enumerate(classes):
+        videos = sum(confusion[c])
+        per_class.append({"index": c, "class": name, "videos": videos,
+                          "top1": 100.0 * confusion[c][c] / videos if videos else None})
+    return {"per_class": per_class, "confusion": confusion, "predictions": predictions}

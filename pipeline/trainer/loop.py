@@ -40,12 +40,12 @@ from pipeline.data.plan import stable_hash
 from pipeline.models.mvit import MViT
 from pipeline.tracking import Tracker
 from pipeline.trainer.checkpoint import CheckpointManager, TrainState, full_model_state
-from pipeline.trainer.evaluate import VideoAccumulator
 from pipeline.trainer.export import copy_to_storage, export_model
 from pipeline.trainer.optim import LRSchedule, build_optimizer
 from pipeline.trainer.progress import EpochProgress, Meter
 from pipeline.trainer.setup import WorkerContext, load_initial_weights, prepare_model, resuming
 from pipeline.trainer.spec import JobSpec
+from pipeline.trainer.validation import check_epoch_counts, check_epoch_identity, gather_object, run_validation
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ def _all_reduce_mean(values: list[float], ctx: WorkerContext) -> list[float]:
         dist.all_reduce(t)
         t /= ctx.world_size
     return t.tolist()
-
-
-def _gather(obj: Any, ctx: WorkerContext) -> list[Any]:
-    if not (dist.is_initialized() and ctx.world_size > 1):
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def node_address() -> str:
@@ -81,33 +73,6 @@ def node_address() -> str:
 def placement_text(placement: list[str]) -> str:
     """``rank:node`` pairs in rank order, e.g. ``0:10.213.0.2,1:10.213.0.3`` (an MLflow tag value)."""
     return ",".join(f"{rank}:{node}" for rank, node in enumerate(placement))
-
-
-def check_epoch_counts(stats: EpochStats, what: str) -> None:
-    """Raise unless every sample of the (merged) epoch was delivered or counted as failed."""
-    if not stats.complete:
-        raise RuntimeError(f"{what}: {stats.samples} samples + {stats.failed} failed "
-                           f"!= {stats.expected} expected: data was lost")
-
-
-def check_epoch_identity(stats: EpochStats, what: str) -> bool:
-    """Whether the (merged) epoch's key fingerprint was compared with the manifest's digest of the split;
-    raises if it was and they differ. Counts alone miss a sample delivered twice while another is lost.
-
-    False when the comparison cannot be made: a resumed epoch (``start > 0``: which samples came before
-    the resume position depends on the shuffle, so the digest of the rest is unknown and the samples
-    before the checkpoint were checked by no one), a manifest without key digests, or failed samples
-    whose keys are unknown (a shard that broke off). Counts are still checked then.
-    """
-    if not stats.identity_checkable:
-        return False
-    if stats.fingerprint != stats.expected_digest:
-        raise RuntimeError(
-            f"{what}: the samples delivered are not the split's samples (a sample was duplicated or lost): "
-            f"key fingerprint {stats.fingerprint:016x} != manifest digest {stats.expected_digest:016x} "
-            f"over {stats.samples} delivered + {stats.failed} failed of {stats.expected} expected"
-        )
-    return True
 
 
 def quiet_worker_logs() -> None:
@@ -163,7 +128,7 @@ class Trainer:
     def setup(self) -> None:
         """Resume from the latest checkpoint (if any), then open (or reopen) the job's MLflow run and
         record where this attempt's ranks run."""
-        placement = _gather(node_address(), self.ctx)  # collective: every rank says where it is
+        placement = gather_object(node_address(), self.ctx)  # collective: every rank says where it is
         log.info("rank %d of %d on node %s", self.ctx.rank, self.ctx.world_size, placement[self.ctx.rank])
         self.state = self.checkpoints.restore(self.ctx.world_size) or self.state
         run_id = self.tracker.start(
@@ -270,7 +235,7 @@ class Trainer:
     def checkpoint_mid_epoch(self) -> None:
         """Collective: a checkpoint at this step boundary, with the epoch's figures so far (merged over
         ranks) so that the epoch resumed from it is still checked whole, on any number of workers."""
-        partial = EpochStats.merge(_gather(self.train_data.stats, self.ctx))
+        partial = EpochStats.merge(gather_object(self.train_data.stats, self.ctx))
         carry = partial.carry(self.epoch_carry)
         if carry["position"] != self.state.samples_in_epoch:  # cannot happen while the plan holds; say so if it does
             log.warning("epoch %d: %d samples counted before position %d; the resumed epoch will be checked by "
@@ -319,27 +284,11 @@ class Trainer:
 
     # -- evaluate --------------------------------------------------------------------------------
     def evaluate(self, epoch: int) -> dict[str, float]:
-        self.model.eval()
-        acc = VideoAccumulator()
-        with torch.no_grad():
-            for batch in self.val_data.epoch(epoch, 0):
-                x = normalize(batch["video"], self.mean, self.std)
-                if x.shape[0] == 0:
-                    self.model(self._placeholder_clip())
-                    continue
-                acc.add(self.model(x), batch["label"], batch["video_id"])
-        stats = EpochStats.merge(_gather(self.val_data.stats, self.ctx))
-        self._report_failures(stats, f"validation after epoch {epoch}", f"data/failed-val-{epoch:04d}.json")
-        check_epoch_counts(stats, f"validation after epoch {epoch}")
-        identity_checked = check_epoch_identity(stats, f"validation after epoch {epoch}")
-        parts = _gather(acc, self.ctx)
-        merged = parts[0]
-        for part in parts[1:]:
-            merged.merge(part)
-        metrics = {f"val/{k}": v for k, v in merged.metrics().items()}
-        metrics.update({f"val/{k}": v for k, v in stats.as_metrics(prefix="data_").items()})
-        metrics["val/data_identity_checked"] = float(identity_checked)
-        return metrics
+        what = f"validation after epoch {epoch}"
+        result = run_validation(self.model, self.val_data, self.ctx, self.mean, self.std, epoch, self._placeholder_clip)
+        self._report_failures(result.stats, what, f"data/failed-val-{epoch:04d}.json")
+        check_epoch_counts(result.stats, what)
+        return result.metrics(check_epoch_identity(result.stats, what))
 
     def _report_failures(self, stats: EpochStats, what: str, artifact_file: str) -> None:
         """Samples counted FAILED (the epoch went on without them): their keys and reasons, in the log and
@@ -362,7 +311,7 @@ class Trainer:
             self.train_data.plan(range(self.state.epoch, cfg.epochs))
             self.val_data.plan(e for e in range(self.state.epoch, cfg.epochs) if self._validates(e))
             for epoch in range(self.state.epoch, cfg.epochs):
-                stats = EpochStats.merge(_gather(self.train_epoch(epoch), self.ctx))
+                stats = EpochStats.merge(gather_object(self.train_epoch(epoch), self.ctx))
                 stats = stats.with_carry(self.epoch_carry, self.train_data.split_digest)  # whole, if it was resumed
                 self._report_failures(stats, f"epoch {epoch}", f"data/failed-epoch-{epoch:04d}.json")
                 # Every rank holds the same merged stats, so every rank raises together.

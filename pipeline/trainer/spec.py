@@ -42,3 +42,30 @@ class JobSpec:
         from pipeline.config import from_container
 
         return from_container(self.experiment)
+
+
+def job_key(name: str, storage_path: str) -> str:
+    """What identifies a job across restarts and resubmissions (its MLflow run is tagged ``mvit.job_key``):
+    its name and where it keeps checkpoints, so a job's folder (``storage_path/name``) leads to its run."""
+    import hashlib
+
+    return hashlib.sha256(f"{name}\0{storage_path}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What the driver of an evaluation (``pipeline.evaluate``) hands every Ray Train worker: the network,
+    its weights (a Ray object reference to the full fp32 state dict, read by every rank), the experiment
+    (data recipe, precision) and where rank 0 puts the result (a ``ray.util.queue.Queue`` the driver owns)."""
+
+    experiment: dict[str, Any]
+    model_config: Any  # pipeline.models.config.MViTConfig
+    weights: Any  # ray.ObjectRef[dict[str, torch.Tensor]]
+    classes: list[str]
+    split: str
+    results: Any  # ray.util.queue.Queue
+
+    def config(self) -> Any:
+        from pipeline.config import from_container
+
+        return from_container(self.experiment)

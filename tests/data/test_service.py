@@ -13,7 +13,7 @@ from data_helpers import delivered, rows_by_id, run_cli, run_epoch, run_epochs, 
 from pipeline.data.config import imagenet_defaults
 from pipeline.data.loader import EpochStats
 from pipeline.data.service import build_dataset
-from pipeline.trainer.loop import check_epoch_identity
+from pipeline.trainer.validation import check_epoch_identity
 from core.manifest import keys_digest, load_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -30,7 +30,7 @@ from PIL import Image
 from preprocess_helpers import cli, shard_keys, shard_samples
 
 from pipeline.data.loader import EpochStats
-from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
+from pipeline.trainer.validation import check_epoch_counts, check_epoch_identity
 from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
 from tests.data.data_helpers import epoch_through_service, small_config
 

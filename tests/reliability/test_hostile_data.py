@@ -108,7 +108,7 @@ def _relabel(shard: Path, labels: dict[str, bytes]) -> None:
 def test_labels_outside_the_classes_are_failed_samples_by_name(reliability_shards: Path, tmp_path: Path,
                                                                ray_cluster: None, ledger: Any) -> None:  # fmt: skip
     """Samples whose .cls is 999 or -1 in a training split are FAILED with their reason; the rest of the epoch is delivered and checked."""
-    from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
+    from pipeline.trainer.validation import check_epoch_counts, check_epoch_identity
     from tests.data.data_helpers import epoch_through_service, shard_keys
 
     root = _copy(reliability_shards, tmp_path)

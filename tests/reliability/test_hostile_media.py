@@ -137,7 +137,7 @@ def test_hostile_shard_members_are_failed_by_name_and_never_held(hostile_set: tu
     """Sparse, link, device and oversized members, a member cut short and a gzip bomb: each sample FAILED by name, the reader's peak under 32 MiB for 1 GiB + 64 MiB claimed."""
     from pipeline.data.plan import ShardRef
     from pipeline.data.source import _exactly
-    from pipeline.trainer.loop import check_epoch_counts
+    from pipeline.trainer.validation import check_epoch_counts
     from tests.data.data_helpers import epoch_through_service
 
     root, keys = hostile_set

@@ -535,7 +535,7 @@ def test_crafted_shard_is_refused_by_verify_without_writing_anything(hostile_sha
 def test_crafted_shard_read_by_the_data_service_skips_and_counts_hostile_samples(hostile_shard, tmp_path, ray_cluster,
                                                                                  ledger):  # fmt: skip
     """The data service skips and counts samples with ../, absolute or link members; the epoch checks out; writes nothing."""
-    from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
+    from pipeline.trainer.validation import check_epoch_counts, check_epoch_identity
     from tests.data.data_helpers import epoch_through_service
 
     out, keys, victim = hostile_shard

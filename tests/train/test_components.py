@@ -109,7 +109,7 @@ def test_failure_summary_names_the_root_cause_not_the_collateral_collective_erro
 
 def test_epoch_identity_check_catches_a_duplicate_that_hides_a_loss() -> None:
     from pipeline.data.loader import EpochStats
-    from pipeline.trainer.loop import check_epoch_counts, check_epoch_identity
+    from pipeline.trainer.validation import check_epoch_counts, check_epoch_identity
     from core.manifest import keys_digest
 
     split = keys_digest(["a", "b", "c", "d"])

@@ -5,12 +5,14 @@ exporter (``export_model``). A tiny job (the demo made small: 1 epoch of 2 steps
 ``init_head: new`` and the embedding and every block frozen: those come out equal to the source's bit for
 bit, the re-initialised head trained, and MLflow records where the job started. The job's own outputs are
 then the references a user would give (its final model folder and job folder, its DCP checkpoint,
-``runs:/``, ``models:/`` by version and alias), which must all resolve to its weights; rerunning the job
-with init_from pointing elsewhere resumes its own checkpoint and keeps its weights.
+``runs:/``, ``models:/`` by version and alias: the job registers its final model, ``tracking.register_as``),
+which must all resolve to its weights; rerunning the job with init_from pointing elsewhere resumes its own
+checkpoint, keeps its weights and registers nothing new.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,8 @@ def tuned(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     runs = root / "runs"
     overrides = _overrides(shards, runs, **{"name": "finetune", "model.init_from": str(root / "source"),
                                             "model.init_head": "new", "optim.freeze_blocks": DEPTH,
-                                            "optim.freeze_epochs": 1, "optim.layer_decay": 0.75})
+                                            "optim.freeze_epochs": 1, "optim.layer_decay": 0.75,
+                                            "tracking.register_as": "tiny-demo", "tracking.register_alias": "champion"})
     result, job = run(load_config(DEMO, overrides))
     assert result.error is None, result.error
     return {"root": root, "runs": runs, "uri": job.tracking_uri, "source": source.state_dict(), "job": job,
@@ -94,14 +97,20 @@ def test_a_job_fine_tunes_from_a_final_model_with_a_new_head_and_frozen_blocks(t
 
 def test_every_reference_to_a_real_run_resolves_to_its_weights(tuned: dict[str, Any]) -> None:
     """The final model folder and the job folder above it, the DCP checkpoint, runs:/ and models:/ (version
-    and alias, registered as a user would) all give the job's final weights and what they know of it."""
+    and alias, registered by the job) all give the job's final weights and what they know of it."""
     runs, uri, weights = tuned["runs"], tuned["uri"], tuned["weights"]
     (checkpoint,) = sorted(runs.joinpath("finetune").glob("checkpoint_epoch0001_*"))
     client, mlflow_run = _mlflow_run(uri, "finetune")
     run_ref = f"runs:/{mlflow_run.info.run_id}/model"
-    client.create_registered_model("tiny-demo")
-    version = client.create_model_version("tiny-demo", run_ref, run_id=mlflow_run.info.run_id).version
-    client.set_registered_model_alias("tiny-demo", "champion", version)
+    (registered,) = client.search_model_versions("name = 'tiny-demo'")  # by the job: tracking.register_as
+    version = registered.version
+    assert (version, registered.run_id) == ("1", mlflow_run.info.run_id)
+    assert client.get_model_version_by_alias("tiny-demo", "champion").version == version
+    assert json.loads(registered.tags["classes"]) == tuned["job"].classes
+    from mlflow.models import Model  # the input recipe registered is the job's own config
+
+    mlmodel = Model.load(client.download_artifacts(mlflow_run.info.run_id, "model/MLmodel", str(tuned["root"])))
+    assert mlmodel.metadata["input"]["recipe"] == f"runs:/{mlflow_run.info.run_id}/config/resolved_config.yaml"
     for ref, kind in [(str(runs / "finetune" / "final_model"), "final_model"), (str(runs / "finetune"), "final_model"),
                       (str(checkpoint), "dcp"), (run_ref, "final_model"), (f"models:/tiny-demo/{version}", "final_model"),
                       ("models:/tiny-demo@champion", "final_model")]:
@@ -123,6 +132,8 @@ def test_rerunning_the_job_resumes_its_checkpoint_whatever_init_from_says(tuned:
     result, _ = run(load_config(DEMO, overrides))
     assert result.error is None, result.error
     _assert_same(_final(tuned["runs"], "finetune"), tuned["weights"])
+    client, _ = _mlflow_run(tuned["uri"], "finetune")  # registered again: the version it has already
+    assert [v.version for v in client.search_model_versions("name = 'tiny-demo'")] == ["1"]
 
 
 def test_refusals_come_before_any_worker_starts(tuned: dict[str, Any], tmp_path: Path) -> None:
@@ -141,3 +152,50 @@ def test_refusals_come_before_any_worker_starts(tuned: dict[str, Any], tmp_path:
     with pytest.raises(ConfigError, match="does not fit the model") as err:
         run(load_config(DEMO, base + [f"model.init_from={wrong}"]))
     assert "\n" not in str(err.value)
+
+
+def test_evaluating_the_final_model_reproduces_the_jobs_last_validation(tuned: dict[str, Any], tmp_path: Path) -> None:
+    """``pipeline.evaluate`` of the job's final model, with the job's config, on the Ray cluster: the same
+    numbers as the job's last validation, a report and a PNG in MLflow and in --out, linked to the job's run."""
+    from pipeline.evaluate import CONFUSION_FILE, EVALUATES_TAG, KIND_TAG, REPORT_FILE, evaluate
+
+    report = evaluate(load_config(DEMO, tuned["overrides"]), str(tuned["runs"] / "finetune" / "final_model"),
+                      out=str(tmp_path / "eval"))
+    client, trained = _mlflow_run(tuned["uri"], "finetune")
+    for key in ("video_top1", "video_top5", "view_top1", "view_top5", "videos", "views"):
+        assert report["metrics"][f"eval/{key}"] == trained.data.metrics[f"val/{key}"], key
+    assert report["training_run"] == trained.info.run_id and report["data"]["failed"] == 0
+    videos = int(report["metrics"]["eval/videos"])
+    assert sum(map(sum, report["confusion"])) == videos == len(report["predictions"])
+    assert [c["videos"] for c in report["per_class"]] == [sum(row) for row in report["confusion"]]
+    evaluation = client.get_run(report["mlflow_run"])
+    assert evaluation.data.tags[KIND_TAG] == "evaluation" and evaluation.data.tags[EVALUATES_TAG] == trained.info.run_id
+    assert evaluation.data.metrics["eval/video_top1"] == report["metrics"]["eval/video_top1"]
+    assert {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluation")} == {
+        f"evaluation/{REPORT_FILE}", f"evaluation/{CONFUSION_FILE}"}
+    assert json.loads((tmp_path / "eval" / REPORT_FILE).read_text()) == report
+    assert (tmp_path / "eval" / CONFUSION_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_a_bad_reference_or_a_mismatch_before_any_worker_starts(tuned: dict[str, Any],
+                                                                                 tmp_path: Path) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.evaluate import parse_views, prepare
+
+    cfg = load_config(DEMO, tuned["overrides"])
+    final = str(tuned["runs"] / "finetune" / "final_model")
+    cases = [(cfg, str(tmp_path / "missing"), "no such file or folder"),
+             (cfg, str(tuned["root"] / "source"), r"model/data mismatch: .* takes classes 3 \(for split 'val': 2\)"),
+             (load_config(DEMO, tuned["overrides"] + ["data.sampling.num_frames=4"]), final,
+              r"model/data mismatch: the model takes 8x64\^2 clips but the data service makes 4x64\^2"),
+             (load_config(DEMO, tuned["overrides"] + ["model.num_classes=5"]), final, "model.num_classes=5 but split")]
+    for config, ref, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            prepare(config, ref, "val")
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="no manifest for split 'test'"):
+        prepare(cfg, final, "test")
+    assert parse_views("10x3") == (10, 3)
+    for bad in ("10", "0x1", "2x2", "ax3"):
+        with pytest.raises(ConfigError, match="--views"):
+            parse_views(bad)
