@@ -33,7 +33,7 @@ import torch
 
 from pipeline.models.presets import build_preset
 from pipeline.serving.exporters import example_clips, export_onnx, export_program
-from pipeline.serving.model import build_eval_model, read_final_model
+from pipeline.serving.model import load_model
 from pipeline.serving.spec import default_input_spec, metadata
 from pipeline.serving.verify import onnx_runner, program_runner, verify
 from pipeline.trainer.export import export_model
@@ -69,9 +69,9 @@ def main() -> int:
         net = build_preset(args.preset, **sizes)
         export_model(net.state_dict(), net.cfg, folder, classes=[f"c{i}" for i in range(net.cfg.num_classes)])
         del net
-        loaded = read_final_model(str(folder))
-        cfg, model = loaded.config, build_eval_model(loaded)
-        meta = metadata(default_input_spec(cfg), loaded.classes, cfg, {"benchmark": True})
+        loaded = load_model(str(folder))
+        cfg, model = loaded.config, loaded.model
+        meta = metadata(default_input_spec(cfg), tuple(loaded.classes), cfg, {"benchmark": True})
         for name, (fmt, opset, batch) in VARIANTS.items():
             start = time.perf_counter()
             if fmt == "onnx":

@@ -1,4 +1,7 @@
-"""Export a trained MViT for serving: ``python -m pipeline.export --model FOLDER --out PATH``.
+"""Export a trained MViT for serving: ``python -m pipeline.export --model REF --out PATH``.
+
+``--model`` is any model reference (``pipeline.model_ref``): a final model folder, a checkpoint, a
+``runs:/`` or ``models:/`` URI.
 
 ``--format onnx`` (default) writes an ONNX file for onnxruntime (dynamo-based exporter, opset 23 by
 default); ``--format torch-export`` writes a torch.export ExportedProgram (.pt2, ``torch.export.load``).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -30,7 +34,7 @@ from core.errors import ConfigError, one_line
 from core.s3 import storage_options_for
 from core.storage import is_local
 from pipeline.serving import exporters, verify
-from pipeline.serving.model import ServingError, build_eval_model, read_final_model
+from pipeline.serving.model import ServingError, load_model
 from pipeline.serving.spec import default_input_spec, input_spec_from_experiment, metadata
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -56,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
     _check_out(args.out, args.format)
     if args.format == "onnx":
         exporters.check_onnx(args.opset)
-    loaded = read_final_model(args.model, args.s3_endpoint_url)
-    cfg = loaded.config
+    loaded = load_model(args.model, args.config, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                        args.s3_endpoint_url)
+    cfg, model = loaded.config, loaded.model
     spec = input_spec_from_experiment(cfg, args.config) if args.config else default_input_spec(cfg)
-    model = build_eval_model(loaded)
     export = {"format": args.format, "batch": "dynamic" if batch is None else batch, "source": loaded.source,
               "torch": torch.__version__}
     if args.format == "onnx":
         export["opset"] = args.opset
-    meta = metadata(spec, loaded.classes, cfg, export)
+    meta = metadata(spec, tuple(loaded.classes) if loaded.classes else None, cfg, export)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mvit-serving-") as tmp:
         local = Path(args.out) if is_local(args.out) else Path(tmp) / Path(args.out).name
@@ -97,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="final model folder (model.safetensors + model_config.json), local or s3://...")
+                        help="model reference: a final model folder, a checkpoint file or folder (local or s3://), "
+                        "runs:/RUN_ID/PATH, models:/NAME/VERSION or models:/NAME@ALIAS (a bare checkpoint also "
+                        "needs --config for its network)")
+    parser.add_argument("--tracking-uri", help="MLflow store of runs:/ and models:/ references (default: "
+                        "$MLFLOW_TRACKING_URI)")
     parser.add_argument("--out", required=True, help="the file to write (.onnx or .pt2), local or s3://...")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="default: %(default)s")
     parser.add_argument("--batch", default="dynamic", help="'dynamic' or a fixed positive batch size "

@@ -219,6 +219,10 @@ def read_final_model(folder: Path) -> tuple[StateDict, MViTConfig, list[str] | N
         raise ValueError(f"{FINAL_CONFIG} has no mvit_config mapping")
     cfg = MViTConfig.from_dict(meta["mvit_config"])
     classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{FINAL_CONFIG}: 'classes' must be a list of names, got {classes!r:.80}")
+    if classes and len(classes) != cfg.num_classes:
+        raise ValueError(f"{FINAL_CONFIG}: {len(classes)} class names for a {cfg.num_classes}-class head")
     return load_file(str(folder / FINAL_WEIGHTS)), cfg, list(classes) if classes else None
 
 
@@ -283,16 +287,17 @@ def check_against(weights: ResolvedWeights, model_cfg: MViTConfig, classes: list
 
 
 def fit(weights: ResolvedWeights, model: torch.nn.Module, init_head: str = "keep",
-        classes: list[str] | None = None) -> FittedState:
+        classes: list[str] | None = None, training: bool = True) -> FittedState:
     """``weights`` checked against ``model``'s job (``check_against``) and fitted to it (``fit_to_model``):
-    every key of the model, strictly; the classifier re-initialised only as ``init_head`` allows."""
+    every key of the model, strictly; the classifier re-initialised only as ``init_head`` allows.
+    ``training``: the refusal may suggest ``model.init_head=new`` (a job's remedy, not an evaluation's)."""
     check_against(weights, model.cfg, classes, init_head)
     try:
         return fit_to_model(model, weights.state, head_policy(weights, init_head, classes))  # type: ignore[arg-type]
     except CheckpointMismatch as err:
         text = str(err).replace("\n  ", "; ")
         hint = ""
-        if init_head == "keep" and "head.projection" in text:
+        if training and init_head == "keep" and "head.projection" in text:
             hint = " (a classifier for other classes: set model.init_head=new to re-initialise it)"
         raise ModelRefError(f"model reference {weights.ref!r} does not fit the model: {text[:1500]}{hint}") from None
 
@@ -318,7 +323,7 @@ def _names(classes: list[str]) -> str:
 
 def load_for_inference(ref: str, model_cfg: MViTConfig | None = None, classes: list[str] | None = None, *,
                        tracking_uri: str | None = None, s3_endpoint_url: str | None = None,
-                       what: str = "the data") -> InferenceModel:
+                       what: str = "the data", compare: bool = True) -> InferenceModel:
     """The network ``ref`` names, its weights loaded strictly, for evaluation, prediction and export.
 
     The network is the one the reference records (a final model folder, a registered model); a bare
@@ -326,6 +331,8 @@ def load_for_inference(ref: str, model_cfg: MViTConfig | None = None, classes: l
     it. When both exist they must agree on what the data feeds the model (frames, crop, channels, class
     count), and class names known on both sides must be the same list: otherwise ``ModelRefError`` says
     which, in one line, before anything is decoded. ``what`` names the other side in that line.
+    ``compare=False`` uses ``model_cfg`` only to build a network the reference does not record (the caller
+    checks the data against the network itself).
     """
     from pipeline.models.mvit import MViT
 
@@ -334,7 +341,7 @@ def load_for_inference(ref: str, model_cfg: MViTConfig | None = None, classes: l
     if cfg is None:
         raise ModelRefError(f"model reference {weights.ref!r} is a {weights.fmt} {weights.kind} that does not say "
                             "which network it is: give --config with the experiment that describes it")
-    if weights.model_config is not None and model_cfg is not None:
+    if compare and weights.model_config is not None and model_cfg is not None:
         differ = [f"{name} {getattr(weights.model_config, field)} (for {what}: {getattr(model_cfg, field)})"
                   for field, name in _INPUT_FIELDS if getattr(weights.model_config, field) != getattr(model_cfg, field)]
         if differ:
@@ -344,7 +351,7 @@ def load_for_inference(ref: str, model_cfg: MViTConfig | None = None, classes: l
                             f"{_names(weights.classes)}, {what} has {_names(classes)}")
     with torch.device("meta"):
         skeleton = MViT(cfg)
-    fitted = fit(weights, skeleton, "keep")  # strict: every key, every shape
+    fitted = fit(weights, skeleton, "keep", training=False)  # strict: every key, every shape
     model = MViT(cfg)
     model.load_state_dict({k: v.float() for k, v in fitted.state.items()})
     return InferenceModel(model.eval(), cfg, weights.classes or (list(classes) if classes else None),

@@ -1,6 +1,6 @@
 """Serving exports of a trained MViT: ONNX (onnxruntime) and torch.export programs, each verified against
 the eager model and carrying the class names and input spec a server needs (``python -m pipeline.export``).
 
-Nothing here knows how a model reference is resolved: the exporters take a ``LoadedModel`` (config,
-weights, classes); ``pipeline.serving.model.read_final_model`` is the one reader of a final model folder.
+The exporters take a network and its config; ``pipeline.serving.model.load_model`` gets them from any model
+reference through ``pipeline.model_ref``, the one resolver of references in the project.
 """

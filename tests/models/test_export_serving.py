@@ -17,7 +17,7 @@ import torch
 from pipeline.export import main
 from pipeline.models.mvit import MViT
 from pipeline.serving.exporters import export_onnx, export_program
-from pipeline.serving.model import ServingError, read_final_model
+from pipeline.serving.model import ServingError, load_model
 from pipeline.serving.verify import ATOL, RTOL, verify
 from pipeline.trainer.export import export_model
 from tests.models.helpers import tiny_config
@@ -155,22 +155,25 @@ def test_a_bad_batch_is_refused(trained, tmp_path, capsys, batch):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_folder_that_is_not_a_final_model_is_refused(trained, tmp_path, capsys):
+def test_a_reference_that_cannot_be_used_is_refused(trained, tmp_path, capsys):
     folder, _ = trained
     out = str(tmp_path / "m.onnx")
-    _one_line_refusal(capsys, ["--model", str(tmp_path / "nowhere"), "--out", out], "is not a final model folder")
+    _one_line_refusal(capsys, ["--model", str(tmp_path / "nowhere"), "--out", out], "no such file or folder")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     (broken / "model_config.json").write_text("{not json")
-    _one_line_refusal(capsys, ["--model", str(broken), "--out", out], "is not JSON")
+    _one_line_refusal(capsys, ["--model", str(broken), "--out", out], "cannot read it", "Expecting property name")
     meta = json.loads((folder / "model_config.json").read_text())
     meta["mvit_config"]["embed_dim"] = 24  # weights of a 16-wide network under a 24-wide config
     (broken / "model_config.json").write_text(json.dumps(meta))
-    _one_line_refusal(capsys, ["--model", str(broken), "--out", out], "do not fit its config", "of another shape")
+    _one_line_refusal(capsys, ["--model", str(broken), "--out", out], "does not fit the model", "shape mismatch")
     meta["mvit_config"]["embed_dim"], meta["classes"] = 16, CLASSES[:3]
     (broken / "model_config.json").write_text(json.dumps(meta))
     _one_line_refusal(capsys, ["--model", str(broken), "--out", out], "3 class names for a 7-class head")
+    torch.save(load_model(str(folder)).model.state_dict(), tmp_path / "bare.pt")  # weights only: no network
+    _one_line_refusal(capsys, ["--model", str(tmp_path / "bare.pt"), "--out", out], "does not say which network",
+                      "model.num_classes")
     _one_line_refusal(capsys, ["--model", str(folder), "--out", str(tmp_path / "m.pt2")], "must end in .onnx")
     _one_line_refusal(capsys, ["--model", str(folder), "--out", out, "--opset", "17"], "needs opset >= 18")
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.pt2").exists()
@@ -188,7 +191,7 @@ class _Eig(torch.nn.Module):
 
 def test_a_model_that_does_not_export_is_refused_naming_the_operator(trained, tmp_path):
     folder, _ = trained
-    cfg = read_final_model(str(folder)).config
+    cfg = load_model(str(folder)).config
     with pytest.raises(ServingError, match=r"operator aten\.linalg_eig has no translation"):
         export_onnx(_Eig(), cfg, tmp_path / "eig.onnx", None, {})
     assert not (tmp_path / "eig.onnx").exists()
