@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ def prepare(cfg: ExperimentConfig, ref: str, split: str) -> EvalTarget:
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but split {split!r} has {len(classes)} classes")
     cfg.model.num_classes = len(classes)
+    cfg.data.augment.on_device = cfg.data.augment.on_device_for(cfg.trainer.use_gpu)  # as a job logs it
     storage_path, storage_fs = pyarrow_target(cfg.trainer.storage_path, cfg.data.s3_endpoint_url)
     check_storage(cfg)
     tracking_uri = tracking_uri_for(cfg, storage_path, storage_fs)
@@ -196,7 +197,7 @@ def confusion_png(confusion: list[list[int]], classes: Sequence[str], path: Path
     counts = np.asarray(confusion, dtype=float)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # each true class's videos as fractions
     n = len(classes)
-    size = min(4 + 0.25 * n, 40)
+    size = min(6 + 0.3 * n, 40)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     if n <= 60:  # past that the names cannot be read; the JSON report has them
@@ -231,7 +232,7 @@ def record(target: EvalTarget, ref: str, outcome: Any, out: str | None, run_name
         "classes": target.classes, "metrics": metrics, "data": outcome.data, "world_size": outcome.world_size,
         "training_run": train_run, **outcome.report,
     }
-    tags = {KIND_TAG: "evaluation", "eval_split": target.split, VIEWS_TAG: views, "model_ref": target.model.source,
+    tags = {KIND_TAG: "evaluation", "eval_split": target.split, VIEWS_TAG: views, "model_ref": redact_value(ref),
             "config_hash": config_hash(to_container(cfg))}
     if train_run:
         tags[EVALUATES_TAG] = train_run
@@ -242,16 +243,18 @@ def record(target: EvalTarget, ref: str, outcome: Any, out: str | None, run_name
             if MlflowClient(target.tracking_uri).get_experiment(train_experiment).name == tracker_experiment:
                 tags["mlflow.parentRunId"] = train_run  # shown under the training run in the MLflow UI
     name = run_name or f"eval-{cfg.name}-{target.split}-{views}"
-    tracker = Tracker(cfg.tracking, target.tracking_uri, enabled=True)
-    run_id = tracker.start(name, None, {**to_container(cfg), "eval": {"model": target.model.source,
+    # system metrics would be the driver's machine's, not the workers': off for an evaluation's run
+    tracker = Tracker(replace(cfg.tracking, log_system_metrics=False), target.tracking_uri, enabled=True)
+    run_id = tracker.start(name, None, {**to_container(cfg), "eval": {"model": redact_value(ref),
                                                                          "split": target.split, "views": views}}, tags)
     report["mlflow_run"] = run_id
     with tempfile.TemporaryDirectory(prefix="mvit-eval-") as tmp:
         files = [Path(tmp) / REPORT_FILE, Path(tmp) / CONFUSION_FILE]
         files[0].write_text(json.dumps(report, indent=1) + "\n")
+        shown = redact_value(ref)
         confusion_png(outcome.report["confusion"], target.classes, files[1],
-                      f"{target.model.source}\n{target.split}, {views} views: video top-1 "
-                      f"{metrics.get('eval/video_top1', float('nan')):.1f}%")
+                      f"{'...' + shown[-57:] if len(shown) > 60 else shown}\n{target.split}, {views} views: video "
+                      f"top-1 {metrics.get('eval/video_top1', float('nan')):.1f}%")
         tracker.log_metrics(metrics, step=0)
         for path in files:
             tracker.log_artifact(str(path), "evaluation")
