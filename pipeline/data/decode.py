@@ -153,6 +153,15 @@ def sample_meta(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def failure_reason(exc: Exception) -> str:
+    """What a sample that failed to decode records: the decode process's own text (``SampleFailed``, it
+    already names the type), else the exception's type and message; bounded, as it goes into every row."""
+    from pipeline.data.isolation import SampleFailed
+
+    message = str(exc) if isinstance(exc, SampleFailed) else f"{type(exc).__name__}: {exc}"
+    return message[:300]
+
+
 class Decoder:
     """``map_batches`` callable: one batch = one unit (batch) of samples -> views x samples rows.
 
@@ -197,14 +206,22 @@ class Decoder:
                 ", each sample in a child process" if d.isolate else "")  # fmt: skip
 
     def __del__(self) -> None:
-        process = getattr(self, "_process", None)
+        self.close()
+
+    def close(self) -> None:
+        """Ends the decode process and its zygote, if any (a caller outside Ray Data ends them here rather
+        than when the object is collected)."""
+        process, self._process = getattr(self, "_process", None), None
         if process is not None:
             try:
                 process.close()
             except (OSError, EOFError):  # at interpreter exit the zygote may be gone first: nothing to close
                 pass
 
-    def _decode_one(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
+    def decode_sample(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
+        """One sample's bytes -> its views, as every row of ``__call__`` is decoded (``pipeline.predict``
+        decodes files with it so that they are seen exactly as evaluation sees a sample). Raises for a
+        sample that does not decode: ``failure_reason`` is what a FAILED row records."""
         if self._process is not None:
             return self._process.decode(data, meta, key, epoch, self._faults if not self._faults.empty else None)
         kind = self._faults.decode_fault(key, 1)
@@ -239,8 +256,8 @@ class Decoder:
                 status[block], errors[block] = FAILED, [str(batch["error"][i])] * views
                 continue
             try:
-                decoded = self._decode_one(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
-                                           int(batch["epoch"][i]))  # fmt: skip
+                decoded = self.decode_sample(batch["data"][i], sample_meta(str(batch["meta"][i])), key,
+                                             int(batch["epoch"][i]))  # fmt: skip
                 if self.on_device:
                     try:
                         decoded, records[block] = split_views(decoded, (views, *video.shape[1:]), slots, crop)
@@ -250,8 +267,7 @@ class Decoder:
             except Exception as exc:  # noqa: BLE001 - a bad sample is skipped and counted, never fatal
                 if self._process is not None and not isinstance(exc, SampleFailed):
                     raise  # the isolation itself broke (not the sample): Ray Data's bounded retries take over
-                message = str(exc) if isinstance(exc, SampleFailed) else f"{type(exc).__name__}: {exc}"
-                message = message[:300]
+                message = failure_reason(exc)
                 log.warning("skipping sample %s: %s", key, message)
                 status[block], errors[block] = FAILED, [message] * views
                 video[block] = 0

@@ -18,10 +18,11 @@ class ServingError(ValueError):
 
 
 def load_model(ref: str, config: str | None = None, tracking_uri: str | None = None,
-               s3_endpoint_url: str | None = None):
+               s3_endpoint_url: str | None = None, overrides: list[str] | None = None):
     """``model_ref.InferenceModel`` for ``ref`` (eval mode, fp32, CPU); ``config``: the experiment YAML whose
     ``model:`` section describes the network when the reference does not (its class count must be set
-    there then: a bare checkpoint names no classes). Refusals are ``ServingError`` in one line."""
+    there then: a bare checkpoint names no classes), with ``key=value`` ``overrides`` (prediction takes them
+    as training does). Refusals are ``ServingError`` in one line."""
     from pipeline.model_ref import ModelRefError, load_for_inference
 
     model_cfg = None
@@ -29,7 +30,7 @@ def load_model(ref: str, config: str | None = None, tracking_uri: str | None = N
         from pipeline.config import build_model_config, load_config  # the YAML schema: only when asked for
 
         try:
-            exp = load_config(config)
+            exp = load_config(config, overrides)
             if exp.model.num_classes is not None:
                 model_cfg = build_model_config(exp.model)
         except ConfigError as err:

@@ -10,6 +10,7 @@ defaults (the Kinetics recipe for video, ``imagenet_defaults()`` for image model
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from pipeline.data.config import DataConfig, imagenet_defaults
 from pipeline.models.config import MViTConfig
@@ -61,19 +62,38 @@ def _from_data(cfg: MViTConfig, data: DataConfig, recipe: str) -> InputSpec:
                      recipe=recipe)
 
 
-def default_input_spec(cfg: MViTConfig) -> InputSpec:
-    """The data pipeline's default recipe for this kind of model (image models: T = 1)."""
+def default_recipe(cfg: MViTConfig) -> tuple[DataConfig, str]:
+    """The data pipeline's default recipe for this kind of model (image models: T = 1) and where it came
+    from. The clip (frames, crop) is the model's: a final model folder records the network, not the
+    recipe, so everything else is the defaults'. Prediction decodes with this, export describes it."""
     if cfg.num_frames == 1:
-        return _from_data(cfg, imagenet_defaults(), "pipeline.data.config.imagenet_defaults()")
-    return _from_data(cfg, DataConfig(), "pipeline.data.config defaults (Kinetics)")
+        data, recipe = imagenet_defaults(), "pipeline.data.config.imagenet_defaults()"
+    else:
+        data, recipe = DataConfig(), "pipeline.data.config defaults (Kinetics)"
+    data.sampling.num_frames, data.augment.crop_size = cfg.num_frames, cfg.crop_size
+    return data, recipe
+
+
+def default_input_spec(cfg: MViTConfig) -> InputSpec:
+    return _from_data(cfg, *default_recipe(cfg))
 
 
 def input_spec_from_experiment(cfg: MViTConfig, path: str) -> InputSpec:
     """The recipe of the experiment config at ``path``; refuses (one line) an experiment whose clips
     (frames, crop), channels or class count differ from the model's."""
-    from pipeline.config import build_model_config, load_config  # the YAML schema: only when asked for
+    from pipeline.config import load_config  # the YAML schema: only when asked for
 
     exp = load_config(path)
+    check_experiment(cfg, exp, path)
+    return _from_data(cfg, exp.data, path)
+
+
+def check_experiment(cfg: MViTConfig, exp: Any, path: str) -> None:
+    """Refuses (``ServingError``, one line) an experiment (``pipeline.config.ExperimentConfig``, loaded from
+    ``path``) whose data would not fit the model: clips (frames, crop), channels, normalisation channels,
+    or a class count that the experiment sets (None: a job takes it from its shard set)."""
+    from pipeline.config import build_model_config
+
     data, trained = exp.data, build_model_config(exp.model)
     pairs = [("data.sampling.num_frames", data.sampling.num_frames, "frames", cfg.num_frames),
              ("data.augment.crop_size", data.augment.crop_size, "crop", cfg.crop_size),
@@ -87,7 +107,6 @@ def input_spec_from_experiment(cfg: MViTConfig, path: str) -> InputSpec:
     if len(data.augment.mean) != cfg.in_channels or len(data.augment.std) != cfg.in_channels:
         raise ServingError(f"model/data mismatch: --config {path} normalises {len(data.augment.mean)} channels, "
                            f"the model takes {cfg.in_channels}")
-    return _from_data(cfg, data, path)
 
 
 def metadata(spec: InputSpec, classes: tuple[str, ...] | None, cfg: MViTConfig, export: dict) -> dict:
