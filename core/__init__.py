@@ -9,6 +9,7 @@
 - ``errors``    one-line error text and the error types both sides raise (config, unsafe checkpoints)
 - ``loopback``  the switch that keeps a local Ray on 127.0.0.1
 - ``child``     child processes that die with their parent, and how a process ended in words
+- ``media``     the raw file suffixes read as videos and as images (preprocessing's inputs, prediction's)
 
 Nothing here imports torch, and nothing imports ``pipeline`` or ``preprocessing``: layers point down.
 """

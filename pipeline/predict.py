@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from core.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from core.errors import ConfigError, credentials_hint, one_line
 from core.redact import redact_value
 from pipeline.evaluate import parse_views  # --views means the same to both commands
@@ -38,10 +39,6 @@ from pipeline.evaluate import parse_views  # --views means the same to both comm
 # key.path=value among the positional arguments (as pipeline/train.py takes them); an input whose name
 # looks like one is given as ./name
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
-# what preprocessing reads (preprocessing/kinetics.py, imagenet.py: pipeline does not import it), used only
-# to say that a file is the other kind than the model takes, instead of the decoder's less direct error
-_VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
-_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 class InputFailed(Exception):
@@ -155,9 +152,9 @@ class Predictor:
 
 def _other_kind(source: str, modality: str, frames: int) -> str | None:
     suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
-    if modality == "video" and suffix in _IMAGE_SUFFIXES:
+    if modality == "video" and suffix in IMAGE_SUFFIXES:
         return f"an image ({suffix}), but the model takes video clips of {frames} frames"
-    if modality == "image" and suffix in _VIDEO_SUFFIXES:
+    if modality == "image" and suffix in VIDEO_SUFFIXES:
         return f"a video ({suffix}), but the model takes images"
     return None
 

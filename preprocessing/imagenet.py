@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from preprocessing.items import Discovery, Reject, WorkItem, unique_keys
+from core.media import IMAGE_SUFFIXES
 from core.storage import exists, find_files, join, read_text
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 SYNSETS_FILE = "LOC_synset_mapping.txt"
 VAL_SOLUTION_FILE = "LOC_val_solution.csv"
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"

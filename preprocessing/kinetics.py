@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from preprocessing.items import Discovery, Reject, WorkItem, unique_keys
+from core.media import VIDEO_SUFFIXES
 from core.manifest import UNLABELED
 from core.storage import exists, find_files, read_text
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
 _SPLIT_ALIASES = {"validate": "val", "validation": "val"}
 _REQUIRED = ("youtube_id", "time_start", "time_end")
 
