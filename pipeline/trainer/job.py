@@ -27,7 +27,7 @@ from pipeline.config import (
     to_container,
     to_redacted_yaml,
 )
-from pipeline.tracking import config_hash, git_commit, resolve_uri
+from pipeline.tracking import RESOLVED_CONFIG, config_hash, git_commit, resolve_uri
 from pipeline.trainer.spec import InitWeights, JobSpec
 
 log = logging.getLogger("pipeline.trainer")
@@ -186,7 +186,7 @@ def job_spec(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storag
         classes=data.classes,
         tags=tags,
         texts={
-            "config/resolved_config.yaml": to_redacted_yaml(cfg),
+            RESOLVED_CONFIG: to_redacted_yaml(cfg),
             **{f"data/{split}.manifest.json": text for split, text in data.manifests.items()},
         },
         export_dir=export_dir,
@@ -296,6 +296,15 @@ def run(cfg: ExperimentConfig) -> Any:
         raise JobFailed(failure_summary(cfg, err)) from err
     if result.error is not None:
         raise JobFailed(failure_summary(cfg, result.error))
+    if cfg.tracking.register_as:  # here, after success: a registry that fails costs no training
+        from pipeline.tracking import RegistryError, register_job_model
+
+        try:
+            registered = register_job_model(tracking_uri, cfg.tracking, job.job_key)
+        except RegistryError as err:
+            raise RegistrationFailed(f"training job {cfg.name!r} finished and its final model is in "
+                                     f"{redact_value(job.export_dir)!r}, but {err}") from None
+        log.info("registered the final model: %s", registered.describe())
     return result, job
 
 
@@ -316,6 +325,11 @@ def start_line(cfg: ExperimentConfig, model_cfg: Any, data: DatasetInfo, trackin
 
 class JobFailed(RuntimeError):
     """The job started and failed for good (its automatic restarts, if any, used up)."""
+
+
+class RegistrationFailed(RuntimeError):
+    """The job succeeded (its run and final model are kept) but ``tracking.register_as`` could not register
+    the final model; rerunning the job, or the command in the message, registers it."""
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failure|Exit)\b.*:")
@@ -406,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as err:
         print(f"error: {redact_value(str(err))}", file=sys.stderr)
         return 1
+    except RegistrationFailed as err:
+        print(f"error: {redact_value(str(err))}", file=sys.stderr)
+        return 3
     metrics = result.metrics or {}
     print(f"\nfinished {cfg.name}: epoch {metrics.get('epoch')}, step {metrics.get('step')}, "
           f"val video top-1 {metrics.get('val/video_top1', float('nan')):.1f}%, "

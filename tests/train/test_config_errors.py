@@ -146,6 +146,21 @@ def test_sections_raise_config_error_when_built():
         assert isinstance(caught.value, ValueError)
 
 
+@pytest.mark.parametrize(("overrides", "key", "says"), [
+    (["tracking.register_as=a/b"], "tracking.register_as", "must be a registered model name"),
+    (["tracking.register_as=.."], "tracking.register_as", "must be a registered model name"),
+    (["tracking.register_as=kinetics@best"], "tracking.register_as", "must be a registered model name"),
+    (["tracking.register_alias=candidate"], "tracking.register_alias", "needs tracking.register_as"),
+    (["tracking.register_as=k400", "tracking.register_alias=Latest"], "tracking.register_alias", "reserved by MLflow"),
+    (["tracking.register_as=k400", "tracking.register_alias=v3"], "tracking.register_alias", "reserved by MLflow"),
+    (["tracking.register_as=k400", "tracking.register_alias=a.b"], "tracking.register_alias", "must be a model alias"),
+])
+def test_a_registry_name_mlflow_would_refuse_is_refused_when_the_config_loads(overrides, key, says):
+    """Not after the training: the job registers its model at the end, so the names are checked first."""
+    err = _refused(DEMO, [*ROOT, *overrides])
+    assert err.key == key and says in str(err) and err.where == "the command line"
+
+
 def test_data_config_checks_its_values_when_built_and_the_root_in_validate():
     cfg = DataConfig()  # no shard set yet: valid to build, refused by validate()
     with pytest.raises(ConfigError) as caught:

@@ -103,9 +103,9 @@ def test_every_reference_to_a_real_run_resolves_to_its_weights(tuned: dict[str, 
     client, mlflow_run = _mlflow_run(uri, "finetune")
     run_ref = f"runs:/{mlflow_run.info.run_id}/model"
     (registered,) = client.search_model_versions("name = 'tiny-demo'")  # by the job: tracking.register_as
-    version = registered.version
+    version = str(registered.version)
     assert (version, registered.run_id) == ("1", mlflow_run.info.run_id)
-    assert client.get_model_version_by_alias("tiny-demo", "champion").version == version
+    assert str(client.get_model_version_by_alias("tiny-demo", "champion").version) == version
     assert json.loads(registered.tags["classes"]) == tuned["job"].classes
     from mlflow.models import Model  # the input recipe registered is the job's own config
 
@@ -133,7 +133,7 @@ def test_rerunning_the_job_resumes_its_checkpoint_whatever_init_from_says(tuned:
     assert result.error is None, result.error
     _assert_same(_final(tuned["runs"], "finetune"), tuned["weights"])
     client, _ = _mlflow_run(tuned["uri"], "finetune")  # registered again: the version it has already
-    assert [v.version for v in client.search_model_versions("name = 'tiny-demo'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-demo'")] == ["1"]
 
 
 def test_refusals_come_before_any_worker_starts(tuned: dict[str, Any], tmp_path: Path) -> None:
