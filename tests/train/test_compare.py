@@ -32,3 +32,28 @@ def test_compare_shows_only_differing_params_and_writes_plots(tracking_uri, tmp_
         assert data.startswith(b"\x89PNG") and len(data) > 5000
     assert main(["--experiment", "cmp", "--tracking-uri", uri, "--runs", "big-lr", "--out", str(tmp_path / "p2")]) == 0
     assert "small-lr" not in capsys.readouterr().out
+
+
+def test_evaluations_are_listed_below_the_training_run_they_evaluate(tracking_uri, tmp_path, capsys):
+    """Tagged as pipeline.evaluate tags its runs: each evaluation right below its training run, with its kind,
+    its views and its eval/ metrics in the training run's accuracy columns; one bar per run in the plot."""
+    from pipeline.evaluate import EVALUATES_TAG, KIND_TAG, VIEWS_TAG
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("cmp-eval")
+    with mlflow.start_run(run_name="trained") as trained:
+        mlflow.log_params({"data.sampling.eval_clips": "5", "data.sampling.eval_crops": "1"})
+        mlflow.log_metrics({"val/video_top1": 71.0, "train/loss": 0.5})
+    with mlflow.start_run(run_name="other"):
+        mlflow.log_params({"data.sampling.eval_clips": "2", "data.sampling.eval_crops": "1"})
+        mlflow.log_metric("val/video_top1", 40.0)
+    with mlflow.start_run(run_name="tested", tags={KIND_TAG: "evaluation", EVALUATES_TAG: trained.info.run_id,
+                                                   VIEWS_TAG: "10x3"}):
+        mlflow.log_metrics({"eval/video_top1": 74.5, "eval/video_top5": 93.0})
+    capsys.readouterr()
+    assert main(["--experiment", "cmp-eval", "--tracking-uri", tracking_uri, "--out", str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert rows[0][:3] == ["trained", "train", "5x1"] and "71.000" in rows[0]
+    assert rows[1][:5] == ["tested", "(of", "trained)", "eval", "10x3"] and rows[1][-5:-3] == ["74.500", "93.000"]
+    assert rows[2][:3] == ["other", "train", "2x1"]
+    assert (tmp_path / "video_top1_by_run.png").read_bytes().startswith(b"\x89PNG")

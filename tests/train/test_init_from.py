@@ -180,7 +180,7 @@ def test_evaluating_the_final_model_reproduces_the_jobs_last_validation(tuned: d
 def test_evaluate_refuses_a_bad_reference_or_a_mismatch_before_any_worker_starts(tuned: dict[str, Any],
                                                                                  tmp_path: Path) -> None:
     from pipeline.config import ConfigError
-    from pipeline.evaluate import parse_views, prepare
+    from pipeline.evaluate import main, parse_views, prepare
 
     cfg = load_config(DEMO, tuned["overrides"])
     final = str(tuned["runs"] / "finetune" / "final_model")
@@ -195,6 +195,9 @@ def test_evaluate_refuses_a_bad_reference_or_a_mismatch_before_any_worker_starts
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="no manifest for split 'test'"):
         prepare(cfg, final, "test")
+    with pytest.raises(SystemExit) as help_exit:
+        main(["--help"])
+    assert help_exit.value.code == 0
     assert parse_views("10x3") == (10, 3)
     for bad in ("10", "0x1", "2x2", "ax3"):
         with pytest.raises(ConfigError, match="--views"):
