@@ -28,7 +28,7 @@ from pipeline.config import (
     to_redacted_yaml,
 )
 from pipeline.tracking import RESOLVED_CONFIG, config_hash, git_commit, resolve_uri
-from pipeline.trainer.spec import InitWeights, JobSpec
+from pipeline.trainer.spec import InitWeights, JobSpec, job_key
 
 log = logging.getLogger("pipeline.trainer")
 
@@ -182,7 +182,7 @@ def job_spec(cfg: ExperimentConfig, data: DatasetInfo, tracking_uri: str, storag
     return JobSpec(
         experiment=resolved,
         tracking_uri=tracking_uri,
-        job_key=hashlib.sha256(f"{cfg.name}\0{storage_path}".encode()).hexdigest()[:16],
+        job_key=job_key(cfg.name, storage_path),
         classes=data.classes,
         tags=tags,
         texts={
