@@ -42,10 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Recorded by `python benchmarks/plan.py --measure` on this project's 2-core CPU machine (docs/benchmarks.md,
-# "Plan"): CPU seconds per training sample (2 views, K400 recipe) on the synthetic 1280x720 -> 320p clips:
-# Decord, and the actor's rendering, with the augmentation in the actor (False) or on the device (True:
-# crop, resize, flip), measured taking turns on the same samples.
-MEASURED_CPU_S = {False: (0.1279, 0.0866), True: (0.1279, 0.0350)}  # augment.on_device: (Decord, rendering)
+# "Plan"; 2026-12-01 14:53 UTC, idle): CPU seconds per training sample (2 views cut from one decoded clip,
+# augment.clips_per_sample 1, K400 recipe) on the synthetic 1280x720 -> 320p clips: Decord, and the actor's
+# rendering, with the augmentation in the actor (False) or on the device (True: crop, resize, flip),
+# measured taking turns on the same samples.
+MEASURED_CPU_S = {False: (0.0652, 0.0994), True: (0.0652, 0.0288)}  # augment.on_device: (Decord, rendering)
 
 # bf16 dense tensor-core peak, TFLOP/s (without sparsity): NVIDIA A100 datasheet (SXM, 312) and NVIDIA
 # H100 datasheet (SXM5, 1979 "with sparsity" = 989 dense).
