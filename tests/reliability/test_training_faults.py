@@ -161,7 +161,7 @@ def test_worker_sigkill_restarts_from_the_latest_checkpoint_to_identical_weights
     _wait_for(lambda: _registered_step(runs) >= 2, "a registered checkpoint at step 2",
               alive=_still_running(thread, outcome))
     workers = _processes("RayTrainWorker")
-    assert len(workers) == WORKERS, [w.info["cmdline"] for w in workers]
+    assert len(workers) == WORKERS, [w.cmdline() for w in workers]
     victim = workers[-1]
     victim.send_signal(signal.SIGKILL)
     registered = _registered_step(runs)
