@@ -18,8 +18,9 @@ if [ -f "$stamp" ] || { [ -z "${1:-}" ] && compgen -G ".venv/.mvit-install-${has
     exit 0
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# --no-compile: pip would byte-compile all ~22,000 modules it installs (about 75 CPU-seconds, torch alone
-# most of it); Python compiles each module the first time it is imported instead, and most never are.
-.venv/bin/python -m pip install --quiet --no-compile -e "$spec"
+# pip byte-compiles what it installs (about 75 CPU-seconds): keep it. With PYTHONDONTWRITEBYTECODE set, as
+# on the CI machines, Python writes no .pyc at import, so without pip's every process of every test would
+# compile each module it imports again (tried: the suite ran far slower).
+.venv/bin/python -m pip install --quiet -e "$spec"
 rm -f .venv/.mvit-install-*
 touch "$stamp"
