@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import one_line
 from core.redact import install_redaction, redact_value
 from pipeline.config import ConfigError, ExperimentConfig, build_model_config, load_config, to_container
 
@@ -59,31 +58,13 @@ class EvalTarget:
     storage_fs: Any
 
 
-def split_classes(cfg: ExperimentConfig, split: str) -> tuple[list[str], int]:
-    """The split's class names and sample count, from its manifest; an unlabelled split (a test set) is
-    refused: there is nothing to score against."""
-    from core.manifest import load_manifest
-
-    root = redact_value(cfg.data.root)
-    try:
-        manifest = load_manifest(cfg.data.root, split, cfg.data.storage_options())
-    except FileNotFoundError:
-        raise ConfigError(f"data.root={root!r}: no manifest for split {split!r}") from None
-    except Exception as err:  # noqa: BLE001 - no credentials, endpoint down: one line before any work
-        raise ConfigError(f"data.root={root!r}: cannot read the {split!r} manifest: {one_line(err)}") from None
-    problem = manifest.unlabeled_problem()
-    if problem:
-        raise ConfigError(f"data.root={root!r}: split {split!r}: {problem}")
-    return list(manifest.classes), manifest.num_samples
-
-
 def prepare(cfg: ExperimentConfig, ref: str, split: str) -> EvalTarget:
     """Every check that needs no worker: the split, the model reference and whether they fit each other."""
     from pipeline.model_ref import ModelRefError, load_for_inference
     from core.s3 import pyarrow_target
-    from pipeline.trainer.job import check_storage, tracking_uri_for
+    from pipeline.trainer.job import check_storage, labelled_manifest, tracking_uri_for
 
-    classes, _ = split_classes(cfg, split)
+    classes = list(labelled_manifest(cfg, split).classes)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but split {split!r} has {len(classes)} classes")
     cfg.model.num_classes = len(classes)
@@ -112,10 +93,8 @@ def run_workers(target: EvalTarget) -> Any:
     from ray.util.queue import Queue
 
     from pipeline.data import build_dataset, ray_train_data_config
-    from pipeline.data.decode import decord_has_cuda, pool_gpus_per_actor
-    from pipeline.trainer.distributed import LoopbackTorchConfig
     from pipeline.trainer.eval_worker import DATASET, evaluate_per_worker
-    from pipeline.trainer.job import JobFailed, connect_ray, failure_summary
+    from pipeline.trainer.job import connect_ray, fit_job, reserved_gpus, worker_group
     from pipeline.trainer.spec import EvalSpec
 
     cfg = target.cfg
@@ -123,31 +102,19 @@ def run_workers(target: EvalTarget) -> Any:
     results = Queue(maxsize=1, actor_options={"num_cpus": 0})  # placed even when the workers hold every CPU
     spec = EvalSpec(to_container(cfg), target.model.config, ray.put(target.model.model.state_dict()),
                     target.classes, target.split, results)
-    reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
-    gpus = pool_gpus_per_actor(cfg.data.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0), reserved)
     trainer = TorchTrainer(
         evaluate_per_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
-                                  **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {}),
-                                  **cfg.trainer.worker_resources}),
-        torch_config=LoopbackTorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+        **worker_group(cfg, elastic=False),  # one pass: no resizing mid-way
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=target.storage_path,
             storage_filesystem=target.storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=cfg.trainer.ray_train_log_level)),
-        datasets={DATASET: build_dataset(cfg.data, target.split, train=False, decoder_gpus=gpus)},
+        datasets={DATASET: build_dataset(cfg.data, target.split, train=False, reserved_gpus=reserved_gpus(cfg))},
         dataset_config=ray_train_data_config(cfg.data),
     )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - Ray Train wraps every cause; one line for the user
-        raise JobFailed(failure_summary(cfg, err).replace("training job", "evaluation job", 1)) from err
-    if result.error is not None:
-        raise JobFailed(failure_summary(cfg, result.error).replace("training job", "evaluation job", 1))
+    fit_job(trainer, cfg, "evaluation")
     try:
         return results.get(timeout=60)
     finally:

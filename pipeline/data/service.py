@@ -67,11 +67,13 @@ def ingest_options() -> ExecutionOptions:
     return options
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float | None = None) -> ray.data.Dataset:
+def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float | None = None,
+                  reserved_gpus: float = 0.0) -> ray.data.Dataset:
     """The Dataset of one split: training views (train=True) or evaluation views.
 
     ``decoder_gpus``: the GPU share of each decoder actor, as ``build_datasets`` decided it beside the
-    training workers; None decides it for this pool alone (``decode.pool_gpus_per_actor``).
+    training workers; None decides it for this pool alone (``decode.pool_gpus_per_actor``), leaving
+    ``reserved_gpus`` (the training workers' GPUs) free.
     """
     cfg.validate()
     storage = cfg.storage_options()
@@ -104,7 +106,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, decoder_gpus: float 
     )
     gpus = decoder_gpus
     if gpus is None:
-        gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0))
+        gpus = pool_gpus_per_actor(cfg.decoder, decord_has_cuda(), ray.cluster_resources().get("GPU", 0.0),
+                                   reserved_gpus)
     log.info(
         "%s: %d samples in %d shards, %d views/sample, %d samples (%d rows) per batch, decoder actors %d..%d on %s",
         split, manifest.num_samples, len(shards), views, per_unit, per_unit * views, cfg.decoder.min_actors,

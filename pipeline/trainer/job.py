@@ -42,23 +42,30 @@ class DatasetInfo:
     shards: dict[str, int]  # split -> shards
 
 
-def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
+def labelled_manifest(cfg: ExperimentConfig, split: str) -> Any:
+    """The manifest of ``split`` under ``data.root`` (``core.manifest.Manifest``), for a job that trains or
+    scores on it: a missing or unreadable manifest, or a split without labels, is one ``ConfigError`` line."""
     from core.manifest import load_manifest
 
+    try:
+        manifest = load_manifest(cfg.data.root, split, cfg.data.storage_options())
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: no manifest for split {split!r} "
+                          f"({redact_value(str(err))}); run `python -m preprocessing ...` first or fix "
+                          "data.root") from None
+    except Exception as err:  # noqa: BLE001 - no credentials, endpoint down, access denied: stop here
+        raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: cannot read the {split!r} manifest: "
+                          f"{one_line(err)}") from None
+    unlabeled = manifest.unlabeled_problem()
+    if unlabeled:
+        raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: split {split!r}: {unlabeled}")
+    return manifest
+
+
+def describe_data(cfg: ExperimentConfig) -> DatasetInfo:
     manifests, hashes, samples, shards, classes = {}, {}, {}, {}, None
     for split in (cfg.data.train_split, cfg.data.val_split):
-        try:
-            manifest = load_manifest(cfg.data.root, split, cfg.data.storage_options())
-        except FileNotFoundError as err:
-            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: no manifest for split {split!r} "
-                              f"({redact_value(str(err))}); run `python -m preprocessing ...` first or fix "
-                              "data.root") from None
-        except Exception as err:  # noqa: BLE001 - no credentials, endpoint down, access denied: stop here
-            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: cannot read the {split!r} manifest: "
-                              f"{one_line(err)}") from None
-        unlabeled = manifest.unlabeled_problem()
-        if unlabeled:
-            raise ConfigError(f"data.root={redact_value(cfg.data.root)!r}: split {split!r}: {unlabeled}")
+        manifest = labelled_manifest(cfg, split)
         text = manifest.to_json()
         manifests[split], hashes[split] = text, hashlib.sha256(text.encode()).hexdigest()
         samples[split], shards[split] = manifest.num_samples, len(manifest.shards)
@@ -226,6 +233,43 @@ def connect_ray() -> None:
                  runtime_env=runtime_env)
 
 
+def reserved_gpus(cfg: ExperimentConfig) -> float:
+    """The GPUs the training workers take, which the decoder pools must leave free."""
+    return cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
+
+
+def worker_group(cfg: ExperimentConfig, elastic: bool) -> dict[str, Any]:
+    """``TorchTrainer``'s scaling and torch configs for the job's Ray Train workers (``elastic``: the size range
+    of ``trainer.min_workers``, else ``trainer.num_workers`` exactly); training and evaluation jobs share them."""
+    import ray.train
+
+    from pipeline.trainer.distributed import LoopbackTorchConfig
+
+    return {
+        "scaling_config": ray.train.ScalingConfig(
+            num_workers=cfg.trainer.worker_range if elastic else cfg.trainer.num_workers,
+            elastic_resize_monitor_interval_s=cfg.trainer.resize_check_s,
+            use_gpu=cfg.trainer.use_gpu,
+            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
+                                  **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {}),
+                                  **cfg.trainer.worker_resources},
+        ),
+        # TorchConfig that keeps torch.distributed on loopback when every rank is on 127.0.0.1
+        "torch_config": LoopbackTorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+    }
+
+
+def fit_job(trainer: Any, cfg: ExperimentConfig, kind: str = "training") -> Any:
+    """``trainer.fit()``; a job that failed for good raises ``JobFailed`` with ``failure_summary``'s line."""
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray Train wraps every cause; summarised for the user below
+        raise JobFailed(failure_summary(cfg, err, kind)) from err
+    if result.error is not None:
+        raise JobFailed(failure_summary(cfg, result.error, kind))
+    return result
+
+
 def run(cfg: ExperimentConfig) -> Any:
     import ray
     import ray.train
@@ -233,7 +277,6 @@ def run(cfg: ExperimentConfig) -> Any:
 
     from pipeline.data import build_datasets, ray_train_data_config
     from pipeline.trainer.checkpoint import retention
-    from pipeline.trainer.distributed import LoopbackTorchConfig
     from pipeline.trainer.loop import train_loop_per_worker
 
     data = describe_data(cfg)
@@ -263,21 +306,11 @@ def run(cfg: ExperimentConfig) -> Any:
     connect_ray()
     if init is not None:  # one copy in the object store for every rank of every attempt
         job = replace(job, init=InitWeights(init.source, ray.put(init.state), init.reinitialized))
-    reserved = cfg.trainer.num_workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0.0
-    datasets = build_datasets(cfg.data, reserved_gpus=reserved)
+    datasets = build_datasets(cfg.data, reserved_gpus=reserved_gpus(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.worker_range if cfg.trainer.elastic else cfg.trainer.num_workers,
-            elastic_resize_monitor_interval_s=cfg.trainer.resize_check_s,
-            use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
-                                  **({"GPU": cfg.trainer.gpus_per_worker} if cfg.trainer.use_gpu else {}),
-                                  **cfg.trainer.worker_resources},
-        ),
-        # TorchConfig that keeps torch.distributed on loopback when every rank is on 127.0.0.1
-        torch_config=LoopbackTorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+        **worker_group(cfg, cfg.trainer.elastic),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage_path,
@@ -290,12 +323,7 @@ def run(cfg: ExperimentConfig) -> Any:
         dataset_config=ray_train_data_config(cfg.data),
     )
     log.info(start_line(cfg, model_cfg, data, tracking_uri))
-    try:
-        result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - Ray Train wraps every cause; summarised for the user below
-        raise JobFailed(failure_summary(cfg, err)) from err
-    if result.error is not None:
-        raise JobFailed(failure_summary(cfg, result.error))
+    result = fit_job(trainer, cfg)
     if cfg.tracking.register_as:  # here, after success: a registry that fails costs no training
         from pipeline.tracking import RegistryError, register_job_model
 
@@ -375,8 +403,9 @@ def _raised_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
 
 
-def failure_summary(cfg: ExperimentConfig, err: BaseException) -> str:
-    """One line for the user: which job, how many restarts were allowed, and the root cause.
+def failure_summary(cfg: ExperimentConfig, err: BaseException, kind: str = "training") -> str:
+    """One line for the user: which job (``kind``: training or evaluation), how many restarts were allowed,
+    and the root cause.
 
     Ray's error carries every failed worker's whole traceback, which buries the cause; this picks
     the controller's error, or the first rank whose error is not a collective that lost its peer.
@@ -390,7 +419,7 @@ def failure_summary(cfg: ExperimentConfig, err: BaseException) -> str:
         where = f"rank {rank}{_lost_worker_node(error)}"
     else:
         where, detail = "", _raised_line(cause)
-    return (f"training job {cfg.name!r} failed (automatic restarts allowed: trainer.max_failures="
+    return (f"{kind} job {cfg.name!r} failed (automatic restarts allowed: trainer.max_failures="
             f"{cfg.trainer.max_failures}; checkpoints stay in {redact_value(cfg.trainer.storage_path)!r}, and "
             f"rerunning the same job resumes from the latest one): {where + ': ' if where else ''}{detail[:1500]}")
 
