@@ -1,4 +1,5 @@
-"""Synthetic Kinetics and ImageNet in their real on-disk layouts, with a learnable class signal.
+"""Synthetic Kinetics, Something-Something v2 and ImageNet in their real on-disk layouts, with a learnable
+class signal.
 
 The point is that demos and tests run the exact code path real data takes (CSV parsing, file
 discovery, H.264/VP8 decoding, JPEG/PNG/CMYK handling), and that a small model trained on the result
@@ -8,6 +9,10 @@ Class signal:
 - video: class c = a shape (disk, square, triangle by c % 3) moving in direction 360*c/K degrees at a
   constant speed, wrapping around the frame. Start position, colours, size and background texture
   are random per video, so only shape and motion identify the class.
+- ssv2: classes come in pairs of real SSv2 templates that a horizontal flip swaps ("Pushing [something]
+  from left to right" / "... from right to left"); within a pair only the horizontal direction of the
+  motion differs, so a model separates them with horizontal flip off and cannot with flip on. Shape,
+  colour, size, speed, start position and background are random per video (see `SSV2_TEMPLATES`).
 - image: class c = a shape (c % 3) filled with stripes at angle 180*c/K degrees, at a random place,
   scale and colour on a random textured background.
 """
@@ -15,6 +20,7 @@ Class signal:
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -181,6 +187,147 @@ def _write_csv(path: str, header: list[str], rows: list[list]) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+# ---- Something-Something v2 -----------------------------------------------------------------
+
+# Real SSv2 templates, in pairs that a horizontal flip swaps. What moves, per kind: "push" the object
+# with a hand behind it, "pull" the object with a hand ahead of it, "camera" the whole picture (the
+# camera turning left makes the scene move right). `direction`: +1 = the picture moves left to right.
+SSV2_TEMPLATES: tuple[tuple[str, str, int], ...] = (
+    ("Pushing [something] from left to right", "push", 1),
+    ("Pushing [something] from right to left", "push", -1),
+    ("Pulling [something] from left to right", "pull", 1),
+    ("Pulling [something] from right to left", "pull", -1),
+    ("Turning the camera left while filming [something]", "camera", 1),
+    ("Turning the camera right while filming [something]", "camera", -1),
+)
+_SSV2_OBJECTS = {
+    "disk": ("ball", "coin", "lid", "plate", "bottle cap"),
+    "square": ("box", "book", "coaster", "sticky note", "phone"),
+    "triangle": ("sandwich", "guitar pick", "slice of cheese", "set square", "tortilla chip"),
+}
+_SSV2_COLOURS = {
+    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
+    "orange": (245, 140, 30), "purple": (150, 60, 200), "pink": (245, 120, 190), "white": (245, 245, 245),
+}  # fmt: skip
+_SKIN_TONES = ((241, 194, 160), (224, 172, 105), (198, 134, 66), (141, 85, 36), (255, 219, 172))
+_SSV2_MAX_ID = 220_847  # ids of the real release run from 1 to 220847
+
+
+@dataclass(frozen=True)
+class SynthSsv2:
+    """`classes` (2, 4 or 6): the first that many of `SSV2_TEMPLATES`, whole flip pairs; `test`: videos of
+    the unlabelled test split (random classes); `missing` / `corrupt`: extra train records without a
+    video / train videos that do not decode."""
+
+    out: str
+    classes: int = 2
+    per_class: int = 6
+    val_per_class: int = 2
+    test: int = 2
+    size: tuple[int, int] = (96, 64)  # width, height
+    seconds: int = 2
+    fps: int = 12
+    missing: int = 0
+    corrupt: int = 0
+    seed: int = 0
+
+
+def synth_ssv2(cfg: SynthSsv2) -> SynthReport:
+    """The release layout (preprocessing/ssv2.py): OUT/20bn-something-something-v2/{id}.webm (VP9) and
+    OUT/labels/something-something-v2-{labels,train,validation,test}.json. The labels file holds the
+    chosen templates with indices 0..classes-1 (a labels file is always numbered from 0)."""
+    from preprocessing.ssv2 import LABELS_FILE, SPLIT_FILES, VIDEO_FOLDER, class_name
+
+    if cfg.classes not in (2, 4, 6):
+        raise ValueError(f"classes must be 2, 4 or 6 (whole flip pairs of {len(SSV2_TEMPLATES)} templates), "
+                         f"not {cfg.classes}")  # fmt: skip
+    if cfg.corrupt > cfg.classes * cfg.per_class:
+        raise ValueError(f"corrupt ({cfg.corrupt}) is more than the train videos ({cfg.classes * cfg.per_class})")
+    rng = random.Random(cfg.seed)
+    videos = os.path.join(cfg.out, VIDEO_FOLDER)
+    labels = os.path.join(cfg.out, "labels")
+    os.makedirs(videos, exist_ok=True)
+    os.makedirs(labels, exist_ok=True)
+    templates = [template for template, _, _ in SSV2_TEMPLATES[: cfg.classes]]
+    counts = {"train": cfg.per_class * cfg.classes, "validation": cfg.val_per_class * cfg.classes, "test": cfg.test}
+    ids = [str(i) for i in rng.sample(range(1, _SSV2_MAX_ID + 1), sum(counts.values()) + cfg.missing)]
+    files, rows = 0, 0
+    for split, count in counts.items():
+        records = []
+        for n in range(count):
+            record_id, c = ids.pop(), n % cfg.classes
+            seed = rng.randrange(2**31)
+            placeholder = _write_ssv2_clip(os.path.join(videos, f"{record_id}.webm"), cfg, c, seed)
+            files += 1
+            if split == "test":
+                records.append({"id": record_id})
+                continue
+            records.append(_ssv2_record(record_id, templates[c], [placeholder]))
+        if split == "train":
+            for record in rng.sample(records, cfg.corrupt):
+                with open(os.path.join(videos, f"{record['id']}.webm"), "wb") as f:
+                    f.write(bytes(rng.randrange(256) for _ in range(2048)))
+            for n in range(cfg.missing):
+                records.append(_ssv2_record(ids.pop(), templates[n % cfg.classes], ["a pen"]))
+        rng.shuffle(records)
+        with open(os.path.join(labels, SPLIT_FILES[split]), "w") as f:
+            json.dump(records, f, indent=1)
+        rows += len(records) if split != "test" else 0
+    with open(os.path.join(labels, LABELS_FILE), "w") as f:
+        json.dump({class_name(t): str(i) for i, t in enumerate(templates)}, f, indent=1)
+    return SynthReport(cfg.out, files, rows)
+
+
+def _ssv2_record(record_id: str, template: str, placeholders: list[str]) -> dict:
+    """A record as the release writes it: `label` is the template with its placeholders filled in, lower case first."""
+    label = template
+    for placeholder in placeholders:
+        label = label.replace("[something]", placeholder, 1)
+    return {"id": record_id, "label": label[:1].lower() + label[1:], "template": template, "placeholders": placeholders}
+
+
+def _write_ssv2_clip(path: str, cfg: SynthSsv2, c: int, seed: int) -> str:
+    """One VP9 video of class `c` (`SSV2_TEMPLATES[c]`); returns the placeholder naming its object.
+
+    Everything but the kind of motion and its horizontal direction is drawn at random: shape, colour,
+    size, speed, start position (anywhere: the picture wraps around horizontally, so no frame tells where
+    a motion started), height in the frame, background texture and the hand's skin tone."""
+    _, kind, direction = SSV2_TEMPLATES[c]
+    rng = np.random.default_rng(seed)
+    w, h = cfg.size
+    background = _background(rng, h, w)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    colour_name = list(_SSV2_COLOURS)[int(rng.integers(len(_SSV2_COLOURS)))]
+    colour = np.clip(np.array(_SSV2_COLOURS[colour_name]) + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8)
+    skin = np.array(_SKIN_TONES[int(rng.integers(len(_SKIN_TONES)))], dtype=np.uint8)
+    radius = min(h, w) * rng.uniform(0.12, 0.2)
+    hand = radius * rng.uniform(0.7, 0.9)
+    speed = w * rng.uniform(0.3, 0.5) / cfg.fps  # pixels per frame: under half the width a second
+    x0, y = rng.uniform(0, w), rng.uniform(radius + 1, h - radius - 1)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    obj = _SSV2_OBJECTS[shape][int(rng.integers(len(_SSV2_OBJECTS[shape])))]
+    with av.open(path, "w", format="webm") as out:
+        stream = out.add_stream("libvpx-vp9", rate=cfg.fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.bit_rate = 300_000
+        stream.codec_context.thread_count = 1
+        stream.options = {"deadline": "realtime", "cpu-used": "8"}
+        for t in range(cfg.seconds * cfg.fps):
+            shift = direction * speed * t
+            x = x0 + shift
+            frame = np.roll(background, int(round(shift)), axis=1) if kind == "camera" else background.copy()
+            if kind != "camera":  # a hand behind the object (pushing) or ahead of it (pulling)
+                side = -direction if kind == "push" else direction
+                hx = x + side * (radius + hand * 0.8)
+                hdx = (xx - hx + w / 2) % w - w / 2
+                frame[(hdx / hand) ** 2 + ((yy - y) / (hand * 0.7)) ** 2 <= 1] = skin
+            dx = (xx - x + w / 2) % w - w / 2
+            frame[_shape_mask(shape, dx, yy - y, radius)] = colour
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    return f"{colour_name} {obj}"
 
 
 # ---- ImageNet --------------------------------------------------------------------------------
