@@ -170,8 +170,8 @@ class _TimedDecoder:
 
 
 def measure_checkpoint(cfg) -> tuple[int, float]:
-    """Bytes on disk and seconds of one real checkpoint (``save_checkpoint``: DCP, model + AdamW state
-    after one step) of the experiment's model, written to a temporary directory in one process."""
+    """Bytes on disk and seconds of one real checkpoint (``save_checkpoint``: DCP, model + optimiser
+    state after one step) of the experiment's model, written to a temporary directory in one process."""
     import warnings
 
     import torch
@@ -185,7 +185,7 @@ def measure_checkpoint(cfg) -> tuple[int, float]:
     optimizer = build_optimizer(model, cfg.optim, cfg.global_batch_size)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    optimizer.step()  # AdamW creates its two moments (and a step counter) per parameter
+    optimizer.step()  # AdamW creates its two moments (and a step counter) per parameter, SGD its momentum
     with tempfile.TemporaryDirectory(prefix="mvit-plan-ckpt-") as directory:
         start = time.perf_counter()
         with warnings.catch_warnings():  # "torch.distributed is disabled ...: save in a single process" (it is)
@@ -300,6 +300,10 @@ def main() -> None:
     if args.gpus % args.gpus_per_node:
         parser.error("--gpus must be a multiple of --gpus-per-node")
 
+    if cfg.data.sampling.mode != "stride":
+        parser.error(f"{args.config}: data.sampling.mode={cfg.data.sampling.mode}: the plan models stride sampling "
+                     "(a clip's span of a Kinetics video) and its measured decode cost; segment sampling decodes "
+                     "frames spread over the whole video and is not modelled")
     measured_note = "recorded --measure run (docs/benchmarks.md, Plan)"
     ckpt_measured = None
     if args.measure:
@@ -332,7 +336,8 @@ def main() -> None:
     encoded_batch = per_unit * args.clip_bytes
     accum = trainer.grad_accum_steps
     train_metrics = len(Meter().metrics("train/", args.gpus, lr=1.0))
-    ckpt_bytes = params * (4 + 4 + 4) + tensors * 4  # fp32 weights + AdamW exp_avg, exp_avg_sq; a step per tensor
+    moments = 2 if cfg.optim.name == "adamw" else 1  # AdamW: exp_avg, exp_avg_sq; SGD: the momentum buffer
+    ckpt_bytes = params * 4 * (1 + moments) + (tensors * 4 if moments == 2 else 0)  # fp32; AdamW: a step per tensor
     encoder = VideoEncoder()
     stored_w, stored_h = even_scaled_size(1920, 1080, encoder.short_side)  # 16:9 at the shards' short side
     span = (frames - 1) * data.sampling.stride * args.source_fps / data.sampling.target_fps + 1
@@ -363,7 +368,8 @@ def main() -> None:
         Input("MLflow per step", f"{train_metrics} metrics every {tracking.log_every_steps} steps, rank 0; "
                                  f"system metrics {'on' if tracking.log_system_metrics else 'off'}",
               "Meter.metrics, tracking.*"),
-        Input("checkpoint", f"{mb(ckpt_bytes)} = params x 12 B (fp32 weights + 2 AdamW moments); every "
+        Input("checkpoint", f"{mb(ckpt_bytes)} = params x {4 * (1 + moments)} B (fp32 weights + {moments} "
+                            f"{'AdamW moments' if moments == 2 else 'SGD momentum buffer'}); every "
                             f"{trainer.checkpoint_every_steps} steps + epoch ends, "
                             f"keep {trainer.num_checkpoints_to_keep}",
               "FSDP2 keeps fp32 params (bf16 compute)"),

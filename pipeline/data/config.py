@@ -51,9 +51,12 @@ class ShuffleConfig:
 class SamplingConfig:
     """Which frames make a clip (video only).
 
-    Training takes one clip of ``num_frames`` frames, ``stride`` frames apart at ``target_fps``
-    (frame-rate aware: a 15 fps video is read at stride * 15 / target_fps source frames), at a random
-    start. Evaluation takes ``eval_clips`` clips uniformly spread over the video, each at
+    ``mode``: "stride" (below) or "segment": one frame from each of ``num_frames`` equal segments of the
+    whole video, random in training, at the same place in every segment in evaluation (the
+    Something-Something recipe; ``stride``, ``target_fps`` and ``short_video`` are not used).
+    ``pipeline.data.sampling`` defines both. In "stride" mode training takes one clip of ``num_frames``
+    frames, ``stride`` frames apart at ``target_fps`` (frame-rate aware: a 15 fps video is read at
+    stride * 15 / target_fps source frames), at a random start. Evaluation takes ``eval_clips`` clips uniformly spread over the video, each at
     ``eval_crops`` spatial positions (1 = centre, 3 = both ends and the centre of the long side).
     ``short_video``: "clamp" repeats the last frame, "loop" wraps around to the start, when the
     clip is longer than the video. ``target_fps: 0`` counts the stride in source frames.
@@ -65,14 +68,16 @@ class SamplingConfig:
     short_video: str = "clamp"
     eval_clips: int = 5
     eval_crops: int = 1
+    mode: str = "stride"
 
 
 @dataclass
 class AugmentConfig:
     """Spatial augmentation (decoder actors) and batch mixing (training device).
 
-    ``mode``: "jitter" = short side resized to a random size in ``jitter_scales`` (done by the
-    decoder at decode time) then a random ``crop_size`` crop; "rrc" = RandomResizedCrop with
+    ``mode``: "jitter" = short side resized to a random size in ``jitter_scales`` (uniform, or with
+    ``jitter_inverse_uniform`` its reciprocal uniform; done by the decoder at decode time) then a
+    random ``crop_size`` crop; "rrc" = RandomResizedCrop with
     ``rrc_scale`` (area fraction) and ``rrc_ratio`` (aspect range). Evaluation resizes the short
     side to ``eval_short_side`` (at decode time) and takes centre/edge crops of ``crop_size``.
     ``rand_augment_*``: timm-style RandAugment (m, n, magnitude std, increasing ops), same ops on
@@ -96,6 +101,7 @@ class AugmentConfig:
     crop_size: int = 224
     mode: str = "rrc"
     jitter_scales: list[int] = field(default_factory=lambda: [256, 320])
+    jitter_inverse_uniform: bool = False
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     flip: bool = True
@@ -254,6 +260,7 @@ class DataConfig:
             (sh.interleave >= 1, "shuffle.interleave", "must be >= 1", sh.interleave),
             (sh.buffer >= 0, "shuffle.buffer", "must be >= 0", sh.buffer),
             (s.num_frames >= 1, "sampling.num_frames", "must be >= 1", s.num_frames),
+            (s.mode in ("stride", "segment"), "sampling.mode", "must be 'stride' or 'segment'", s.mode),
             (s.stride >= 1, "sampling.stride", "must be >= 1", s.stride),
             (s.target_fps >= 0, "sampling.target_fps", "must be >= 0 (0 = stride in source frames)", s.target_fps),
             (s.short_video in ("clamp", "loop"), "sampling.short_video", "must be 'clamp' or 'loop'", s.short_video),

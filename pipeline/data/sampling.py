@@ -8,10 +8,19 @@ With ``augment.on_device`` the decoder renders crop, resize and flip only and se
 RandAugment ops and erase box along as fixed-width numbers (``augment_record``), which
 ``device_augment`` applies on the training device; they are drawn here either way, in the same order.
 
-Temporal sampling: a clip is ``num_frames`` frames ``stride`` frames apart at ``target_fps``, i.e.
-``stride * fps / target_fps`` source frames apart (rounded per frame), as PySlowFast's sampling
-rate is defined. Training starts it uniformly at random where it fits in the video; evaluation
-starts clip k of K at the centre of the k-th of K equal ranges of start times.
+Temporal sampling, ``sampling.mode``:
+
+- "stride" (Kinetics): a clip is ``num_frames`` frames ``stride`` frames apart at ``target_fps``, i.e.
+  ``stride * fps / target_fps`` source frames apart (rounded per frame), as PySlowFast's sampling rate
+  is defined. Training starts it uniformly at random where it fits in the video; evaluation starts
+  clip k of K at the centre of the k-th of K equal ranges of start times.
+- "segment" (Something-Something): the whole video is cut into ``num_frames`` equal segments and the
+  clip takes one frame from each, so it always spans the whole action, whatever the video's length
+  (SSv2 classes are the action's beginning and end: a fixed-stride window of a long video can miss
+  either). PySlowFast's ssv2 loader defines the segments (segment i covers frames round(s i) ..
+  round(s (i + 1)), s = (frames - 1) / num_frames); training takes a uniformly random frame of each,
+  evaluation the middle one, and clip k of K the frame at (k + 1/2) / K of each segment (K = 1 is
+  the middle frame).
 """
 
 from __future__ import annotations
@@ -56,16 +65,30 @@ def clip_indices(start: float, num_frames: int, step: float, video_frames: int, 
     return np.clip(raw, 0, video_frames - 1)
 
 
+def segment_bounds(video_frames: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last frame (both included) of each of ``num_frames`` equal segments of the video.
+    Segments of a video shorter than ``num_frames`` overlap: frames repeat, as they do in PySlowFast."""
+    size = (video_frames - 1) / num_frames
+    edges = np.round(size * np.arange(num_frames + 1)).astype(np.int64)
+    return edges[:-1], edges[1:]
+
+
 def train_clip(rng: np.random.Generator, video_frames: int, fps: float, sampling: SamplingConfig) -> np.ndarray:
+    if sampling.mode == "segment":
+        first, last = segment_bounds(video_frames, sampling.num_frames)
+        return rng.integers(first, last + 1)
     step = clip_step(fps, sampling)
     delta = max(video_frames - clip_span(sampling.num_frames, step), 0.0)
     return clip_indices(rng.uniform(0.0, delta), sampling.num_frames, step, video_frames, sampling.short_video)
 
 
 def eval_clips(video_frames: int, fps: float, sampling: SamplingConfig) -> list[np.ndarray]:
+    k = sampling.eval_clips
+    if sampling.mode == "segment":
+        first, last = segment_bounds(video_frames, sampling.num_frames)
+        return [first + (last - first) * (2 * i + 1) // (2 * k) for i in range(k)]
     step = clip_step(fps, sampling)
     delta = max(video_frames - clip_span(sampling.num_frames, step), 0.0)
-    k = sampling.eval_clips
     return [
         clip_indices(delta * (i + 0.5) / k, sampling.num_frames, step, video_frames, sampling.short_video)
         for i in range(k)
@@ -125,7 +148,7 @@ def train_view(rng: np.random.Generator, width: int, height: int, aug: AugmentCo
     """One training view of a ``width`` x ``height`` frame. Draw order is fixed: box, flip, ops, erase."""
     crop = aug.crop_size
     if aug.mode == "jitter":
-        scale = short_side_scale(width, height, int(rng.integers(aug.jitter_scales[0], aug.jitter_scales[1] + 1)))
+        scale = short_side_scale(width, height, jitter_short_side(rng, aug))
         side = crop / scale
         box = Box(rng.uniform(0, max(width - side, 0)), rng.uniform(0, max(height - side, 0)), side, side)
     else:
@@ -135,6 +158,16 @@ def train_view(rng: np.random.Generator, width: int, height: int, aug: AugmentCo
     ops = rand_augment_ops(rng, aug) if aug.rand_augment else ()
     erase = erase_box(rng, crop, aug.random_erasing) if aug.random_erasing > 0 else None
     return ViewSpec(box, scale, flip, ops, erase)
+
+
+def jitter_short_side(rng: np.random.Generator, aug: AugmentConfig) -> int:
+    """The short side a "jitter" view is resized to: uniform in ``jitter_scales``, or with
+    ``jitter_inverse_uniform`` its reciprocal uniform (PySlowFast's ``INV_UNIFORM_SAMPLE``, which its
+    SSv2 recipes use: sizes near the low end, where the object fills more of the crop, come more often)."""
+    low, high = aug.jitter_scales
+    if aug.jitter_inverse_uniform:
+        return int(round(1.0 / rng.uniform(1.0 / high, 1.0 / low)))
+    return int(rng.integers(low, high + 1))
 
 
 def random_resized_box(

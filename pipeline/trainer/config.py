@@ -1,5 +1,5 @@
 """The trainer's sections of an experiment config: ``trainer:`` (cluster shape, cadence, storage) and
-``optim:`` (AdamW and its schedule). Plain dataclasses with no torch, so the experiment schema
+``optim:`` (AdamW or SGD and the schedule). Plain dataclasses with no torch, so the experiment schema
 (``pipeline.config``) can be loaded and checked on a machine, or in a process, that never trains.
 """
 
@@ -13,6 +13,9 @@ from core.errors import ConfigError
 
 @dataclass
 class OptimConfig:
+    # "adamw" (the MViT Kinetics and ImageNet recipes) or "sgd" (momentum, no Nesterov: PySlowFast's SSv2
+    # recipes); betas and eps are AdamW's, momentum SGD's
+    name: str = "adamw"
     lr: float = 1.6e-3  # at reference_batch_size; scaled linearly with the global batch
     reference_batch_size: int = 512
     min_lr: float = 1.6e-5
@@ -20,6 +23,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_epochs: float = 30.0
+    # where the linear warmup starts, at reference_batch_size like lr and min_lr (PySlowFast's
+    # WARMUP_START_LR); None = from 1/1000 of lr
+    warmup_start_lr: Optional[float] = None
+    momentum: float = 0.9
     clip_grad_norm: float | None = 1.0  # None disables clipping
     # Fine-tuning. layer_decay: the LR of layer l (0 = patch embedding, cls token and position embeddings;
     # block i = i + 1; the final norm and head = depth + 1) is scaled by layer_decay ** (depth + 1 - l);
@@ -35,6 +42,13 @@ class OptimConfig:
             raise ConfigError("must be > 0", "optim.lr", self.lr)
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"must be in [0, optim.lr={self.lr}]", "optim.min_lr", self.min_lr, related=("optim.lr",))
+        if self.name not in ("adamw", "sgd"):
+            raise ConfigError("must be 'adamw' or 'sgd'", "optim.name", self.name)
+        if self.warmup_start_lr is not None and not 0 <= self.warmup_start_lr <= self.lr:
+            raise ConfigError(f"must be in [0, optim.lr={self.lr}] (or null: lr / 1000)", "optim.warmup_start_lr",
+                              self.warmup_start_lr, related=("optim.lr",))
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("must be in [0, 1)", "optim.momentum", self.momentum)
         if self.reference_batch_size < 1:
             raise ConfigError("must be >= 1", "optim.reference_batch_size", self.reference_batch_size)
         for name in ("warmup_epochs", "weight_decay"):

@@ -1,4 +1,5 @@
-"""Optimiser and learning-rate schedule of the MViT recipe (AdamW, cosine with linear warmup).
+"""Optimiser and learning-rate schedule of the MViT recipes (AdamW, or SGD with momentum for SSv2; cosine
+with linear warmup).
 
 Weight decay is not applied to norms, biases, position embeddings, relative-position tables or the cls
 token: decaying them towards zero only fights the normalisation they implement. The learning rate is
@@ -10,8 +11,8 @@ layer 0 the patch embedding, cls token and position embeddings, layer i + 1 bloc
 final norm and the head; each group's LR is the schedule's times ``layer_decay ** (last - layer)``, so
 the layers nearest the input, whose features transfer best, move least (BEiT's and MViTv2's fine-tuning
 recipe). Frozen layers get LR 0 in the first ``freeze_epochs`` epochs: AdamW's decoupled weight decay is
-scaled by the LR too, so their weights do not change at all; their gradients are still computed (and
-count in the clipping norm) and their moments still accumulate.
+scaled by the LR too, as SGD's whole step is, so their weights do not change at all; their gradients are
+still computed (and count in the clipping norm) and their moments still accumulate.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, by_layer=cfg.freeze_blocks > 0 and cfg.freeze_epochs > 0)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=scaled_lr(cfg, global_batch_size), momentum=cfg.momentum)
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.layer_decay, by_layer=cfg.freeze_blocks > 0 and cfg.freeze_epochs > 0),
+        groups,
         lr=scaled_lr(cfg, global_batch_size),
         betas=tuple(cfg.betas),  # type: ignore[arg-type]
         eps=cfg.eps,
@@ -83,23 +87,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) 
 
 
 class WarmupCosine:
-    """LR multiplier as a function of training progress in (fractional) epochs: linear warmup from ~0
-    to 1, then a half cosine down to ``min_ratio`` at the last epoch.
+    """LR multiplier as a function of training progress in (fractional) epochs: linear warmup from
+    ``start_ratio`` (None: from ~0, never below 1/1000) to 1, then a half cosine down to ``min_ratio`` at
+    the last epoch.
 
     Progress is measured in epochs rather than optimiser steps (as PySlowFast does) so that a job
     resumed on a different number of workers, hence a different number of steps per epoch, continues
     on the same curve; nothing but the epoch position needs saving.
     """
 
-    def __init__(self, epochs: float, warmup_epochs: float, min_ratio: float) -> None:
+    def __init__(self, epochs: float, warmup_epochs: float, min_ratio: float, start_ratio: float | None = None) -> None:
         if epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {epochs}")
         self.epochs = float(epochs)
         self.warmup = min(max(float(warmup_epochs), 0.0), self.epochs)
         self.min_ratio = min_ratio
+        self.start_ratio = start_ratio
 
     def __call__(self, progress: float) -> float:
         if progress < self.warmup:
+            if self.start_ratio is not None:
+                return self.start_ratio + (1 - self.start_ratio) * progress / self.warmup
             return max(progress / self.warmup, 1e-3)
         span = max(self.epochs - self.warmup, 1e-12)
         t = min(max((progress - self.warmup) / span, 0.0), 1.0)
@@ -117,7 +125,8 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_batch_size: int, epochs: int) -> None:
         self.optimizer = optimizer
         self.peak = scaled_lr(cfg, global_batch_size)
-        self.curve = WarmupCosine(epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr)
+        start = None if cfg.warmup_start_lr is None else cfg.warmup_start_lr / cfg.lr
+        self.curve = WarmupCosine(epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr, start)
         self.scales = [float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
         self.layers = [g.get("layer") for g in optimizer.param_groups]
         self.freeze_blocks, self.freeze_epochs = cfg.freeze_blocks, cfg.freeze_epochs

@@ -20,7 +20,8 @@ def test_data_config_merges_yaml_and_overrides_and_validates() -> None:
     assert options["endpoint_url"] == "http://127.0.0.1:9000" and options["config_kwargs"]["retries"]["total_max_attempts"] >= 1
     with pytest.raises(Exception, match="bogus"):
         OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create({"augment": {"bogus": 1}}))
-    for field, value, message in [("eval_crops", 2, "eval_crops"), ("short_video", "wrap", "short_video")]:
+    for field, value, message in [("eval_crops", 2, "eval_crops"), ("short_video", "wrap", "short_video"),
+                                  ("mode", "tsn", "sampling.mode")]:
         bad = DataConfig(root="x")
         setattr(bad.sampling, field, value)
         with pytest.raises(ValueError, match=message):

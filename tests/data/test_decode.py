@@ -60,6 +60,37 @@ def test_training_views_are_deterministic_and_differ_per_view_and_epoch(kinetics
     assert not np.array_equal(first["video"], next_epoch["video"])
 
 
+def test_segment_sampling_decodes_the_frames_of_its_segments(kinetics_shards: Path) -> None:
+    """``sampling.mode: segment`` (SSv2) through the decoder: evaluation views are PyAV's frames at the
+    segments' middle (and spread) frames; a training view's frames are one per segment, and are the same
+    for a fresh decoder (what a resumed epoch relies on), other for another epoch."""
+    key, data, meta = first_sample(kinetics_shards)
+    cfg = small_config(str(kinetics_shards))
+    cfg.sampling.mode = "segment"
+    cfg.decoder.isolate = False  # in-process: the sampling is the same, without a decode child per decoder
+    cfg.augment.crop_size = cfg.augment.eval_short_side = 64
+    reference = _pyav_frames(data)
+    out = Decoder(cfg, "video", train=False)(decoder_batch([decoder_row(key, data, meta)]))
+    clips = eval_clips(len(reference), meta["fps"], cfg.sampling)
+    assert out["status"].tolist() == [OK] * 3 and [c.tolist() for c in clips] != [clips[0].tolist()] * 3
+    for view, indices in enumerate(clips):
+        np.testing.assert_array_equal(out["video"][view], reference[indices][:, :, 16:80].transpose(3, 0, 1, 2))
+
+    cfg.augment.crop_size = cfg.augment.eval_short_side = 48
+    cfg.augment.flip = False
+    cfg.augment.rand_augment = False
+    cfg.augment.random_erasing = 0.0
+    first = Decoder(cfg, "video", train=True)(decoder_batch([decoder_row(key, data, meta)]))
+    again = Decoder(cfg, "video", train=True)(decoder_batch([decoder_row(key, data, meta)]))
+    np.testing.assert_array_equal(first["video"], again["video"])
+    (indices,) = train_clips(cfg, key, 0, len(reference), meta["fps"])
+    first_bound, last_bound = np.round((len(reference) - 1) / 8 * np.arange(9)).astype(int)[[0, -1]]
+    assert len(indices) == 8 and indices[0] >= first_bound and indices[-1] <= last_bound
+    assert (np.diff(indices) >= 0).all() and indices[-1] - indices[0] > len(reference) / 2  # spans the video
+    later = Decoder(cfg, "video", train=True)(decoder_batch([{**decoder_row(key, data, meta), "epoch": 3}]))
+    assert not np.array_equal(first["video"], later["video"])
+
+
 @pytest.mark.parametrize("clips", [1, 2, 4])
 def test_a_samples_training_views_are_cut_from_clips_per_sample_decoded_clips(kinetics_shards: Path, clips: int) -> None:
     """PySlowFast's repeated augmentation: the views of one decode share its clip (clips_per_sample 1,

@@ -176,3 +176,56 @@ def test_render_view_crops_resizes_flips_and_erases() -> None:
     assert torch.equal(out[:, 0][..., erased], out[:, 1][..., erased])  # same noise box in every frame
     half = render_view(frames[:, ::2, ::2], 0.5, 0.5, spec, 32, aug.mean, aug.std)  # decoded at half size:
     assert half.shape == out.shape  # the same box, upscaled back to the crop
+
+
+def _pyslowfast_segments(video_frames: int, num_frames: int, rng: np.random.Generator | None) -> list[int]:
+    """PySlowFast's ssv2 loader (``get_seq_frames``), written out from its definition: segment i spans
+    round(s i) .. round(s (i + 1)), s = (frames - 1) / num_frames; a random frame of each in training
+    (both ends included), ``(start + end) // 2`` in evaluation."""
+    size = (video_frames - 1) / num_frames
+    out = []
+    for i in range(num_frames):
+        start, end = int(np.round(size * i)), int(np.round(size * (i + 1)))
+        out.append(int(rng.integers(start, end + 1)) if rng is not None else (start + end) // 2)
+    return out
+
+
+@pytest.mark.parametrize("video_frames", [7, 16, 45, 61, 300])
+def test_segment_sampling_is_pyslowfasts_ssv2_sampling(video_frames: int) -> None:
+    cfg = SamplingConfig(mode="segment", num_frames=16, stride=4, target_fps=30, eval_clips=1)
+    (middle,) = eval_clips(video_frames, 12.0, cfg)
+    assert middle.tolist() == _pyslowfast_segments(video_frames, 16, None)
+    # training draws frame by frame what the reference draws with the same generator
+    for seed in range(20):
+        clip = train_clip(np.random.default_rng(seed), video_frames, 12.0, cfg)
+        assert clip.tolist() == _pyslowfast_segments(video_frames, 16, np.random.default_rng(seed))
+        assert (np.diff(clip) >= 0).all() and clip[0] >= 0 and clip[-1] <= video_frames - 1
+    # the whole video is covered whatever its length or frame rate (stride and target_fps play no part)
+    assert train_clip(np.random.default_rng(0), video_frames, 30.0, cfg).tolist() == \
+        train_clip(np.random.default_rng(0), video_frames, 12.0, cfg).tolist()
+
+
+def test_segment_sampling_reaches_every_frame_of_a_segment_and_spreads_evaluation_clips() -> None:
+    cfg = SamplingConfig(mode="segment", num_frames=4, eval_clips=3)
+    seen = {tuple(train_clip(np.random.default_rng(s), 41, 30.0, cfg)) for s in range(400)}
+    per_position = [sorted({clip[i] for clip in seen}) for i in range(4)]
+    assert per_position == [list(range(0, 11)), list(range(10, 21)), list(range(20, 31)), list(range(30, 41))]
+    # clip k of K takes the frame at (k + 1/2) / K of each segment: with K = 3, a sixth, a half, five sixths in
+    clips = eval_clips(41, 30.0, cfg)
+    assert [c.tolist() for c in clips] == [[1, 11, 21, 31], [5, 15, 25, 35], [8, 18, 28, 38]]
+    assert eval_clips(41, 30.0, SamplingConfig(mode="segment", num_frames=4, eval_clips=1))[0].tolist() == [5, 15, 25, 35]
+
+
+def test_inverse_uniform_jitter_favours_the_small_end() -> None:
+    uniform = AugmentConfig(mode="jitter", jitter_scales=[256, 320], crop_size=224)
+    inverse = AugmentConfig(mode="jitter", jitter_scales=[256, 320], crop_size=224, jitter_inverse_uniform=True)
+    sides = {}
+    for name, aug in (("uniform", uniform), ("inverse", inverse)):
+        # a 320 x 240 frame: the crop box side is crop * 240 / short_side
+        boxes = [train_view(np.random.default_rng(s), 320, 240, aug).box.w for s in range(2000)]
+        sides[name] = np.array([round(224 * 240 / w) for w in boxes])
+    for s in sides.values():
+        assert s.min() >= 256 and s.max() <= 320
+    # 1/U(1/320, 1/256): median 2 / (1/256 + 1/320) = 284.4, below the uniform one's 288
+    assert abs(np.median(sides["uniform"]) - 288) <= 2 and abs(np.median(sides["inverse"]) - 284.4) <= 2
+    assert np.median(sides["inverse"]) < np.median(sides["uniform"])

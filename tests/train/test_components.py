@@ -42,11 +42,44 @@ def test_lr_scales_with_global_batch_and_follows_warmup_cosine():
     assert all(g["lr"] == pytest.approx(2e-4) for g in optimizer.param_groups)
 
 
+def test_sgd_with_momentum_and_a_warmup_from_a_set_lr_the_ssv2_recipe():
+    # PySlowFast's SSv2 recipe: SGD momentum 0.9, wd 1e-4 (none on 1-D parameters), lr 0.0025 per 16 clips,
+    # warmup 3 epochs from 1e-4, cosine to 1e-6 at epoch 100
+    cfg = OptimConfig(name="sgd", lr=0.0025, reference_batch_size=16, momentum=0.9, weight_decay=1e-4,
+                      warmup_epochs=3, warmup_start_lr=1e-4, min_lr=1e-6)  # fmt: skip
+    model = MViT(tiny_config(1))
+    optimizer = build_optimizer(model, cfg, 32)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(g["momentum"] == 0.9 and not g["nesterov"] and g["dampening"] == 0 for g in optimizer.param_groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
+    schedule = LRSchedule(optimizer, cfg, 32, epochs=100)
+    assert schedule.set(0.0) == pytest.approx(2e-4)  # 1e-4 at the reference batch, x2 for a global batch of 32
+    assert schedule.set(1.5) == pytest.approx(2 * (1e-4 + (0.0025 - 1e-4) * 0.5))
+    assert schedule.set(3.0) == pytest.approx(0.005)
+    assert schedule.set(100.0) == pytest.approx(2e-6)
+    # the default warmup (no warmup_start_lr) is unchanged: from 1/1000 of the peak
+    assert LRSchedule(optimizer, OptimConfig(name="sgd", warmup_epochs=3), 512, epochs=100).set(0.0) == \
+        pytest.approx(1.6e-6)
+    # a step moves the weights as torch's SGD with momentum does
+    weight = model.head.projection.weight  # in the decayed group
+    before = weight.detach().clone()
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    assert torch.allclose(weight.detach(), before - lr * (1 + 1e-4 * before), atol=1e-9)
+
+
 def test_optim_config_rejects_bad_values():
     with pytest.raises(ValueError, match="min_lr"):
         OptimConfig(lr=1e-3, min_lr=1e-2)
     with pytest.raises(ValueError, match="reference_batch_size"):
         OptimConfig(reference_batch_size=0)
+    with pytest.raises(ValueError, match="optim.name"):
+        OptimConfig(name="lamb")
+    with pytest.raises(ValueError, match="optim.warmup_start_lr"):
+        OptimConfig(lr=1e-3, warmup_start_lr=1e-2)
+    with pytest.raises(ValueError, match="optim.momentum"):
+        OptimConfig(momentum=1.0)
 
 
 def test_topk_and_video_level_accuracy_average_views():
