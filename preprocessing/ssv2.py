@@ -286,12 +286,12 @@ class ReleaseCheck:
         for split in SPLIT_FILES:
             if split not in self.records:
                 continue
-            counts = [f"{self.records[split]} records"]
-            for name, table in (("missing videos", self.missing_videos), ("empty videos", self.empty_videos),
-                                ("unknown templates", self.unknown_templates),
-                                ("malformed records", self.malformed_records)):  # fmt: skip
+            counts = [_count(self.records[split], "record")]
+            for name, table in (("missing video", self.missing_videos), ("empty video", self.empty_videos),
+                                ("unknown template", self.unknown_templates),
+                                ("malformed record", self.malformed_records)):  # fmt: skip
                 if table.get(split):
-                    counts.append(f"{table[split]} {name}")
+                    counts.append(_count(table[split], name))
             lines.append(f"  {split}: " + ", ".join(counts))
         if self.classes:
             lines.append(f"  labels: {self.classes} classes")
@@ -358,6 +358,10 @@ def check_release(root: str, storage_options: dict | None = None, annotations: s
                     examples.append(f"{split} id {record.id}: template {record.template!r} not in the labels file")
     return ReleaseCheck(root, layout.annotations, layout.videos, tuple(problems), records, missing, empty, unknown,
                         malformed, len(classes), tuple(examples[:4]))  # fmt: skip
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _problem(exc: BaseException, url: str) -> str:
