@@ -15,7 +15,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "configs" / "experiment"
 def test_the_shipped_experiment_presets():
     assert sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")) == [
         "demo", "in1k_mvit_b_16", "k400_mvit_b_16x4", "k400_mvit_b_16x4_from_in1k", "k400_mvit_b_32x3", "k400_mvit_s_16x4", "netns",
-        "ssv2_mvit_b_16x4", "ssv2_mvitv2_s_16x4"]
+        "ssv2_demo", "ssv2_mvit_b_16x4", "ssv2_mvitv2_s_16x4"]
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
