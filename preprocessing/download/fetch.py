@@ -84,14 +84,18 @@ def fetch(
         return Fetched(path, size, size)
     partial = f"{path}.part"
     started_with = os.path.getsize(partial) if os.path.isfile(partial) else 0
-    announced = False
+    announced: list[int] = []
+
+    def announce_once(remaining: int) -> None:  # a retry must not grow a progress bar's total again
+        if announce_total is not None and not announced:
+            announced.append(remaining)
+            announce_total(remaining)
+
     failures = 0
     while True:
         before = os.path.getsize(partial) if os.path.isfile(partial) else 0
         try:
-            total = _fetch_once(session, url, partial, config, progress,
-                                None if announced else announce_total)  # fmt: skip
-            announced = True
+            total = _fetch_once(session, url, partial, config, progress, announce_once)
             os.replace(partial, path)
             return Fetched(path, total, started_with)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
@@ -112,7 +116,7 @@ def _fetch_once(
     partial: str,
     config: FetchConfig,
     progress: Callable[[int], None] | None,
-    announce_total: Callable[[int], None] | None,
+    announce_total: Callable[[int], None],
 ) -> int:
     """One GET, continuing `partial` where it ends; returns the file's total size once it is complete."""
     have = os.path.getsize(partial) if os.path.isfile(partial) else 0
@@ -141,7 +145,7 @@ def _fetch_once(
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             have, mode = 0, "wb"  # no range honoured: the body is the whole file
-        if announce_total is not None and total is not None:
+        if total is not None:
             announce_total(total - have)
         with open(partial, mode) as out:
             for chunk in response.iter_content(_CHUNK):
