@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from preprocessing import __version__, imagenet, isolated, kinetics, transcode
+from preprocessing import __version__, imagenet, isolated, kinetics, ssv2, transcode
 from preprocessing.parallel import ParallelConfig
 from preprocessing.run import SplitJob, run_split
 from preprocessing.shards import ShardingConfig
@@ -19,18 +19,22 @@ from core.errors import one_line
 from core.redact import install_redaction, redact_url, redact_value
 from core.s3 import storage_options_for
 from core.tar_members import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MEMBER_HEADROOM
-from preprocessing.synth import SynthImageNet, SynthKinetics, synth_imagenet, synth_kinetics
+from preprocessing.synth import SynthImageNet, SynthKinetics, SynthSsv2, synth_imagenet, synth_kinetics, synth_ssv2
 from preprocessing.transcode import ImageEncoder, VideoEncoder
 from preprocessing.verify import verify_split
 
 _OVERVIEW = """\
-Turn raw Kinetics / ImageNet into WebDataset tar shards at any fsspec URL (a local folder,
-file://..., s3://bucket/prefix), with {split}.manifest.json and {split}.rejects.jsonl beside them.
+Turn raw Kinetics, Something-Something v2 (ssv2) or ImageNet into WebDataset tar shards at any fsspec
+URL (a local folder, file://..., s3://bucket/prefix), with {split}.manifest.json and {split}.rejects.jsonl
+beside them.
 
 Try it end to end on synthetic data (seconds, no download needed):
   python -m preprocessing synth kinetics --out /tmp/k400 --classes 3 --per-class 4
   python -m preprocessing kinetics --csv /tmp/k400/annotations/train.csv --videos /tmp/k400/train --out /tmp/shards
   python -m preprocessing verify /tmp/shards --split train
+  python -m preprocessing synth ssv2 --out /tmp/ssv2
+  python -m preprocessing ssv2 --root /tmp/ssv2 --split train --out /tmp/ssv2-shards
+  python -m preprocessing verify /tmp/ssv2-shards --split train
 
 Run `python -m preprocessing COMMAND --help` for the options of each command.
 Rerunning an interrupted command resumes it: finished shards are kept, the rest is redone, and the
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_kinetics(commands)
+    _add_ssv2(commands)
     _add_imagenet(commands)
     _add_synth(commands)
     _add_verify(commands)
@@ -145,13 +150,56 @@ def _add_kinetics(commands: argparse._SubParsersAction) -> None:
         "(default: train.csv beside --csv if present, else --csv)",
     )
     p.add_argument("--trim", action="store_true", help="cut uncut {youtube_id}.* downloads to the annotated segment")
-    p.add_argument("--short-side", type=_positive_int, default=320, help="output short side in pixels (default 320)")
+    _add_video_encoder_args(p, 320)
+    _add_output_args(p, default_shard_bytes="1GB")
+
+
+def _add_ssv2(commands: argparse._SubParsersAction) -> None:
+    p = _command(
+        commands,
+        "ssv2",
+        "Something-Something v2 videos -> H.264 MP4 shards (one split per run).",
+        f"Reads the release layout below --root: {ssv2.VIDEO_FOLDER}/{{id}}.webm (or the videos in --root\n"
+        f"itself) and {ssv2.LABELS_FILE} with something-something-v2-train|validation|test.json\n"
+        "(in --root, --root/labels or --root/annotations). A record's class is its template with the brackets\n"
+        "removed, looked up in the labels file: the official class indices are kept. The validation split is\n"
+        "written as 'val'; the test split (no labels) is written unlabelled (class -1: for prediction only).\n"
+        "Records without a video, with an unknown template or malformed, and videos that do not decode go to\n"
+        "{split}.rejects.jsonl. VP9 is re-encoded to H.264 like Kinetics (docs/preprocessing.md, \"SSv2\").\n\n"
+        "example:\n  python -m preprocessing ssv2 --root /data/ssv2 --split validation --out s3://bucket/ssv2-shards\n\n"
+        + _STORAGE_HELP,
+    )
+    p.add_argument("--root", required=True, help="folder (or URL) of the extracted release")
+    p.add_argument("--split", required=True, type=_ssv2_split, metavar="{train,validation,val,test}",
+                   help="split to write (output name: train, val, test)")
+    p.add_argument("--annotations", help="folder of the four JSON files (default: --root, --root/labels or "
+                                         "--root/annotations, the first holding the labels file)")
+    p.add_argument("--videos", help=f"folder of the {{id}}.webm files (default: --root/{ssv2.VIDEO_FOLDER} if "
+                                    "present, else --root)")
+    _add_video_encoder_args(p, 240, ": the release's height, no upscaling")
+    _add_output_args(p, default_shard_bytes="1GB")
+
+
+def _add_video_encoder_args(p: argparse.ArgumentParser, short_side: int, why: str = "") -> None:
+    """The H.264 settings and the caps of a video dataset (kinetics, ssv2)."""
+    p.add_argument("--short-side", type=_positive_int, default=short_side,
+                   help=f"output short side in pixels (default {short_side}{why})")
     p.add_argument("--gop", type=_positive_int, default=16, help="max frames between keyframes (default 16)")
     p.add_argument("--crf", type=_int_in(0, 51), default=23,
                    help="x264 constant rate factor 0-51, lower = better (default 23)")
     p.add_argument("--preset", choices=_X264_PRESETS, default="veryfast", help="x264 preset (default veryfast)")
     _add_limit_args(p, video=True)
-    _add_output_args(p, default_shard_bytes="1GB")
+
+
+def _video_encoder(args: argparse.Namespace) -> VideoEncoder:
+    return VideoEncoder(args.short_side, args.gop, args.crf, args.preset, args.max_pixels, args.max_frames, args.max_seconds)
+
+
+def _ssv2_split(text: str) -> str:
+    try:
+        return ssv2.release_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_imagenet(commands: argparse._SubParsersAction) -> None:
@@ -227,28 +275,37 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     p = _command(
         commands,
         "synth",
-        "Write a small synthetic Kinetics or ImageNet in the real layout, with a learnable class signal.",
+        "Write a small synthetic Kinetics, SSv2 or ImageNet in the real layout, with a learnable class signal.",
         "kinetics: real H.264 (and, with --containers, Matroska / VP8 WebM) videos + annotations/*.csv;\n"
         "  class = shape + motion direction.\n"
+        "ssv2: the release layout: VP9 {id}.webm + the four something-something-v2-*.json files; classes are\n"
+        "  real SSv2 templates in pairs a horizontal flip swaps (Pushing [something] from left to right / from\n"
+        "  right to left; Pulling ...; Turning the camera left / right while filming [something]), told apart\n"
+        "  within a pair only by the horizontal direction: learnable with horizontal flip off, not with it on.\n"
         "imagenet: real JPEG train/val trees + LOC_val_solution.csv, LOC_synset_mapping.txt and a devkit;\n"
         "  class = shape + stripe orientation; includes CMYK, grayscale and PNG-named-.JPEG files.\n\n"
         "example:\n  python -m preprocessing synth kinetics --out /tmp/k400 --classes 5 --per-class 8",
     )
-    p.add_argument("dataset", choices=["kinetics", "imagenet"])
+    p.add_argument("dataset", choices=["kinetics", "ssv2", "imagenet"])
     p.add_argument("--out", required=True, help="local folder to create")
-    p.add_argument("--classes", type=_positive_int, default=3, help="number of classes (default 3)")
-    p.add_argument("--per-class", type=_positive_int, default=3, help="train inputs per class (default 3)")
-    p.add_argument("--val-per-class", type=_non_negative_int, default=1, help="val inputs per class (default 1)")
+    p.add_argument("--classes", type=_positive_int, help="number of classes (default 3; ssv2: 2, 4 or 6, default 2)")
+    p.add_argument("--per-class", type=_positive_int, help="train inputs per class (default 3; ssv2 6)")
+    p.add_argument("--val-per-class", type=_non_negative_int, help="val inputs per class (default 1; ssv2 2)")
     p.add_argument("--corrupt", type=_non_negative_int, default=0, help="train files that do not decode (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
-    v = p.add_argument_group("kinetics only")
+    v = p.add_argument_group("kinetics and ssv2")
     v.add_argument("--seconds", type=_positive_int, default=2, help="clip length (default 2)")
-    v.add_argument("--fps", type=_positive_int, default=25, help="frame rate (default 25)")
-    v.add_argument("--size", type=_dimensions, default="128x96", help="WIDTHxHEIGHT of the videos (default 128x96)")
+    v.add_argument("--fps", type=_positive_int, help="frame rate (default 25; ssv2 12, the release's)")
+    v.add_argument("--size", type=_dimensions, help="WIDTHxHEIGHT of the videos (default 128x96; ssv2 96x64)")
+    v.add_argument("--missing", type=_non_negative_int, default=0,
+                   help="extra train CSV rows / records with no video file (default 0)")
+    s = p.add_argument_group("ssv2 only")
+    s.add_argument("--test", type=_non_negative_int, default=2,
+                   help="videos of the unlabelled test split (default 2)")
+    v = p.add_argument_group("kinetics only")
     v.add_argument("--layout", choices=["flat", "per-class"], default="flat", help="video folders (default flat)")
     v.add_argument("--full-videos", action="store_true", help="uncut {youtube_id}.mp4 files (use with kinetics --trim)")
     v.add_argument("--containers", default="mp4", help="comma list cycled over clips: mp4,mkv,webm (default mp4)")
-    v.add_argument("--missing", type=_non_negative_int, default=0, help="extra train CSV rows with no video file")
     i = p.add_argument_group("imagenet only")
     i.add_argument("--image-size", type=_positive_int, default=96, help="typical image side (default 96)")
     i.add_argument("--no-quirks", action="store_true", help="leave out the CMYK / grayscale / PNG-named-.JPEG files")
@@ -284,19 +341,27 @@ def _run_dataset(args: argparse.Namespace) -> int:
     options = storage_options_for(args.out, args.s3_endpoint_url)
     # One endpoint for all inputs (CSVs, label files, media): set if any of them is on S3; non-S3
     # filesystems ignore it.
-    inputs = [args.csv, args.videos, args.classes_from] if args.command == "kinetics" else [
-        args.root, args.synsets, args.val_labels, args.devkit]  # fmt: skip
+    inputs = {
+        "kinetics": ("csv", "videos", "classes_from"),
+        "ssv2": ("root", "annotations", "videos"),
+        "imagenet": ("root", "synsets", "val_labels", "devkit"),
+    }[args.command]
     input_options: dict = {}
-    for url in filter(None, inputs):
+    for url in filter(None, (getattr(args, name) for name in inputs)):
         input_options.update(storage_options_for(url, args.s3_endpoint_url))
     isolated.start()  # the encoder child imports its libraries while the inputs are listed
     if args.command == "kinetics":
         source = kinetics.KineticsSource(args.csv, args.videos, args.classes_from, args.trim)
         discovery = kinetics.discover(source, input_options)
         split = args.split or kinetics.default_split(kinetics.read_annotations(args.csv, input_options), args.csv)
-        encoder = VideoEncoder(args.short_side, args.gop, args.crf, args.preset, args.max_pixels, args.max_frames,
-                               args.max_seconds)  # fmt: skip
+        encoder = _video_encoder(args)
         source_settings = {"trim": args.trim}
+    elif args.command == "ssv2":
+        ssv2_source = ssv2.Ssv2Source(args.root, args.split, args.annotations, args.videos)
+        discovery = ssv2.discover(ssv2_source, input_options)
+        split = ssv2_source.output_split
+        encoder = _video_encoder(args)
+        source_settings = {"release_split": args.split}
     else:
         source = imagenet.ImageNetSource(args.root, args.split, args.synsets, args.val_labels, args.devkit)
         discovery = imagenet.discover(source, input_options)
@@ -320,8 +385,23 @@ def _run_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+_SYNTH_DEFAULTS = {  # classes, per_class, val_per_class, fps, size
+    "kinetics": (3, 3, 1, 25, (128, 96)),
+    "ssv2": (2, 6, 2, 12, (96, 64)),
+    "imagenet": (3, 3, 1, None, None),
+}
+
+
 def _run_synth(args: argparse.Namespace) -> int:
-    if args.dataset == "kinetics":
+    defaults = _SYNTH_DEFAULTS[args.dataset]
+    for name, default in zip(("classes", "per_class", "val_per_class", "fps", "size"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.dataset == "ssv2":
+        report = synth_ssv2(SynthSsv2(args.out, args.classes, args.per_class, args.val_per_class, args.test, args.size,
+                                      args.seconds, args.fps, args.missing, args.corrupt, args.seed))  # fmt: skip
+        follow_up = f"python -m preprocessing ssv2 --root {args.out} --split train --out {args.out}-shards"
+    elif args.dataset == "kinetics":
         width, height = args.size
         cfg = SynthKinetics(
             args.out, args.classes, args.per_class, args.val_per_class, args.seconds, args.fps, width, height,
@@ -364,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_redaction()  # every log record and an uncaught traceback, secrets scrubbed (core.redact)
-    run = {"kinetics": _run_dataset, "imagenet": _run_dataset, "synth": _run_synth, "verify": _run_verify}[args.command]
+    run = {"kinetics": _run_dataset, "ssv2": _run_dataset, "imagenet": _run_dataset, "synth": _run_synth,
+           "verify": _run_verify}[args.command]  # fmt: skip
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:  # bad paths, layouts or CSVs: say what, not where
@@ -377,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(__name__).debug("storage failure", exc_info=True)
         resume = "; shards already written are complete, rerun the same command to resume"
         print(f"error: storage failure ({one_line(exc)})"
-              f"{resume if args.command in ('kinetics', 'imagenet') else ''}", file=sys.stderr)  # fmt: skip
+              f"{resume if args.command in ('kinetics', 'ssv2', 'imagenet') else ''}", file=sys.stderr)  # fmt: skip
         return 1
 
 
