@@ -21,6 +21,9 @@ from core.s3 import storage_options_for
 from core.tar_members import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MEMBER_HEADROOM
 from preprocessing.synth import SynthImageNet, SynthKinetics, SynthSsv2, synth_imagenet, synth_kinetics, synth_ssv2
 from preprocessing.transcode import ImageEncoder, VideoEncoder
+from preprocessing.download import release as download_release, ssv2 as download_ssv2
+from preprocessing.download.fetch import FetchConfig
+from preprocessing.download.kinetics import DownloadJob, run_download
 from preprocessing.verify import verify_split
 
 _OVERVIEW = """\
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_imagenet(commands)
     _add_synth(commands)
     _add_verify(commands)
+    _add_download(commands)
     return parser
 
 
@@ -335,6 +339,38 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL(_S3) env)")
 
 
+def _add_download(commands: argparse._SubParsersAction) -> None:
+    p = _command(
+        commands,
+        "download",
+        "Download one split of Kinetics-400/600/700-2020 from the CVDF release (or say how to get SSv2).",
+        "Fetches the split's .tar.gz parts listed in {base}/{400|600|700_2020}/{split}/k*_{split}_path.txt in\n"
+        "parallel (resumable: a rerun continues half-fetched parts with HTTP range requests and skips finished\n"
+        "ones; retries with backoff), extracts each safely (no member outside OUT, no links, no device files:\n"
+        "refused and recorded), applies Kinetics-400's replacements for corrupted videos, and writes\n"
+        "OUT/annotations/{split}.csv (Kinetics-600's .txt file lists converted). Then:\n"
+        "  python -m preprocessing kinetics --csv OUT/annotations/{split}.csv --videos OUT/{split} --out SHARDS\n"
+        "ssv2 needs a licence accepted on Qualcomm's site: this prints how to get it and checks OUT if it holds\n"
+        "a release (exit status 1 if incomplete).\n\n"
+        "example:\n  python -m preprocessing download kinetics400 --split val --out /data/k400",
+    )
+    p.add_argument("dataset", choices=[*download_release.RELEASES, "ssv2"])
+    p.add_argument("--split", choices=download_release.SPLITS, help="split to download (required for Kinetics)")
+    p.add_argument("--out", required=True, help="local folder (created; a rerun resumes into it)")
+    p.add_argument("--base-url", default=download_release.DEFAULT_BASE_URL,
+                   help=f"root of the release or of a mirror with its layout (default {download_release.DEFAULT_BASE_URL})")
+    p.add_argument("--jobs", type=_positive_int, default=4, help="parts fetched and extracted at once (default 4)")
+    p.add_argument("--keep-archives", action="store_true", help="keep each .tar.gz after extracting it")
+    p.add_argument("--retries", type=_positive_int, default=FetchConfig.attempts,
+                   help=f"tries in a row without progress before a file fails (default {FetchConfig.attempts})")
+    p.add_argument("--backoff", type=_positive_float, default=FetchConfig.backoff_s, metavar="SECONDS",
+                   help=f"first wait before a retry, doubled each time up to {FetchConfig.max_backoff_s:g} s "
+                        f"(default {FetchConfig.backoff_s:g})")
+    p.add_argument("--timeout", type=_positive_float, default=FetchConfig.read_timeout_s, metavar="SECONDS",
+                   help=f"longest wait for the next bytes of a response (default {FetchConfig.read_timeout_s:g})")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def _run_dataset(args: argparse.Namespace) -> int:
     if args.shard_bytes is None and args.shard_samples is None:  # before any input is read
         raise ValueError("--shard-bytes 0 means no byte bound: give --shard-samples N as well")
@@ -440,12 +476,42 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _run_download(args: argparse.Namespace) -> int:
+    if args.dataset == "ssv2":
+        print(download_ssv2.instructions(args.out))
+        if not download_ssv2.holds_release(args.out):
+            return 0
+        check = download_ssv2.check(args.out)
+        print(check.summary())
+        return 0 if check.ok else 1
+    if args.split is None:
+        raise ValueError(f"download {args.dataset} needs --split (one of {', '.join(download_release.SPLITS)})")
+    fetch = FetchConfig(attempts=args.retries, backoff_s=args.backoff, read_timeout_s=args.timeout,
+                        max_backoff_s=max(args.backoff, FetchConfig.max_backoff_s))  # fmt: skip
+    job = DownloadJob(download_release.RELEASES[args.dataset], args.split, args.out, args.base_url, args.jobs,
+                      not args.no_progress, args.keep_archives, fetch)  # fmt: skip
+    try:
+        report = run_download(job)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume (finished parts and fetched bytes are kept)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    for line in report.summary():
+        print(line)
+    if not report.ok:
+        print("rerun the same command to retry the failed parts (finished parts are kept)", file=sys.stderr)
+        return 1
+    print(f"next: python -m preprocessing kinetics --csv {args.out}/annotations/{args.split}.csv "
+          f"--videos {args.out}/{args.split} --out SHARDS")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_redaction()  # every log record and an uncaught traceback, secrets scrubbed (core.redact)
     run = {"kinetics": _run_dataset, "ssv2": _run_dataset, "imagenet": _run_dataset, "synth": _run_synth,
-           "verify": _run_verify}[args.command]  # fmt: skip
+           "verify": _run_verify, "download": _run_download}[args.command]  # fmt: skip
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:  # bad paths, layouts or CSVs: say what, not where
