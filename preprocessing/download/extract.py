@@ -10,17 +10,19 @@ they are not videos, yet carry video suffixes.
 
 The part is extracted into a staging folder outside the video tree (on the same filesystem) and
 renamed into place once complete, so a killed run leaves either the whole part or nothing under the
-destination, and `preprocessing kinetics` never sees half a part; a rerun starts the staging afresh. A truncated or corrupt archive raises `ArchiveError` with nothing left
-behind.
+destination, and `preprocessing kinetics` never sees half a part; a rerun starts the staging afresh.
+A truncated or corrupt archive raises `ArchiveError` with nothing left behind.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tarfile
 import zlib
 from dataclasses import dataclass, field
+
 
 class ArchiveError(Exception):
     """The archive cannot be read to its end (truncated, not gzip, not tar). One line."""
@@ -95,6 +97,7 @@ def extract_part(archive: str, destination: str, staging: str) -> Extracted:
 
 
 def _is_archive_error(exc: OSError) -> bool:
-    """gzip's BadGzipFile is an OSError; so is a read error of the archive itself."""
-    return type(exc).__name__ == "BadGzipFile" or exc.errno is None
+    """gzip's BadGzipFile is an OSError, as are the errors of writing (ENOSPC, EROFS: those have an errno
+    and are ours, not the archive's)."""
+    return isinstance(exc, gzip.BadGzipFile) or exc.errno is None
 

@@ -10,6 +10,7 @@ retries are exercised for real. Nothing but 127.0.0.1 is contacted: proxies are 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import os
@@ -29,6 +30,7 @@ import pytest
 
 from preprocessing import cli
 from preprocessing.download.annotations import file_list_to_csv
+from preprocessing.download.extract import ArchiveError, extract_part
 from preprocessing.download.release import parse_part_list
 from preprocessing.synth import SynthKinetics, synth_kinetics
 from tests.preprocessing.shard_helpers import REPO, cli_env, read_manifest, read_rejects, run_cli
@@ -327,6 +329,11 @@ def test_truncated_archive_fails_that_part_only(clips: Path, tmp_path: Path, ser
     assert (out / "train/part_0").is_dir() and not (out / "train/part_1").exists()
     assert not list((out / "_download/train").glob("staging/*")), "no staging folder left"
     assert not (out / "_download/train/parts/part_1.tar.gz").exists(), "the broken copy is dropped for a rerun"
+    for junk in (b"not a gzip" * 100, gzip.compress(b"not a tar" * 100)):  # neither gzip nor tar inside
+        (tmp_path / "junk.tar.gz").write_bytes(junk)
+        with pytest.raises(ArchiveError, match="junk.tar.gz is truncated or corrupt"):
+            extract_part(str(tmp_path / "junk.tar.gz"), str(tmp_path / "junk"), str(tmp_path / "staging"))
+        assert not (tmp_path / "junk").exists() and not (tmp_path / "staging").exists()
 
 
 def test_hostile_members_are_refused_and_recorded(clips: Path, tmp_path: Path, serve, capsys) -> None:
