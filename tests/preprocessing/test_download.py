@@ -421,7 +421,8 @@ def test_bad_input_is_one_line(tmp_path: Path, serve, capsys) -> None:
     cases = [
         (["kinetics400", "--split", "val", "--out", str(tmp_path / "a"), "--base-url", "ftp://user:hunter22@x/"],
          "--base-url must be an http:// or https:// URL"),
-        (["kinetics400", "--split", "val", "--out", str(tmp_path / "b"), "--base-url", server.url], "HTTP 404"),
+        (["kinetics400", "--split", "val", "--out", str(tmp_path / "b"),
+          "--base-url", server.url.replace("http://", "http://user:hunter22@")], "HTTP 404"),
         (["kinetics400", "--out", str(tmp_path / "c")], "needs --split"),
     ]
     for args, expected in cases:
