@@ -154,6 +154,22 @@ def test_an_epoch_resumes_from_a_position_on_any_world_size(
         assert total.expected_digest is None and not check_epoch_identity(total, "epoch 0")  # see the check
 
 
+def test_a_segment_sampled_epoch_resumes_from_a_position_with_the_same_views(kinetics_shards: Path) -> None:
+    """``sampling.mode: segment`` (SSv2): an epoch resumed after its first batches, on another world size,
+    delivers what the uninterrupted epoch delivered after that point, frame for frame."""
+    cfg = small_config(str(kinetics_shards))
+    cfg.sampling.mode = "segment"
+    batches, _, states = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0, stop_after=1)
+    position = states[0]["position"]
+    assert states[0] == states[1] and 0 < position < 12
+    rest = rows_by_id(batches[0][1:] + batches[1][1:])
+    resumed, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 1, epoch=0, position=position)
+    got = rows_by_id([b for rank in resumed for b in rank])
+    assert got.keys() == rest.keys() and all(np.array_equal(got[k], rest[k]) for k in rest)
+    total = EpochStats.merge(stats)
+    assert total.complete and total.start == position and total.expected == 12 - position
+
+
 def _decoder_actors() -> set[str]:
     """Ids of the decoder actors this test process's Ray job has created so far (any state)."""
     import ray
