@@ -481,7 +481,7 @@ def _run_download(args: argparse.Namespace) -> int:
         print(download_ssv2.instructions(args.out))
         if not download_ssv2.holds_release(args.out):
             return 0
-        check = download_ssv2.check(args.out)
+        check = ssv2.check_release(args.out)
         print(check.summary())
         return 0 if check.ok else 1
     if args.split is None:

@@ -181,7 +181,7 @@ def _collect(futures: dict, report: DownloadReport, bar: _Bar, parts: int) -> No
         else:
             report.extracted += 1
             report.files += extracted.files
-            report.refused.update(r.reason.split(" (")[0] for r in extracted.refused)
+            report.refused.update(_refusal_kind(r.reason) for r in extracted.refused)
         bar.parts(report.already_done + report.extracted + len(report.failed), parts)
 
 
@@ -201,6 +201,12 @@ def _one_part(job: DownloadJob, part: _Part, state: str, videos: str, sessions: 
     return extracted
 
 
+def _refusal_kind(reason: str) -> str:
+    """What the report counts a refused member under: its reason without the member's particulars
+    ("symbolic link (to '/etc')" -> "symbolic link")."""
+    return reason.split(" (")[0]
+
+
 def _write_record(state: str, part: _Part, extracted: Extracted) -> None:
     record = {"part": part.name, "url": redact_url(part.url), "files": extracted.files,
               "refused": [{"member": r.name, "reason": r.reason} for r in extracted.refused],
@@ -215,7 +221,7 @@ def _count_record(state: str, part: _Part, videos: str, report: DownloadReport) 
         with open(path) as f:
             record = json.load(f)
         report.files += int(record["files"])
-        report.refused.update(r["reason"].split(" (")[0] for r in record["refused"])
+        report.refused.update(_refusal_kind(r["reason"]) for r in record["refused"])
     except (OSError, ValueError, KeyError, TypeError):
         files = sum(len(names) for _, _, names in os.walk(os.path.join(videos, part.stem)))
         report.files += files

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-from preprocessing.ssv2 import ReleaseCheck, check_release
-
 RELEASE_PAGE = "https://developer.qualcomm.com/software/ai-datasets/something-something"
 
 
@@ -32,8 +30,3 @@ Something-Something v2 needs a licence accepted on Qualcomm's site, so it cannot
 def holds_release(out: str) -> bool:
     """Whether `out` has anything to check: a folder with at least one entry."""
     return os.path.isdir(out) and any(os.scandir(out))
-
-
-def check(out: str) -> ReleaseCheck:
-    """The release below `out` checked against its JSON files (the SSv2 reader's own check)."""
-    return check_release(out)
