@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import decoder_batch, run_cli
+from data_helpers import decoder_batch, decoder_row, run_cli
 from torch import nn
 
 from pipeline.data.config import AugmentConfig, DataConfig, DecoderPoolConfig, SamplingConfig
@@ -35,9 +35,8 @@ def _rows(root: Path, split: str) -> list[dict]:
             names = tar.getnames()
             for key in sorted({n.rsplit(".", 1)[0] for n in names}):
                 video = next(n for n in names if n.startswith(f"{key}.") and not n.endswith((".json", ".cls")))
-                rows.append({"key": key, "data": tar.extractfile(video).read(), "label": int(tar.extractfile(f"{key}.cls").read()),
-                             "meta": tar.extractfile(f"{key}.json").read().decode(), "kind": 0, "pos": len(rows),
-                             "unit": 0, "epoch": 0, "error": ""})  # fmt: skip
+                rows.append(decoder_row(key, tar.extractfile(video).read(), json.loads(tar.extractfile(f"{key}.json").read()),
+                                        label=int(tar.extractfile(f"{key}.cls").read()), pos=len(rows)))  # fmt: skip
     return rows
 
 
