@@ -8,6 +8,7 @@ r"""A fault-injecting HTTP proxy on 127.0.0.1, put in front of the moto S3 serve
         proxy.cut_next(1, methods={"GET"})        # the next GET: headers and half the body, then closed
         proxy.fail_always()                       # a permanent outage (status=None: drop instead of 503)
         rule = proxy.fail_always(paths=r"_step3/.*\.distcp")  # only requests whose path matches the regex
+        proxy.fail_always(armed_by=r"^PUT [^?]*\.tar$")  # dormant until a request like this has been let through
         rule.fired                                # how many requests this rule has failed so far
         proxy.heal()                              # back to forwarding everything
         proxy.stats                               # requests seen, forwarded, errors / drops / cuts injected, and
@@ -18,7 +19,10 @@ chunked bodies, ``Expect: 100-continue``) and relay the full upstream response; 
 the forwarding of one request. Rules apply in the order they were added; ``methods`` limits a rule to
 some HTTP methods and ``paths`` (a regular expression searched in the request path, query included) to
 some objects; requests that do not match pass through and do not use up the rule. ``after=k`` lets k
-matching requests through before the rule starts (an outage beginning mid-run). Every control method
+matching requests through before the rule starts (an outage beginning mid-run); ``armed_by`` (a regular
+expression searched in ``"METHOD path"``) keeps the rule dormant until a request it matches has been
+forwarded, so an outage can begin right after a given event (the first shard published) whatever the
+order in which concurrent workers send their other requests. Every control method
 returns its rule, whose ``fired`` counts the requests it faulted, so a test can show that each fault it
 planted did happen, not only that some fault did.
 """
@@ -71,6 +75,7 @@ class _Rule:
     after: int = 0  # matching requests still to pass before the rule becomes active
     paths: re.Pattern[str] | None = None
     until: float | None = None  # time.monotonic() deadline, set when the rule becomes active
+    armed_by: re.Pattern[str] | None = None  # dormant until a forwarded request's "METHOD path" matches
     fired: int = 0  # requests this rule has faulted
 
     def applies(self, method: str, path: str) -> bool:
@@ -155,10 +160,11 @@ class FaultProxy:
         return self._add(_Rule("cut", n, None, 0, _methods(methods), after, _paths(paths)))
 
     def fail_always(self, status: int | None = 503, methods: set[str] | None = None, after: int = 0,
-                    paths: str | None = None) -> _Rule:
+                    paths: str | None = None, armed_by: str | None = None) -> _Rule:
         """A permanent outage: every (matching) request fails (``status=None``: dropped) until ``heal``."""
         kind = "drop" if status is None else "error"
-        return self._add(_Rule(kind, None, None, status or 0, _methods(methods), after, _paths(paths)))
+        return self._add(_Rule(kind, None, None, status or 0, _methods(methods), after, _paths(paths),
+                               armed_by=_paths(armed_by)))
 
     def heal(self) -> None:
         """Remove every fault rule: forward everything from now on."""
@@ -191,6 +197,10 @@ class FaultProxy:
             self.stats.methods[method] = self.stats.methods.get(method, 0) + 1
             self._rules = [r for r in self._rules if not r.expired(now)]
             for rule in self._rules:
+                if rule.armed_by is not None:  # dormant: the arming request itself still passes
+                    if rule.armed_by.search(f"{method} {path}"):
+                        rule.armed_by = None
+                    continue
                 if rule.applies(method, path):
                     if rule.after > 0:  # not active yet: this request passes it by
                         rule.after -= 1

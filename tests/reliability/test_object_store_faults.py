@@ -118,9 +118,10 @@ def test_upload_during_a_permanent_outage_fails_fast_with_one_line(reference: Re
     url = _new_prefix(s3_server)
     args = _args(reference.raw, url, "--s3-endpoint-url", fault_proxy.url)
     status, env = OUTAGES[outage]
-    # Down from the 14th request on: after the bucket check and the resume checks (1 + 2 x 4 requests)
-    # and about one shard's uploads, so the outage hits the run in the middle of its uploads.
-    outage = fault_proxy.fail_always(status=status, after=13)
+    # Down from the request after the first shard's PUT (a shard is published last, after its journal record):
+    # one or two shards (the two workers' PUTs in flight) are complete, the rest are not. A count of requests
+    # (after=k) raced the two workers: in one CI run the outage began before any shard was published.
+    outage = fault_proxy.fail_always(status=status, armed_by=r"^PUT [^?]*\.tar$")
     started = time.monotonic()
     result = cli(*args, check=False, timeout=OUTAGE_BOUND_S + 30, env=cli_env(**env))
     seconds = time.monotonic() - started
