@@ -16,8 +16,9 @@ first batch of each epoch (the actor pool starts per epoch) to the last.
 
 4. The full recipe (RandomResizedCrop, flip, RandAugment m7 n4, random erasing 0.25, 2 views per
    decode cut from one clip, ``augment.clips_per_sample`` 1 as in PySlowFast) per actor, twice:
-   augmentation in the actor, and ``augment.on_device`` (the actor renders crop, resize and flip and
-   sends the drawn ops and boxes; ``device_augment`` applies them on the training device). Ratio =
+   augmentation in the actor, and ``augment.on_device`` (the actor cuts each view's box out of the
+   decoded frames and sends the crops with their flips and drawn ops and boxes; ``device_augment``
+   resizes, flips and augments them on the training device). Ratio =
    decoded clips/s (views/s / 2) / the decode-only clips/s (target >= 0.9 on the device). A second
    decode-only reference with 2 views per decode (jitter crop and flip, no RandAugment or erasing) does
    the same decoding and shows what the augmentation itself costs; a fifth run gives each of the 2
@@ -26,7 +27,7 @@ first batch of each epoch (the actor pool starts per epoch) to the last.
    ``--rounds`` rounds; medians are reported, so a load that changes during the run moves all alike.
 
    This machine has no GPU: its "device" is the consumer's CPU, which shares the 2 cores with the actor,
-   so ``augment_on_device`` is not run inside the timed loop (a GPU would run it beside the actors, not
+   so the device's share (``render_on_device``, ``augment_on_device``) is not run inside the timed loop (a GPU would run it beside the actors, not
    on their cores); it is timed on the consumer afterwards, on the first batches the service delivered,
    and reported apart, per view and as the CPU share it would take at the measured rate.
 
@@ -210,21 +211,28 @@ def full_recipe_rounds(shards: Path, rounds: int) -> tuple[dict[str, Rate], list
     return medians, ratios, kept
 
 
-def time_device_augment(batches: list[dict], cfg: DataConfig) -> float:
-    """Seconds per view of ``augment_on_device`` on this process's CPU (1 thread), over ``batches`` as the
-    service delivered them with ``augment.on_device``, best of 3 passes."""
-    from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device
+def time_device_augment(batches: list[dict], cfg: DataConfig) -> tuple[float, float]:
+    """Seconds per view of what the training step does with ``augment.on_device`` on this process's CPU (1
+    thread), over ``batches`` as the service delivered them: ``render_on_device`` (resize and flip the
+    crops) and ``augment_on_device`` (RandAugment, erasing); best of 3 passes each."""
+    from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device, render_on_device
 
     views = sum(len(b["video_id"]) for b in batches)
     assert views and all("erase" in b for b in batches)
-    best = math.inf
+    size, frames = cfg.augment.crop_size, cfg.sampling.num_frames
+    rendered = [render_on_device(b["video"], b["flip"], size, frames) for b in batches]
+    best_render = best_augment = math.inf
     for _ in range(3):
         start = time.perf_counter()
         for b in batches:
+            render_on_device(b["video"], b["flip"], size, frames)
+        middle = time.perf_counter()
+        for b, video in zip(batches, rendered):
             params = DeviceAugmentParams(b["rand_augment"], b["erase"], cfg.augment.mean, cfg.augment.std)
-            augment_on_device(b["video"], params)
-        best = min(best, time.perf_counter() - start)
-    return best / views
+            augment_on_device(video, params)
+        best_render = min(best_render, middle - start)
+        best_augment = min(best_augment, time.perf_counter() - middle)
+    return best_render / views, best_augment / views
 
 
 # ---- the limit: Decord alone on the same bytes and indices -----------------------------------
@@ -353,7 +361,7 @@ def main() -> None:
         rates, ratios, kept = full_recipe_rounds(shards, args.rounds)
     finally:
         ray.shutdown()
-    augment_s = time_device_augment(kept, bench_config(shards, 1, full_recipe=True, on_device=True))
+    render_s, augment_s = time_device_augment(kept, bench_config(shards, 1, full_recipe=True, on_device=True))
     limit = decord_limit(bench_config(shards, 1), delivered, shard_samples(shards))
     baseline = pytorchvideo_baseline(raw, args.baseline_clips)
 
@@ -375,7 +383,8 @@ def main() -> None:
         views = 1 if name == "decode only" else 2
         print(f"  {label:<40} {rates[name].wall:6.2f} views/s, {rates[name].cpu:6.2f} per CPU-s "
               f"= {rates[name].cpu / views:5.2f} decoded clips per CPU-s")  # fmt: skip
-    print(f"  augment_on_device on the consumer's CPU (1 thread): {augment_s * 1e3:.1f} ms/view")
+    print(f"  on the consumer's CPU (1 thread): render_on_device {render_s * 1e3:.1f} ms/view, "
+          f"augment_on_device {augment_s * 1e3:.1f} ms/view")
     print(f"ratio 1  service per actor / Decord limit        {one / limit:5.2f}   (target >= 0.85)")
     print(f"ratio 2  service per actor / PyTorchVideo         {one / baseline:5.2f}x  (target >= 3)")
     print(f"ratio 3  scaling 1 -> 2 decoder actors            {two / one:5.2f}x  (2 cores shared with reader+consumer)")

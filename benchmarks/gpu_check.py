@@ -22,7 +22,8 @@ Sections, each independent (a failure is recorded with its error and the next on
   the model, lands on the same loss and weights as the plain step.
 - ``activation_checkpointing``: the activation memory the model's checkpointing switch saves and the
   step time it costs.
-- ``device_augment``: clips/s of the on-device RandAugment + erasing path.
+- ``device_augment``: clips/s of the on-device path: the decoder's crops resized and flipped, then
+  RandAugment + erasing.
 - ``compile``: the step-time speed-up of ``torch.compile`` as the trainer applies it (per block), and
   which blocks still ran eagerly afterwards.
 
@@ -42,6 +43,7 @@ import gc
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -274,6 +276,7 @@ class AugmentResult:
     batch: int
     shape: list[int]
     params_s: float  # random_params per batch, median
+    render_s: float  # render_on_device (resize and flip the crops) per batch, median
     augment_s: float  # augment_on_device per batch, median
     clips_per_s: float
     output_checked: str
@@ -827,30 +830,42 @@ def section_activation_checkpointing(plan: Plan, clock: Clock, ctx: Context) -> 
 
 
 def section_device_augment(plan: Plan, clock: Clock, ctx: Context) -> AugmentResult:
-    from pipeline.data.device_augment import augment_on_device, random_params
+    """The training step's share of ``augment.on_device``: the decoder's crops (RandomResizedCrop boxes of a
+    frame decoded at 1.43x the crop's side, e.g. 320x427 for 224, each its own size) resized and flipped
+    (``render_on_device``), then RandAugment and erasing (``augment_on_device``)."""
+    from pipeline.data.device_augment import augment_on_device, random_params, render_on_device
 
     cfg = preset_config(VARIANTS[0].preset, **plan.overrides)
-    batch, crop = plan.augment_batch, cfg.crop_size
-    shape = (batch, 3, cfg.num_frames, crop, crop)
-    video = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    video = video.to(plan.device)
-    out = augment_on_device(video, random_params(batch, crop, seed=0, device=plan.device))  # warm-up
-    if out.dtype != torch.uint8 or tuple(out.shape) != shape or out.device != video.device:
-        raise AssertionError(f"augment_on_device returned {out.dtype} {tuple(out.shape)} on {out.device}, "
-                             f"expected uint8 {shape} on {video.device}")
-    param_times, augment_times = [], []
+    batch, crop, frames = plan.augment_batch, cfg.crop_size, cfg.num_frames
+    shape = (batch, 3, frames, crop, crop)
+    rng = random.Random(2)
+    generator = torch.Generator().manual_seed(2)
+    sizes = [(rng.randint(crop, round(crop * 1.43)), rng.randint(crop, round(crop * 1.9))) for _ in range(batch)]
+    crops = [torch.randint(0, 256, (frames, h, w, 3), dtype=torch.uint8, generator=generator).to(plan.device)
+             for h, w in sizes]  # fmt: skip
+    flips = torch.tensor([i % 2 for i in range(batch)], dtype=torch.int8)
+    video = render_on_device(crops, flips, crop, frames, plan.device)  # warm-up
+    out = augment_on_device(video, random_params(batch, crop, seed=0, device=plan.device))
+    if out.dtype != torch.uint8 or tuple(out.shape) != shape or out.device != crops[0].device:
+        raise AssertionError(f"render + augment_on_device returned {out.dtype} {tuple(out.shape)} on {out.device}, "
+                             f"expected uint8 {shape} on {crops[0].device}")
+    param_times, render_times, augment_times = [], [], []
     for i in range(plan.augment_iters):
         start = time.perf_counter()
         params = random_params(batch, crop, seed=i + 1, device=plan.device)
         sync(plan.device)
         param_times.append(time.perf_counter() - start)
         start = time.perf_counter()
+        video = render_on_device(crops, flips, crop, frames, plan.device)
+        sync(plan.device)
+        render_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
         augment_on_device(video, params)
         sync(plan.device)
         augment_times.append(time.perf_counter() - start)
-    augment_s = statistics.median(augment_times)
-    return AugmentResult(batch, list(shape), statistics.median(param_times), augment_s, batch / augment_s,
-                         "uint8, same shape, same device")
+    render_s, augment_s = statistics.median(render_times), statistics.median(augment_times)
+    return AugmentResult(batch, list(shape), statistics.median(param_times), render_s, augment_s,
+                         batch / (render_s + augment_s), "uint8, same shape, same device")  # fmt: skip
 
 
 def count_eager_calls(model: MViT) -> list[int]:

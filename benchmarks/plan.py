@@ -9,8 +9,8 @@ Every input is printed with where it comes from, in one of three kinds:
   (``Meter.metrics``), the epoch layout (``pipeline.data.plan.Layout``);
 - measured on this machine: the CPU time one K400-like training sample costs the decoder (Decord
   decode, then what the actor renders: the full augmentation recipe, or with ``augment.on_device``,
-  resolved as the job resolves it, crop, resize and flip only, RandAugment and erasing running on the
-  training GPUs), on the synthetic clips ``benchmarks/data.py`` uses. The defaults are the figures of
+  resolved as the job resolves it, only cutting out each view's box, resize, flip, RandAugment and
+  erasing running on the training GPUs), on the synthetic clips ``benchmarks/data.py`` uses. The defaults are the figures of
   ``--measure`` runs recorded in docs/benchmarks.md; ``--measure`` measures them again (1-2 minutes;
   it also saves a real checkpoint of the model to count its bytes);
 - assumed, each a named option whose help cites its source: GPU peak FLOP/s and the fraction of it a
@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # rendering, with the augmentation in the actor (False) or on the device (True: crop, resize, flip),
 # measured taking turns on the same samples.
 MEASURED_CPU_S = {False: (0.0652, 0.0994), True: (0.0652, 0.0288)}  # augment.on_device: (Decord, rendering)
+# With augment.on_device a row holds its view's box cut out of the decoded frames, not the rendered view:
+# bytes per view, the mean over the same --measure run.
+MEASURED_CROP_BYTES = 0
 
 # bf16 dense tensor-core peak, TFLOP/s (without sparsity): NVIDIA A100 datasheet (SXM, 312) and NVIDIA
 # H100 datasheet (SXM5, 1979 "with sparsity" = 989 dense).
@@ -91,15 +94,16 @@ def _bench_data():
     return module
 
 
-def measure_decode(cfg, workdir: Path, count: int, rounds: int) -> tuple[dict[bool, tuple[float, float, float]], float]:
-    """{augment.on_device: (decode CPU s, augment CPU s, wall s) per training sample}, both settings, and
-    the shards' bytes per sample.
+def measure_decode(cfg, workdir: Path, count: int, rounds: int) -> tuple[dict[bool, tuple[float, ...]], float]:
+    """{augment.on_device: (decode CPU s, augment CPU s, wall s per training sample, bytes per view sent)},
+    both settings, and the shards' bytes per sample.
 
     The project's ``SampleDecoder`` (what a decoder actor runs) with the experiment's data config,
     single-threaded, in this process; CPU time (``time.process_time``) so a busy machine changes the
     figure less than wall time. "decode" is ``_read_clips`` (Decord: open, seek, decode and scale the
-    frames both views need); "augment" is the rest of ``decode``: crops, flip, RandAugment, erasing, or
-    with ``augment.on_device`` crops and flip (and packing the drawn parameters behind the pixels).
+    frames both views need); "augment" is the rest of ``decode``: crops, resize, flip, RandAugment,
+    erasing, or with ``augment.on_device`` cutting out the crops (and packing them behind the drawn
+    parameters).
     ``rounds`` passes over the same ``count`` samples (new views each pass), the two settings taking
     turns on the same samples and draws; per setting the pass with the least CPU time counts (best of
     N: what the code costs, less what other processes on the machine cost it). Both settings decode the
@@ -119,16 +123,17 @@ def measure_decode(cfg, workdir: Path, count: int, rounds: int) -> tuple[dict[bo
     decoders = {on: _TimedDecoder(dataclasses.replace(cfg.data, augment=dataclasses.replace(cfg.data.augment,
                                                                                            on_device=on)))
                 for on in (False, True)}  # fmt: skip
-    best: dict[bool, tuple[float, float, float]] = {}
+    best: dict[bool, tuple[float, float, float, float]] = {}
     for r in range(rounds):
         for on, decoder in decoders.items():
-            cpu, read, wall = decoder.run([(samples[keys[i % len(keys)]], keys[i % len(keys)], r * count + i)
-                                           for i in range(count)])  # fmt: skip
+            cpu, read, wall, sent = decoder.run([(samples[keys[i % len(keys)]], keys[i % len(keys)], r * count + i)
+                                                 for i in range(count)])  # fmt: skip
             if on not in best or cpu < best[on][0]:
-                best[on] = (cpu, read, wall)
+                best[on] = (cpu, read, wall, sent)
     per_sample = manifest["total_bytes"] / manifest["num_samples"]
-    decode = min(read for _, read, _ in best.values()) / count
-    return {on: (decode, (cpu - read) / count, wall / count) for on, (cpu, read, wall) in best.items()}, per_sample
+    decode = min(read for _, read, _, _ in best.values()) / count
+    return {on: (decode, (cpu - read) / count, wall / count, sent)
+            for on, (cpu, read, wall, sent) in best.items()}, per_sample  # fmt: skip
 
 
 class _TimedDecoder:
@@ -138,6 +143,7 @@ class _TimedDecoder:
         from pipeline.data.sample_decode import SampleDecoder
 
         self.decoder = SampleDecoder(data, "video", train=True)
+        self.views = data.augment.repeated_aug
         self.read_cpu = 0.0
         read_clips = self.decoder._read_clips
 
@@ -150,23 +156,22 @@ class _TimedDecoder:
 
         self.decoder._read_clips = timed_read
         aug = data.augment
-        self.shape = (aug.repeated_aug, 3, data.sampling.num_frames, aug.crop_size, aug.crop_size)
-        if self.decoder.on_device:  # each view's pixels, then its drawn ops and box (SampleDecoder.decode)
-            from pipeline.data.sampling import augment_dtype, augment_slots
+        # with on_device a flat buffer, each view's record and crop at its box's size (sample_decode.pack_crops)
+        self.shape = None if self.decoder.on_device else (aug.repeated_aug, 3, data.sampling.num_frames,
+                                                          aug.crop_size, aug.crop_size)  # fmt: skip
 
-            self.shape = (self.shape[0], math.prod(self.shape[1:]) + augment_dtype(augment_slots(aug)).itemsize)
-
-    def run(self, work: list) -> tuple[float, float, float]:
-        """(CPU s, of which Decord, wall s) for ``work``: ((bytes, width, height), key, epoch) per sample,
-        after one warm-up decode (imports, first open)."""
+    def run(self, work: list) -> tuple[float, float, float, float]:
+        """(CPU s, of which Decord, wall s, output bytes per view) for ``work``: ((bytes, width, height), key,
+        epoch) per sample, after one warm-up decode (imports, first open)."""
         ((data, width, height), key, _) = work[0]
         self.decoder.decode(data, {"width": width, "height": height}, key, 10**6)
         self.read_cpu = 0.0
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall, nbytes = time.process_time(), time.perf_counter(), 0
         for (data, width, height), key, epoch in work:
             out = self.decoder.decode(data, {"width": width, "height": height}, key, epoch)
-            assert out.shape == self.shape, out.shape
-        return time.process_time() - cpu, self.read_cpu, time.perf_counter() - wall
+            assert out.shape == self.shape if self.shape else out.ndim == 1, out.shape
+            nbytes += out.nbytes
+        return time.process_time() - cpu, self.read_cpu, time.perf_counter() - wall, nbytes / len(work) / self.views
 
 
 def measure_checkpoint(cfg) -> tuple[int, float]:
@@ -266,8 +271,8 @@ def main() -> None:
     parser.add_argument("--decode-cpu-s", type=float, default=None,
                         help="CPU s per training sample in Decord (measured: see --measure)")
     parser.add_argument("--augment-cpu-s", type=float, default=None,
-                        help="CPU s per training sample in the actor's rendering: the full augmentation, or crop, "
-                             "resize and flip with data.augment.on_device (measured: see --measure)")
+                        help="CPU s per training sample in the actor's rendering: the full augmentation, or "
+                             "cutting out the crops with data.augment.on_device (measured: see --measure)")
     parser.add_argument("--decode-slowdown", type=float, default=1.0,
                         help="multiplier on the decode CPU time for real footage (1.0 = the synthetic clips "
                              "as measured; real footage was guessed 1.5-2x slower, never measured)")
@@ -292,7 +297,7 @@ def main() -> None:
     recorded = MEASURED_CPU_S[on_device]
     args.decode_cpu_s = recorded[0] if args.decode_cpu_s is None else args.decode_cpu_s
     args.augment_cpu_s = recorded[1] if args.augment_cpu_s is None else args.augment_cpu_s
-    rendered = "crop, resize, flip; RandAugment + erasing on the GPUs" if on_device else "full recipe"
+    rendered = "cutting out the crops; resize, flip, RandAugment + erasing on the GPUs" if on_device else "full recipe"
     kinds = [k.strip().lower() for k in args.gpu_kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in GPU_PEAK_TFLOPS]
     if unknown:
@@ -305,15 +310,16 @@ def main() -> None:
                      "(a clip's span of a Kinetics video) and its measured decode cost; segment sampling decodes "
                      "frames spread over the whole video and is not modelled")
     measured_note = "recorded --measure run (docs/benchmarks.md, Plan)"
-    ckpt_measured = None
+    ckpt_measured, crop_bytes = None, MEASURED_CROP_BYTES
     if args.measure:
         figures, shard_bytes = measure_decode(cfg, Path(args.workdir), args.measure_samples, args.measure_rounds)
-        args.decode_cpu_s, args.augment_cpu_s, wall_s = figures[on_device]
+        args.decode_cpu_s, args.augment_cpu_s, wall_s, crop_bytes = figures[on_device]
         other = figures[not on_device]
         measured_note = (f"measured now: best of {args.measure_rounds} x {args.measure_samples} samples, "
                          f"{wall_s:.3f} s wall per sample; "
                          f"shards {shard_bytes / 1e6:.3f} MB/sample; augment.on_device={str(not on_device).lower()}: "
-                         f"{other[0]:.4f} s + {other[1]:.4f} s")
+                         f"{other[0]:.4f} s + {other[1]:.4f} s; sent per view "
+                         f"{figures[True][3] / 1e6:.3f} MB with on_device, {figures[False][3] / 1e6:.3f} MB without")
         ckpt_measured = measure_checkpoint(cfg)
     if not (args.decode_cpu_s > 0 and args.augment_cpu_s > 0):
         parser.error("no decode figures: run with --measure, or give --decode-cpu-s and --augment-cpu-s")
@@ -332,7 +338,8 @@ def main() -> None:
     per_unit = max(1, data.batch_size // views)  # samples per batch per worker (pipeline/data/service.py)
     rows = per_unit * views
     frames, crop = data.sampling.num_frames, data.augment.crop_size
-    decoded_batch = rows * 3 * frames * crop * crop  # uint8 (B, 3, T, H, W)
+    # uint8 (B, 3, T, H, W); with on_device the rows' crops, at their boxes' sizes (measured)
+    decoded_batch = rows * crop_bytes if on_device else rows * 3 * frames * crop * crop
     encoded_batch = per_unit * args.clip_bytes
     accum = trainer.grad_accum_steps
     train_metrics = len(Meter().metrics("train/", args.gpus, lr=1.0))
@@ -359,7 +366,8 @@ def main() -> None:
         Input("training FLOP/view", f"{6 * stats.gflops:.1f} GFLOP", "2 FLOP/MAC x (forward + backward = 3 x forward)"),
         Input("batch/worker", f"{rows} views = {per_unit} samples x {views} views (repeated_aug), accum {accum}",
               "data.batch_size, augment.repeated_aug"),
-        Input("decoded batch", f"{mb(decoded_batch)} ({rows} x 3 x {frames} x {crop}^2 uint8)", "decoder output"),
+        Input("decoded batch", f"{mb(decoded_batch)} ({rows} x " + (f"{crop_bytes / 1e6:.2f} MB crops, measured"
+              if on_device else f"3 x {frames} x {crop}^2 uint8") + ")", "decoder output"),
         Input("pipelining", f"prefetch {data.prefetch_batches} batches/worker, {data.decoder.tasks_in_flight} "
                             f"batches in flight/actor, actors {data.decoder.min_actors}..{data.decoder.max_actors}",
               "data.prefetch_batches, data.decoder.*"),
@@ -440,7 +448,7 @@ def main() -> None:
         ("CPU decode: decoder cores", lambda p: f"{math.ceil(p['cpu_cores']):,}"),
         (f"CPU decode: cpu-workers pods of {args.cpu_node_cpus}", lambda p: f"{p['cpu_nodes']:,}"),
         ("NVDEC: decode per GPU, 1080p eq.", lambda p: f"{p['nvdec_1080p']:,.0f} frames/s"),
-        ("NVDEC: augmentation cores" if not on_device else "NVDEC: crop/flip cores", lambda p: f"{p['aug_cores']:,.0f}"),
+        ("NVDEC: augmentation cores" if not on_device else "NVDEC: cropping cores", lambda p: f"{p['aug_cores']:,.0f}"),
         ("NVDEC: actors per GPU needed", lambda p: f"{p['actors_per_gpu']} (set: {nvdec_actors_per_gpu}, "
                                                    f"{nvdec_fed:.0f} samples/s)"),
         ("object store, GPU node", lambda p: gib(store_gpu_node)),
@@ -464,8 +472,8 @@ def main() -> None:
     print("cores = samples/s x (decode + augmentation CPU s) / service efficiency; cpu-workers pods for what the")
     print(f"{spare_gpu_node_cpus:g} spare CPUs of each GPU node leave. NVDEC: ~{frames_per_sample:.0f} frames decoded "
           f"per sample ({views} x ({span:.0f} + GOP/2)) at {stored_w}x{stored_h};")
-    print(("the augmentation stays on the decoder actor's CPU" if not on_device else "crop, resize and flip stay on the "
-           "decoder actor's CPU, RandAugment and erasing run on the GPUs (data.augment.on_device)")
+    print(("the augmentation stays on the decoder actor's CPU" if not on_device else "cutting out the crops stays on the "
+           "decoder actor's CPU, resize, flip, RandAugment and erasing run on the GPUs (data.augment.on_device)")
           + ". Object store: trainers x (prefetch + 1) decoded batches")  # fmt: skip
     print("+ CPU decoder actors x tasks in flight x (decoded + encoded batch). S3 read = samples/s x clip bytes.")
     print("Checkpoint upload = size / GPU nodes / S3 per node (through one node in brackets); checkpoints at epoch")

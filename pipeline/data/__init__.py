@@ -16,8 +16,9 @@ Modules, in the order data flows through them:
 - ``service``    ``build_datasets`` / ``build_dataset`` / ``ray_train_data_config`` (driver side).
 - ``loader``     ``ShardLoader`` (worker side): batches per epoch, resume state, ``EpochStats``.
 - ``device``     ``normalize``, ``mix_batch`` (mixup/cutmix -> soft targets), ``soft_cross_entropy``.
-- ``device_augment``  ``augment_on_device``: RandAugment and erasing batched on the training device
-                 (``augment.on_device``), from the parameters the decoder drew.
+- ``device_augment``  ``render_on_device``, ``augment_on_device``: the decoder's crops resized and flipped,
+                 then RandAugment and erasing batched, on the training device (``augment.on_device``),
+                 from the parameters the decoder drew.
 
 Driver::
 

@@ -90,10 +90,11 @@ class AugmentConfig:
     decoding that many clips' frames per sample. Mixup/cutmix/label smoothing are applied on the
     training device by ``pipeline.data.device.mix_batch``; set both alphas to 0 to turn mixing off.
 
-    ``on_device``: where RandAugment and random erasing run. true: on the training device, batched
-    (``pipeline.data.device_augment``), beside normalisation and mixing; the decoder actors keep
-    decode, crop and flip and send each view's drawn ops and box along, so a view is the same either
-    way (the parameters are drawn in the actor as before). false: in the decoder actors. "auto": true
+    ``on_device``: where a view's resize, flip, RandAugment and random erasing run. true: on the
+    training device (``pipeline.data.device_augment``), beside normalisation and mixing; the decoder
+    actors keep decoding and cutting each view's box out of the frames, and send the crop with its
+    drawn flip, ops and erase box, so a view is the same either way (the parameters are drawn in the
+    actor as before). false: in the decoder actors. "auto": true
     when the training workers use GPUs (``trainer.use_gpu``), resolved by the job on the driver; a
     dataset built outside a training job, with "auto" left unresolved, augments in the actors.
     """

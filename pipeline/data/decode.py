@@ -10,10 +10,12 @@ view: a training view (``augment.repeated_aug`` per sample, decoded once) or an 
 by Pillow; both resize at decode time where that saves work (Decord's scaler for the frame size the
 views need, Pillow's JPEG draft mode for DCT-domain downscaling by 2/4/8).
 
-With ``augment.on_device`` a training row also carries its view's drawn RandAugment ops and erase box
-(``rand_augment`` float64 (slots, 3), ``erase`` int64 (5,); ``sampling.augment_record``), which the
-decode process sends behind the view's pixels and the actor checks before passing them on; the
-training device applies them (``device_augment``).
+With ``augment.on_device`` a training row's ``video`` is its view's box cut out of the decoded frames,
+(T, h, w, 3) uint8 at the box's own size (a ragged column: Ray Data's variable-shaped tensors), and the
+row carries the view's flip and drawn RandAugment ops and erase box (``flip`` int8, ``rand_augment``
+float64 (slots, 3), ``erase`` int64 (5,); ``sampling.augment_record``), which the decode process sends
+before the crops and the actor checks before passing them on; the training device resizes, flips and
+augments (``device_augment``). A failed or pad row's crop is (T, 0, 0, 3).
 
 Decode context: ``decord.gpu(i)`` (NVDEC) when Decord was built with CUDA and Ray gave the actor a
 GPU, ``decord.cpu(0)`` otherwise; chosen per actor at start-up and logged. A sample that fails to
@@ -129,19 +131,27 @@ def train_clips(cfg: DataConfig, key: str, epoch: int, video_frames: int, fps: f
             for clip in range(cfg.augment.clips_per_sample)]
 
 
-def split_views(packed: np.ndarray, shape: tuple[int, ...], slots: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    """A sample's views and their augmentation records out of what ``SampleDecoder.decode`` returns with
-    ``augment.on_device``: (views, pixels + record bytes) uint8 -> pixels of ``shape``, records. Raises
-    ``ValueError`` for anything a decode process could not have drawn (``sampling.augment_problem``)."""
-    dtype, pixels = augment_dtype(slots), int(np.prod(shape[1:]))
-    if packed.dtype != np.uint8 or packed.shape != (shape[0], pixels + dtype.itemsize):
-        raise ValueError(f"the decode process sent {packed.dtype} {list(packed.shape)} for {shape[0]} views with "
-                         f"augmentation parameters")  # fmt: skip
-    records = np.ascontiguousarray(packed[:, pixels:]).view(dtype).reshape(shape[0])
+def split_crops(packed: np.ndarray, views: int, frames: int, slots: int, crop: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """A sample's crops and their records out of what ``SampleDecoder.decode`` returns with
+    ``augment.on_device`` (``sample_decode.pack_crops``): a flat uint8 buffer -> one (frames, h, w, 3) view
+    of it per view, and the records. Raises ``ValueError`` for anything a decode process could not have
+    sent (``sampling.augment_problem``, and crops that do not add up to the buffer)."""
+    dtype = augment_dtype(slots)
+    head = views * dtype.itemsize
+    if packed.dtype != np.uint8 or packed.ndim != 1 or len(packed) < head:
+        raise ValueError(f"the decode process sent {packed.dtype} {list(packed.shape)} for {views} cropped views")
+    records = np.ascontiguousarray(packed[:head]).view(dtype).reshape(views)
     problem = augment_problem(records, crop)
     if problem:
         raise ValueError(f"the decode process sent invalid augmentation parameters: {problem}")
-    return packed[:, :pixels].reshape(shape), records
+    sizes = [frames * int(h) * int(w) * 3 for h, w, _ in records["crop"].tolist()]
+    if head + sum(sizes) != len(packed):
+        raise ValueError(f"the decode process sent {len(packed) - head} bytes of pixels for crops of {sum(sizes)}")
+    crops, offset = [], head
+    for size, (h, w, _) in zip(sizes, records["crop"].tolist()):
+        crops.append(packed[offset : offset + size].reshape(frames, h, w, 3))
+        offset += size
+    return crops, records
 
 
 def sample_meta(text: str) -> dict[str, Any]:
@@ -240,7 +250,12 @@ class Decoder:
             kill_process_if_planted(self._faults.kill_decoder_actor, [str(k) for k in batch["key"]], "decoder actor")
         n, views, crop = len(batch["kind"]), self.views, self.cfg.augment.crop_size
         rows = n * views
-        video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
+        if self.on_device:  # each view its crop, of its own size: a ragged column (Ray Data's variable-shaped tensors)
+            video = np.empty(rows, dtype=object)
+            for row in range(rows):  # one by one: numpy would broadcast a list of equal arrays into the slots
+                video[row] = np.zeros((self.frames, 0, 0, 3), np.uint8)
+        else:
+            video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
         status = np.full(rows, OK, np.int8)
         errors = [""] * rows
         slots = augment_slots(self.cfg.augment)
@@ -260,20 +275,27 @@ class Decoder:
                                              int(batch["epoch"][i]))  # fmt: skip
                 if self.on_device:
                     try:
-                        decoded, records[block] = split_views(decoded, (views, *video.shape[1:]), slots, crop)
+                        crops, records[block] = split_crops(decoded, views, self.frames, slots, crop)
                     except ValueError as err:  # the child's numbers, not the sample: still only this sample fails
                         raise SampleFailed(str(err)) from None
-                video[block] = decoded
+                    for row, view_crop in enumerate(crops, start=i * views):
+                        video[row] = view_crop
+                else:
+                    video[block] = decoded
             except Exception as exc:  # noqa: BLE001 - a bad sample is skipped and counted, never fatal
                 if self._process is not None and not isinstance(exc, SampleFailed):
                     raise  # the isolation itself broke (not the sample): Ray Data's bounded retries take over
                 message = failure_reason(exc)
                 log.warning("skipping sample %s: %s", key, message)
                 status[block], errors[block] = FAILED, [message] * views
-                video[block] = 0
+                if self.on_device:
+                    for row in range(i * views, (i + 1) * views):
+                        video[row] = np.zeros((self.frames, 0, 0, 3), np.uint8)
+                else:
+                    video[block] = 0
         repeat = lambda column: np.repeat(np.asarray(batch[column]), views)  # noqa: E731
-        augment = {"rand_augment": np.ascontiguousarray(records["ops"]),
-                   "erase": np.ascontiguousarray(records["erase"])} if self.on_device else {}  # fmt: skip
+        augment = {"rand_augment": np.ascontiguousarray(records["ops"]), "erase": np.ascontiguousarray(records["erase"]),
+                   "flip": records["crop"][:, 2].astype(np.int8)} if self.on_device else {}  # fmt: skip
         return {
             "video": video,
             "label": np.where(status == OK, repeat("label"), -1).astype(np.int64),

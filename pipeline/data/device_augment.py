@@ -1,15 +1,18 @@
-"""RandAugment and random erasing on the training device, batched: what ``augment.on_device`` moves out
-of the decoder actors.
+"""A training view's resize, flip, RandAugment and random erasing on the training device: what
+``augment.on_device`` moves out of the decoder actors.
 
 The decoder actor still draws every parameter (``sampling.train_view``, from the generator seeded by
-(seed, epoch, key, view)) and renders crop, resize and flip; it sends the drawn ops and erase box with
-each view as two small numeric columns (``DeviceAugmentParams``). Here they are applied to a whole
-batch at once, grouped by op rather than looped per view, with the arithmetic of the CPU path
-(``transforms.apply_rand_augment`` / ``transforms.erase``, torchvision's uint8 kernels), so a view is
-the same whichever side augments it (tests/data/test_device_augment.py, exact on the CPU).
+(seed, epoch, key, view)) and cuts each view's box out of the decoded frames; it sends the crop, at its
+own size, with the view's flip and drawn ops and erase box (small numeric columns). Here the crops are
+resized and flipped (``render_on_device``, with ``resize_view``, the function the actor's own path
+uses) and the ops and boxes applied to the whole batch at once, grouped by op rather than looped per
+view, with the arithmetic of the CPU path (``transforms.apply_rand_augment`` / ``transforms.erase``,
+torchvision's uint8 kernels), so a view is the same whichever side renders it
+(tests/data/test_device_augment.py, exact on the CPU).
 
+    video = render_on_device(batch["video"], batch["flip"], crop, frames)   # uint8 (B, 3, T, crop, crop)
     params = DeviceAugmentParams(batch["rand_augment"], batch["erase"], aug.mean, aug.std)
-    video = augment_on_device(batch["video"], params)             # uint8 (B, 3, T, H, W), same device
+    video = augment_on_device(video, params)                                  # same shape and device
 
 The parameters stay on the host: grouping rows by op and building each row's matrix and factors is
 host work on a few numbers, and reading them back from the device would stall it every batch. Only
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.functional import conv2d, grid_sample
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 # The op index sent in the ``rand_augment`` column: position in sampling.RAND_AUGMENT_OPS (the same
@@ -142,6 +146,33 @@ def _random_box(rng: random.Random, crop: int) -> tuple[int, int, int, int, int]
         if 0 < w < crop and 0 < h < crop:
             return rng.randint(0, crop - w), rng.randint(0, crop - h), w, h, rng.randrange(2**31)
     return 0, 0, 0, 0, 0
+
+
+# ---- rendering the views: resize and flip ---------------------------------------------------------------
+
+
+def resize_view(clip: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
+    """(T, C, h, w) uint8 crop -> (T, C, size, size): antialiased bilinear resize (none when it already has
+    that size), then the horizontal flip. The one definition of both steps, so that the decoder's CPU path
+    (``transforms.render_view``) and the device path (``render_on_device``) give the same pixels."""
+    if tuple(clip.shape[-2:]) != (size, size):
+        clip = F.resize(clip, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return clip.flip(-1) if flip else clip
+
+
+def render_on_device(crops: Sequence[torch.Tensor], flips: torch.Tensor | Sequence[bool], size: int, frames: int,
+                     device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
+    """The decoder actor's crops, as ``augment.on_device`` sends them (one uint8 (T, h, w, 3) tensor per view,
+    each its own box's size, already on the device), resized to ``size`` and flipped where ``flips`` says:
+    uint8 (B, 3, T, size, size), the layout ``augment_on_device`` and ``normalize`` take. One resize per view
+    (the boxes differ in size); ``frames`` and ``device`` shape an empty batch."""
+    flips = [bool(f) for f in (flips.tolist() if isinstance(flips, torch.Tensor) else flips)]
+    if len(flips) != len(crops):
+        raise ValueError(f"{len(crops)} crops but {len(flips)} flips")
+    if not crops:
+        return torch.empty((0, 3, frames, size, size), dtype=torch.uint8, device=device)
+    views = [resize_view(crop.permute(0, 3, 1, 2), size, flip) for crop, flip in zip(crops, flips)]
+    return torch.stack(views).permute(0, 2, 1, 3, 4).contiguous()
 
 
 # ---- applying them ------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@
         stats = loader.stats                            # EpochStats: samples, failed, fingerprint, ...
         # merged over workers: stats.complete, and fingerprint == expected_digest (see EpochStats)
 
-A batch is a dict: ``video`` uint8 (B, 3, T, H, W) (T = 1 for images), ``label`` int64 (B,),
+A batch is a dict: ``video`` uint8 (B, 3, T, H, W) (T = 1 for images; with ``augment.on_device`` a list
+of B uint8 (T, h, w, 3) crops, each its box's size, plus ``flip``, ``rand_augment`` and ``erase``, for
+``device_augment.render_on_device`` and ``augment_on_device``), ``label`` int64 (B,),
 ``video_id`` list[str] (the sample key), ``view`` int64 (B,) (training view index, or clip * crops
 + crop in evaluation), ``mix_seed`` int (seed for ``device.mix_batch``), ``epoch`` and ``step``.
 Pad rows and samples that failed to decode are dropped, so B may be smaller than the configured
@@ -353,12 +355,15 @@ class ShardLoader:
             stats.unkeyed += int(unkeyed)
             if bad and len(stats.failures) < _MAX_LOGGED_FAILURES:
                 stats.failures.append((str(key), str(error)))
+        on_device = self.device is not None and self.device.type != "cpu"
         video = rows["video"] if keep.all() else rows["video"][keep]
-        video = torch.from_numpy(np.ascontiguousarray(video) if video.flags.writeable else video.copy())
+        if "flip" in rows:  # augment.on_device: a list of crops, each view its box's size (the device resizes them)
+            video = [_tensor(crop, self.device if on_device else None) for crop in video]
+        else:
+            video = _tensor(video, self.device if on_device else None)
         label = torch.from_numpy(rows["label"][keep].astype(np.int64))
         view = torch.from_numpy(rows["view"][keep].astype(np.int64))
-        if self.device is not None and self.device.type != "cpu":
-            video = video.pin_memory().to(self.device, non_blocking=True)
+        if on_device:
             label, view = label.to(self.device, non_blocking=True), view.to(self.device, non_blocking=True)
         return {
             "video": video,
@@ -368,8 +373,15 @@ class ShardLoader:
             "mix_seed": stable_hash("mix", self.seed, epoch, stats.start, step, self.rank) % 2**63,
             "epoch": epoch,
             "step": step,
-            # augment.on_device: each view's drawn RandAugment ops and erase box, for device_augment. They stay
-            # on the host, which groups the rows by op; only the pixels work on the device.
+            # augment.on_device: each view's flip and drawn RandAugment ops and erase box, for device_augment.
+            # They stay on the host, which groups the rows by op; only the pixels work on the device.
             **{name: torch.from_numpy(np.ascontiguousarray(rows[name][keep]))
-               for name in ("rand_augment", "erase") if name in rows},
+               for name in ("rand_augment", "erase", "flip") if name in rows},
         }
+
+
+def _tensor(array: np.ndarray, device: torch.device | None) -> torch.Tensor:
+    """A batch's (or one crop's) pixels as a tensor of their own (Ray may hand out read-only views of its
+    buffers), pinned and copied to ``device`` without blocking when one is given."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else array.copy())
+    return tensor.pin_memory().to(device, non_blocking=True) if device is not None else tensor

@@ -4,15 +4,14 @@ The heavy half of decoding (torch, torchvision, Decord), kept apart from the act
 only the process that decodes imports it: the decode child's zygote (``isolation``), or the actor
 itself when ``decoder.isolate`` is off.
 
-With ``augment.on_device`` (training only) a view is rendered up to the flip, and each view's drawn
-RandAugment ops and erase box travel with it: ``decode`` then returns every view's pixels followed by
-its ``sampling.augment_record`` bytes, one uint8 row per view, because what a decode child sends its
-actor is raw uint8 bytes of a declared shape (never a pickle); the actor splits and checks them.
+With ``augment.on_device`` (training only) a view is only cut out of the decoded frames, not resized: its
+crop travels with its flip, drawn RandAugment ops and erase box (``sampling.augment_record``), packed
+into one flat uint8 buffer per sample (``pack_crops``), because what a decode child sends its actor is
+raw uint8 bytes of a declared shape (never a pickle); the actor splits and checks them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import warnings
@@ -34,7 +33,7 @@ from pipeline.data.sampling import (
     eval_views,
     train_view,
 )
-from pipeline.data.transforms import render_view
+from pipeline.data.transforms import crop_frames, render_view
 
 
 class _ScaledDecodeError(Exception):
@@ -63,8 +62,8 @@ class SampleDecoder:
     # ---- one sample ---------------------------------------------------------------------------
 
     def decode(self, data: bytes, meta: dict[str, Any], key: str, epoch: int) -> np.ndarray:
-        """(views, 3, T, crop, crop) uint8 for one sample; with ``on_device``, (views, pixels + record
-        bytes) uint8, which ``decode.split_views`` takes apart."""
+        """(views, 3, T, crop, crop) uint8 for one sample; with ``on_device``, the flat uint8 buffer of
+        ``pack_crops``, which ``decode.split_crops`` takes apart."""
         if not data:
             raise ValueError("empty media member")
         if self.modality == "image":
@@ -72,21 +71,15 @@ class SampleDecoder:
         return self._decode_video(data, meta, key, epoch)
 
     def _render(self, views: Iterable[tuple[torch.Tensor, ViewSpec]], fx: float, fy: float) -> np.ndarray:
-        """Each (frames, spec) as a view, rendered in full or, with ``on_device``, up to the flip and packed
-        with the ops and box the training device applies. ``views`` is consumed lazily: one view's frames
-        at a time are held beside the decoded ones."""
+        """Each (frames, spec) as a view: rendered in full, or with ``on_device`` only its box cut out
+        (``pack_crops``). ``views`` is consumed lazily: one view's frames at a time are held beside the
+        decoded ones."""
         aug = self.cfg.augment
         if not self.on_device:
             return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy()
                              for frames, spec in views])  # fmt: skip
-        slots = augment_slots(aug)
-        pixels, records = [], []
-        for frames, spec in views:
-            bare = dataclasses.replace(spec, ops=(), erase=None)
-            pixels.append(render_view(frames, fx, fy, bare, aug.crop_size, aug.mean, aug.std).numpy().reshape(-1))
-            records.append(augment_record(spec, slots))
-        packed = np.stack(records).view(np.uint8).reshape(len(records), -1)
-        return np.concatenate([np.stack(pixels), packed], axis=1)
+        return pack_crops([(crop_frames(frames, fx, fy, spec).numpy(), spec) for frames, spec in views],
+                          augment_slots(aug))  # fmt: skip
 
     def _specs(self, width: int, height: int, key: str, epoch: int) -> list[ViewSpec]:
         aug = self.cfg.augment
@@ -114,7 +107,13 @@ class SampleDecoder:
             # 72x48); decode at the stored size instead and let render_view resize.
             frames, wanted, plan = self._read_clips(data, specs, key, epoch, meta, None, (width, height))
         fx, fy = frames.shape[2] / width, frames.shape[1] / height
-        return self._render(((frames[np.searchsorted(wanted, clip)], spec) for clip, spec in plan), fx, fy)
+        every = np.arange(len(wanted))
+
+        def clip_frames(clip: np.ndarray) -> torch.Tensor:  # the decoded frames themselves when the clip is all of them
+            index = np.searchsorted(wanted, clip)
+            return frames if np.array_equal(index, every) else frames[index]
+
+        return self._render(((clip_frames(clip), spec) for clip, spec in plan), fx, fy)
 
     def _read_clips(
         self, data: bytes, specs: list[ViewSpec], key: str, epoch: int, meta: dict[str, Any],
@@ -173,6 +172,21 @@ class SampleDecoder:
             rgb = np.asarray(image.convert("RGB"))
         frames = torch.from_numpy(rgb.copy()).unsqueeze(0)  # T = 1
         return self._render(((frames, spec) for spec in specs), fx, fy)
+
+
+def pack_crops(crops: list[tuple[np.ndarray, ViewSpec]], slots: int) -> np.ndarray:
+    """A sample's views as ``augment.on_device`` sends them, one flat uint8 buffer (what a decode child
+    sends its actor is raw bytes of a declared shape, never a pickle): every view's record
+    (``sampling.augment_record``: ops, erase box, crop size and flip), then every view's crop, (T, h, w, 3)
+    each, in view order. ``decode.split_crops`` takes it apart and checks it."""
+    records = np.stack([augment_record(spec, slots, crop.shape[1], crop.shape[2]) for crop, spec in crops])
+    head = records.view(np.uint8).reshape(-1)
+    out = np.empty(len(head) + sum(crop.size for crop, _ in crops), np.uint8)
+    out[: len(head)], offset = head, len(head)
+    for crop, _ in crops:  # one copy of each crop, straight from the decoded frames into the buffer
+        out[offset : offset + crop.size].reshape(crop.shape)[...] = crop
+        offset += crop.size
+    return out
 
 
 def _stream_size(data: bytes) -> tuple[int, int]:

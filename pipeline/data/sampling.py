@@ -4,9 +4,10 @@ Everything here is a pure function of its inputs and a ``numpy.random.Generator`
 seeds one generator per view from (seed, epoch, sample key, view), so a view's frames, crop, flip,
 RandAugment ops and erased box depend on nothing else (not on the actor, the batch or the order).
 
-With ``augment.on_device`` the decoder renders crop, resize and flip only and sends each view's
-RandAugment ops and erase box along as fixed-width numbers (``augment_record``), which
-``device_augment`` applies on the training device; they are drawn here either way, in the same order.
+With ``augment.on_device`` the decoder only cuts each view's box out of the decoded frames and sends it
+with the view's flip, RandAugment ops and erase box as fixed-width numbers (``augment_record``);
+``device_augment`` resizes, flips and augments on the training device. They are drawn here either way,
+in the same order.
 
 Temporal sampling, ``sampling.mode``:
 
@@ -229,13 +230,15 @@ def augment_slots(aug: AugmentConfig) -> int:
 
 
 def augment_dtype(slots: int) -> np.dtype:
-    """One view's record: per slot (op index in RAND_AUGMENT_OPS or -1, magnitude, sign), and the erase
-    box (x, y, w, h, seed; w = 0: none). Little-endian and fixed-width: it crosses from the decode child
-    to the actor as raw bytes. float64 keeps the drawn magnitude exactly."""
-    return np.dtype([("ops", "<f8", (slots, 3)), ("erase", "<i8", (5,))])
+    """One view's record: per slot (op index in RAND_AUGMENT_OPS or -1, magnitude, sign), the erase box
+    (x, y, w, h, seed; w = 0: none) and the crop it goes with (height, width, flip: the box cut from the
+    decoded frames, which the device resizes and flips). Little-endian and fixed-width: it crosses from
+    the decode child to the actor as raw bytes. float64 keeps the drawn magnitude exactly."""
+    return np.dtype([("ops", "<f8", (slots, 3)), ("erase", "<i8", (5,)), ("crop", "<i8", (3,))])
 
 
-def augment_record(spec: ViewSpec, slots: int) -> np.ndarray:
+def augment_record(spec: ViewSpec, slots: int, height: int, width: int) -> np.ndarray:
+    """``spec``'s drawn ops, erase box and flip, with the size of the crop cut for it."""
     record = np.zeros((), augment_dtype(slots))
     record["ops"][:, 0] = -1
     for slot, op in enumerate(spec.ops):
@@ -243,13 +246,17 @@ def augment_record(spec: ViewSpec, slots: int) -> np.ndarray:
     if spec.erase is not None:
         e = spec.erase
         record["erase"] = (e.x, e.y, e.w, e.h, e.seed)
+    record["crop"] = (height, width, int(spec.flip))
     return record
+
+
+MAX_CROP_SIDE = 2**15  # a crop's side in a record: far above any decoded frame (and products stay in int64)
 
 
 def augment_problem(records: np.ndarray, crop: int) -> str | None:
     """Why these records cannot be what ``train_view`` drew (None if they can). The actor checks what a
     decode child sends: a child that hostile media took over may send anything, and these numbers
-    index an op table and address pixels on the training device."""
+    index an op table, size the crops and address pixels on the training device."""
     ops, erase = records["ops"], records["erase"]
     index, magnitude, sign = ops[..., 0], ops[..., 1], ops[..., 2]
     used = index >= 0
@@ -265,6 +272,11 @@ def augment_problem(records: np.ndarray, crop: int) -> str | None:
     inside = small & (x + w <= crop) & (y + h <= crop) & (seed >= 0) & (seed < 2**31)
     if not (inside | ~boxed).all() or (erase[~boxed] != 0).any():
         return "an erase box outside the crop"
+    height, width, flip = records["crop"].T
+    if not ((height >= 1) & (height <= MAX_CROP_SIDE) & (width >= 1) & (width <= MAX_CROP_SIDE)).all():
+        return f"a crop size outside 1..{MAX_CROP_SIDE}"
+    if not np.isin(flip, (0, 1)).all():
+        return "a flip other than 0 or 1"
     return None
 
 

@@ -21,6 +21,7 @@ from pipeline.data.device_augment import (
     enhance_factor,
     erase_patch,
     posterize_bits,
+    resize_view,
     rotate_degrees,
     shear_degrees,
     solarize_add,
@@ -36,20 +37,22 @@ def render_view(
     frames: torch.Tensor, fx: float, fy: float, view: ViewSpec, crop: int, mean: list[float], std: list[float]
 ) -> torch.Tensor:
     """``frames`` were decoded at (fx, fy) times the native size; ``view.box`` is in native pixels."""
-    height, width = frames.shape[1], frames.shape[2]
-    x, y, w, h = view.box.scaled(fx, fy)
-    x, y = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
-    w, h = min(w, width - x), min(h, height - y)
-    clip = frames[:, y : y + h, x : x + w, :].permute(0, 3, 1, 2)  # T, C, h, w
-    if (h, w) != (crop, crop):
-        clip = F.resize(clip, [crop, crop], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if view.flip:
-        clip = clip.flip(-1)
+    clip = resize_view(crop_frames(frames, fx, fy, view).permute(0, 3, 1, 2), crop, view.flip)  # T, C, crop, crop
     for op in view.ops:
         clip = apply_rand_augment(clip, op)
     if view.erase is not None:
         clip = erase(clip, view.erase.x, view.erase.y, view.erase.w, view.erase.h, view.erase.seed, mean, std)
     return clip.permute(1, 0, 2, 3).contiguous()
+
+
+def crop_frames(frames: torch.Tensor, fx: float, fy: float, view: ViewSpec) -> torch.Tensor:
+    """The view's box cut from (T, H, W, 3) frames decoded at (fx, fy) times the native size, clamped to
+    them: a (T, h, w, 3) view of ``frames``, not yet resized (what ``augment.on_device`` sends)."""
+    height, width = frames.shape[1], frames.shape[2]
+    x, y, w, h = view.box.scaled(fx, fy)
+    x, y = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
+    w, h = min(w, width - x), min(h, height - y)
+    return frames[:, y : y + h, x : x + w, :]
 
 
 def apply_rand_augment(clip: torch.Tensor, op: RandAugmentOp) -> torch.Tensor:

@@ -160,10 +160,12 @@ class Trainer:
 
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         video = batch["video"]
-        if "erase" in batch:  # augment.on_device: the decoder drew the views' RandAugment ops and boxes
+        if "erase" in batch:  # augment.on_device: the decoder sent crops and the views' flips, ops and boxes
             # imported here: it pulls in torchvision (seconds), which a job without the option never needs
-            from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device
+            from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device, render_on_device
 
+            _, frames, size, _ = self.model_cfg.input_shape
+            video = render_on_device(video, batch["flip"], size, frames, self.ctx.device)
             video = augment_on_device(video, DeviceAugmentParams(batch["rand_augment"], batch["erase"], self.mean,
                                                                  self.std))  # fmt: skip
         x = normalize(video, self.mean, self.std)

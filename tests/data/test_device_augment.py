@@ -23,16 +23,17 @@ from PIL import Image
 
 from core.errors import ConfigError
 from pipeline.data.config import AugmentConfig
-from pipeline.data.decode import Decoder, split_views
+from pipeline.data.decode import Decoder, split_crops
 from pipeline.data.device_augment import (
     NO_OP,
     OPS,
     DeviceAugmentParams,
     augment_on_device,
     random_params,
+    render_on_device,
 )
 from pipeline.data.plan import FAILED, OK
-from pipeline.data.sampling import RAND_AUGMENT_OPS, RandAugmentOp, augment_dtype
+from pipeline.data.sampling import RAND_AUGMENT_OPS, RandAugmentOp, augment_dtype, augment_slots
 from pipeline.data.transforms import apply_rand_augment, erase
 
 CROP, FRAMES = 40, 3
@@ -178,9 +179,12 @@ def _strong_recipe(cfg, mode: str):
     return cfg
 
 
-def _device_views(out: dict, aug: AugmentConfig) -> torch.Tensor:
+def _device_views(out: dict, aug: AugmentConfig, frames: int) -> torch.Tensor:
+    """What the training step makes of the decoder's rows: the crops resized and flipped, then augmented."""
+    video = render_on_device([torch.from_numpy(crop.copy()) for crop in out["video"]], torch.from_numpy(out["flip"]),
+                             aug.crop_size, frames)  # fmt: skip
     params = DeviceAugmentParams(torch.from_numpy(out["rand_augment"]), torch.from_numpy(out["erase"]), aug.mean, aug.std)
-    return augment_on_device(torch.from_numpy(out["video"]), params)
+    return augment_on_device(video, params)
 
 
 @pytest.mark.parametrize(("mode", "isolate"), [("rrc", False), ("jitter", False), ("rrc", True)])
@@ -193,18 +197,21 @@ def test_decoded_views_are_the_same_whichever_side_augments(kinetics_shards: Pat
     cfg = _strong_recipe(small_config(str(kinetics_shards)), mode)
     cfg.augment.on_device, cfg.decoder.isolate = True, isolate
     on_device = Decoder(cfg, "video", train=True)
-    kinds = set()
+    kinds, flips = set(), set()
     for batch in batches:
         reference, sent = in_actor(batch), on_device(batch)
         assert sent["status"].tolist() == reference["status"].tolist() == [OK] * 12
-        assert sent["rand_augment"].shape == (12, 4, 3) and sent["erase"].shape == (12, 5)
-        assert "rand_augment" not in reference
-        augmented = _device_views(sent, cfg.augment)
+        assert sent["rand_augment"].shape == (12, 4, 3) and sent["erase"].shape == (12, 5) and sent["flip"].shape == (12,)
+        assert "rand_augment" not in reference and "flip" not in reference
+        augmented = _device_views(sent, cfg.augment, frames=8)
         np.testing.assert_array_equal(augmented.numpy(), reference["video"])
-        changed = [i for i in range(12) if (sent["rand_augment"][i, :, 0] >= 0).any() or sent["erase"][i, 2] > 0]
-        assert changed and not np.array_equal(sent["video"][changed], reference["video"][changed])  # moved, not gone
+        crops = [crop.shape for crop in sent["video"]]
+        assert all(len(shape) == 4 and shape[0] == 8 and shape[3] == 3 for shape in crops)
+        assert any(shape[1:3] != (48, 48) for shape in crops)  # cut by the actor at the box's size, resized on the device
+        flips |= set(sent["flip"].tolist())
         kinds |= set(sent["rand_augment"][..., 0][sent["rand_augment"][..., 0] >= 0].astype(int).tolist())
     assert len(kinds) >= 8  # 24 views at m9, n4: most of the op table went both ways
+    assert flips == {0, 1}
 
 
 def test_image_views_are_the_same_whichever_side_augments(tmp_path: Path) -> None:
@@ -217,8 +224,8 @@ def test_image_views_are_the_same_whichever_side_augments(tmp_path: Path) -> Non
     reference = Decoder(cfg, "image", train=True)(batch)
     cfg.augment.on_device = True
     sent = Decoder(cfg, "image", train=True)(batch)
-    assert sent["video"].shape == (12, 3, 1, 48, 48)
-    np.testing.assert_array_equal(_device_views(sent, cfg.augment).numpy(), reference["video"])
+    assert len(sent["video"]) == 12 and all(crop.shape[0] == 1 and crop.shape[3] == 3 for crop in sent["video"])
+    np.testing.assert_array_equal(_device_views(sent, cfg.augment, frames=1).numpy(), reference["video"])
 
 
 def test_evaluation_never_carries_augmentation(kinetics_shards: Path) -> None:
@@ -231,32 +238,54 @@ def test_evaluation_never_carries_augmentation(kinetics_shards: Path) -> None:
 # ---- what a decode child sends is checked ---------------------------------------------------------
 
 
-def _packed(records: np.ndarray, pixels: int) -> np.ndarray:
-    return np.concatenate([np.zeros((len(records), pixels), np.uint8), records.view(np.uint8).reshape(len(records), -1)],
-                          axis=1)  # fmt: skip
+def _packed(records: np.ndarray, frames: int) -> np.ndarray:
+    """A decode child's buffer: the records, then each view's crop of the size its record gives."""
+    pixels = sum(frames * h * w * 3 for h, w, _ in records["crop"].tolist())
+    return np.concatenate([records.view(np.uint8).reshape(-1), np.arange(pixels).astype(np.uint8)])
 
 
 @pytest.mark.parametrize(("field", "value", "problem"), [
     ("op", 15.0, "op index"), ("op", 2.5, "op index"), ("magnitude", 10.5, "magnitude"),
     ("magnitude", math.nan, "magnitude"), ("sign", 0.0, "sign"), ("box", (30, 0, 20, 5, 1), "erase box"),
     ("box", (2**62, 0, 2**62, 5, 1), "erase box"), ("box", (0, 0, 0, 4, 0), "erase box"),
-    ("box", (0, 0, 3, 4, 2**31), "erase box"),
+    ("box", (0, 0, 3, 4, 2**31), "erase box"), ("crop", (0, 5, 0), "crop size"), ("crop", (5, 2**40, 1), "crop size"),
+    ("crop", (-3, 4, 0), "crop size"), ("crop", (5, 4, 2), "flip"),
 ])  # fmt: skip
 def test_parameters_a_decode_child_could_not_have_drawn_fail_the_sample(field: str, value, problem: str) -> None:
-    shape = (2, 3, 1, 40, 40)
     records = np.zeros(2, augment_dtype(2))
     records["ops"][..., 0] = -1
     records["ops"][0, 0] = (3, 7.0, 1)
-    views, good = split_views(_packed(records, 4800), shape, 2, 40)
-    assert views.shape == shape and good["ops"][0, 0].tolist() == [3, 7.0, 1]
+    records["crop"] = [(40, 50, 1), (7, 3, 0)]
+    crops, good = split_crops(_packed(records, 3), 2, 3, 2, 40)
+    assert [c.shape for c in crops] == [(3, 40, 50, 3), (3, 7, 3, 3)] and good["ops"][0, 0].tolist() == [3, 7.0, 1]
+    assert crops[1].reshape(-1).tolist() == (np.arange(3 * 40 * 50 * 3, 3 * (40 * 50 + 21) * 3) % 256).tolist()
+    with pytest.raises(ValueError, match="bytes of pixels"):
+        split_crops(_packed(records, 3)[:-1], 2, 3, 2, 40)
+    with pytest.raises(ValueError, match="bytes of pixels"):
+        split_crops(_packed(records, 4), 2, 3, 2, 40)  # crops of 4 frames where 3 are due
+    with pytest.raises(ValueError, match="sent uint8"):
+        split_crops(_packed(records, 3)[:100], 2, 3, 2, 40)
     if field == "box":
         records["erase"][1] = value
+    elif field == "crop":
+        records["crop"][1] = value
     else:
         records["ops"][1, 1] = {"op": (value, 5.0, 1), "magnitude": (4, value, 1), "sign": (4, 5.0, value)}[field]
+    packed = np.concatenate([records.view(np.uint8).reshape(-1), np.zeros(3 * 40 * 50 * 3 + 3 * 5 * 4 * 3, np.uint8)])
     with pytest.raises(ValueError, match=problem):
-        split_views(_packed(records, 4800), shape, 2, 40)
-    with pytest.raises(ValueError, match="sent uint8"):
-        split_views(_packed(records, 4799), shape, 2, 40)
+        split_crops(packed, 2, 3, 2, 40)
+
+
+def test_render_on_device_resizes_each_crop_and_flips_where_asked() -> None:
+    crops = [_clip(0).permute(0, 2, 3, 1)[:, 5:35, :20], _clip(1).permute(0, 2, 3, 1)]  # (T, h, w, 3): 30x20, 40x40
+    out = render_on_device(crops, torch.tensor([1, 0], dtype=torch.int8), CROP, FRAMES)
+    assert out.shape == (2, 3, FRAMES, CROP, CROP) and out.dtype == torch.uint8
+    assert torch.equal(out[1], _clip(1).permute(1, 0, 2, 3))  # the crop's size already: not resampled
+    unflipped = render_on_device(crops[:1], [False], CROP, FRAMES)
+    assert torch.equal(out[0], unflipped[0].flip(-1)) and not torch.equal(out[0], unflipped[0])
+    assert render_on_device([], [], CROP, FRAMES).shape == (0, 3, FRAMES, CROP, CROP)
+    with pytest.raises(ValueError, match="2 crops but 1 flips"):
+        render_on_device(crops, [True], CROP, FRAMES)
 
 
 def test_a_bad_record_fails_only_its_sample(kinetics_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,9 +297,11 @@ def test_a_bad_record_fails_only_its_sample(kinetics_shards: Path, monkeypatch: 
     def tampered(data, meta, key, epoch):
         out = decode(data, meta, key, epoch)
         if key == rows[0]["key"]:
-            out[:, -1] = 0xFF  # the erase seed's top byte (little-endian, last in the record): negative
+            seed_top = dtype.fields["erase"][1] + 4 * 8 + 7  # the erase seed's top byte (little-endian)
+            out[seed_top] = 0xFF  # in the first view's record: a negative seed
         return out
 
+    dtype = augment_dtype(augment_slots(cfg.augment))
     rows = _shard_rows(kinetics_shards, 2)
     monkeypatch.setattr(decoder._local, "decode", tampered)
     monkeypatch.setattr(cfg.augment, "random_erasing", 1.0)

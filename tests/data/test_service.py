@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from data_helpers import delivered, rows_by_id, run_cli, run_epoch, run_epochs, shard_keys, small_config
 
 from pipeline.data.config import imagenet_defaults
+from pipeline.data.device_augment import DeviceAugmentParams, augment_on_device, render_on_device
 from pipeline.data.loader import EpochStats
 from pipeline.data.service import build_dataset
 from pipeline.trainer.validation import check_epoch_identity
@@ -105,9 +107,37 @@ def test_evaluation_views_count_and_video_ids(kinetics_shards: Path, clips: int,
     assert total.complete and total.samples == len(labels) and total.views == len(labels) * views
 
 
-def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: tuple[Path, list[str]]) -> None:
+def test_augmentation_on_the_device_gives_the_views_the_actors_give(
+    kinetics_shards: Path, train_epoch0: tuple[list, list]
+) -> None:
+    """``augment.on_device`` end to end: each view's crop at its own size (a ragged column) through Ray Data
+    and the loader, then resized, flipped and augmented as the training step does: the same pixels as
+    the actors' own augmentation of the same (seed, epoch, key, view)."""
+    cfg = small_config(str(kinetics_shards))
+    cfg.augment.on_device = True
+    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0)
+    _check_disjoint_halves(batches, stats, shard_keys(kinetics_shards, "train"), views=2)
+    reference, _ = train_epoch0
+    sizes = set()
+    for rank in range(2):
+        assert len(batches[rank]) == len(reference[rank])
+        for sent, expected in zip(batches[rank], reference[rank]):
+            assert sent["video_id"] == expected["video_id"] and isinstance(sent["video"], list)
+            sizes |= {tuple(crop.shape) for crop in sent["video"]}
+            video = render_on_device(sent["video"], torch.as_tensor(sent["flip"]), 48, 8)
+            params = DeviceAugmentParams(torch.as_tensor(sent["rand_augment"]), torch.as_tensor(sent["erase"]),
+                                         cfg.augment.mean, cfg.augment.std)  # fmt: skip
+            np.testing.assert_array_equal(augment_on_device(video, params), expected["video"])
+    assert len(sizes) > 2 and all(size[0] == 8 and size[3] == 3 for size in sizes)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: tuple[Path, list[str]],
+                                                               on_device: bool) -> None:  # fmt: skip
     root, damaged = corrupt_shards
-    batches, stats, _ = run_epoch(build_dataset(small_config(str(root)), "train", train=True), 2, epoch=0)
+    cfg = small_config(str(root))
+    cfg.augment.on_device = on_device  # with it, a failed sample's rows carry empty crops in the ragged column
+    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0)
     total = EpochStats.merge(stats)
     assert total.failed == 2 and total.samples == 10 and total.complete
     # Samples that fail to decode still have their keys: the epoch is checked for identity too.

@@ -76,7 +76,10 @@ def tuned(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     overrides = _overrides(shards, runs, **{"name": "finetune", "model.init_from": str(root / "source"),
                                             "model.init_head": "new", "optim.freeze_blocks": DEPTH,
                                             "optim.freeze_epochs": 1, "optim.layer_decay": 0.75,
-                                            "tracking.register_as": "tiny-demo", "tracking.register_alias": "champion"})
+                                            "tracking.register_as": "tiny-demo", "tracking.register_alias": "champion",
+                                            # and the training step's augment.on_device path: the actors send
+                                            # crops, the worker resizes (and would flip and augment) them
+                                            "data.augment.on_device": True})
     result, job = run(load_config(DEMO, overrides))
     assert result.error is None, result.error
     return {"root": root, "runs": runs, "uri": job.tracking_uri, "source": source.state_dict(), "job": job,
@@ -93,6 +96,7 @@ def test_a_job_fine_tunes_from_a_final_model_with_a_new_head_and_frozen_blocks(t
     assert mlflow_run.data.tags["init_from"].startswith(str(tuned["root"] / "source") + " (final_model")
     assert mlflow_run.data.tags["init_reinitialized"] == "head.projection.bias,head.projection.weight"
     assert mlflow_run.data.params["model.init_from"] == str(tuned["root"] / "source")
+    assert mlflow_run.data.params["data.augment.on_device"] == "True"
 
 
 def test_every_reference_to_a_real_run_resolves_to_its_weights(tuned: dict[str, Any]) -> None:
