@@ -10,7 +10,7 @@ private bridge, as in docs/cluster.md), all on one synthetic Kinetics shard set 
   difference is what crossing nodes costs: the gloo all-reduce over the bridge instead of inside one
   node, and Ray Train's and Ray Data's traffic. Then the 3-node shape again with Ray Train's per-step
   preemption check off (``trainer.preemption_check_every_steps=0``): its ratio to the same shape with
-  the check on is what the default check costs. Reported per shape: steady-state clips/s (the job's own
+  the check every step (``=1``; the default checks about every 2 s) is what a per-step check costs. Reported per shape: steady-state clips/s (the job's own
   ``train/clips_per_s``, first epoch dropped), its ratios, the data-wait fraction and the job's wall time.
 - ``loss``: an elastic job (2 ranks, ``trainer.min_workers=1``) whose rank-0 node is SIGKILLed (every
   process at once, no notice) after a registered checkpoint: seconds from the kill to the next completed
@@ -63,8 +63,8 @@ def make_shards(root: Path, per_class: int) -> tuple[Path, int]:
     return out, json.loads((out / "train.manifest.json").read_text())["num_samples"]
 
 
-# (GPU-group nodes, Ray Train's preemption check every step): the three spreads with the check on (the
-# default), then the widest spread again with it off, whose ratio to the same shape with it on is the
+# (GPU-group nodes, Ray Train's preemption check every step): the three spreads with the check every step
+# (the most it costs), then the widest spread again with it off, whose ratio to the same shape with it on is the
 # check's cost where it is highest (its barrier crosses nodes).
 SPREAD_SHAPES = ((1, True), (2, True), (3, True), (3, False))
 

@@ -91,8 +91,10 @@ class TrainerConfig:
     storage_path: str = "runs"  # local dir or s3://bucket/prefix (RunConfig.storage_path)
     max_failures: int = 0  # automatic restarts from the latest checkpoint
     # Preemption notices (a node drained by Ray: spot reclaim, eviction): checked every N optimiser steps
-    # (0 = never); on one, checkpoint and wait for the node to go, up to this long past its deadline
-    preemption_check_every_steps: int = 1
+    # (0 = never; null = about every preemption_check_every_s seconds, from the ranks' mean step time);
+    # on one, checkpoint and wait for the node to go, up to preemption_wait_s past its deadline
+    preemption_check_every_steps: Optional[int] = None
+    preemption_check_every_s: float = 2.0
     preemption_wait_s: float = 60.0
     max_steps_per_epoch: int = 0  # cap for smoke runs (0 = the whole epoch)
     # Ray Train's own log lines (worker-group start, every report, every checkpoint): WARNING keeps its
@@ -111,9 +113,15 @@ class TrainerConfig:
         for name in ("resize_check_s", "preemption_wait_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError("must be >= 0", f"trainer.{name}", getattr(self, name))
-        for name in ("checkpoint_every_steps", "max_failures", "max_steps_per_epoch", "preemption_check_every_steps"):
+        if not self.preemption_check_every_s > 0:
+            raise ConfigError("must be > 0", "trainer.preemption_check_every_s", self.preemption_check_every_s)
+        for name in ("checkpoint_every_steps", "max_failures", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ConfigError("must be >= 0", f"trainer.{name}", getattr(self, name))
+        if self.preemption_check_every_steps is not None and self.preemption_check_every_steps < 0:
+            raise ConfigError("must be >= 0 (0 = never), or null for a check about every "
+                              "trainer.preemption_check_every_s", "trainer.preemption_check_every_steps",
+                              self.preemption_check_every_steps, related=("trainer.preemption_check_every_s",))
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("must be auto, fp32 or bf16", "trainer.precision", self.precision)
         if not self.cpus_per_worker > 0:

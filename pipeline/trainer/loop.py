@@ -42,6 +42,7 @@ from pipeline.tracking import Tracker
 from pipeline.trainer.checkpoint import CheckpointManager, TrainState, full_model_state
 from pipeline.trainer.export import copy_to_storage, export_model
 from pipeline.trainer.optim import LRSchedule, build_optimizer
+from pipeline.trainer.preemption import PreemptionCadence
 from pipeline.trainer.progress import EpochProgress, Meter
 from pipeline.trainer.setup import WorkerContext, load_initial_weights, prepare_model, resuming
 from pipeline.trainer.spec import JobSpec
@@ -122,6 +123,9 @@ class Trainer:
         self.epoch_meter = Meter()  # the last trained epoch's figures (rank-averaged), for its progress line
         self.epoch_carry: dict | None = None  # the epoch in progress before this attempt resumed it
         self._preemption_answered = False
+        self.preemption = PreemptionCadence(cfg.trainer.preemption_check_every_steps,
+                                            cfg.trainer.preemption_check_every_s)
+        self._window_step = 0  # the optimiser step the current logging window started after
         self.mean, self.std = cfg.data.augment.mean, cfg.data.augment.std
 
     # -- setup -----------------------------------------------------------------------------------
@@ -205,6 +209,7 @@ class Trainer:
         total_batches = self.train_data.batches_per_epoch(0)
         self.model.train()
         window, whole = Meter(), Meter()  # the logging window, and the whole epoch for its progress line
+        self._window_step = self.state.step
         micro, clock, blocked = 0, time.perf_counter(), self.train_data.blocked_s
         batches: Iterator[dict[str, Any]] = self.train_data.epoch(epoch, start)
         for i, batch in enumerate(batches):
@@ -227,7 +232,7 @@ class Trainer:
                 self._log_window(window, whole, lr)
             if lr is not None and self.checkpoints.due(self.state.step):
                 self.checkpoint_mid_epoch()
-            if lr is not None and cfg.preemption_check_every_steps and self.state.step % cfg.preemption_check_every_steps == 0:
+            if lr is not None and self.preemption.due(self.state.step):
                 self.answer_preemption()
             clock = time.perf_counter()
         self._log_window(window, whole, None)  # the rest of the epoch: in the epoch figures, not logged per step
@@ -280,6 +285,10 @@ class Trainer:
         sums = [window.loss, window.rows, window.wait, window.busy, window.blocked]
         averaged = Meter(*_all_reduce_mean(sums, self.ctx))
         whole.add(averaged)
+        steps = self.state.step - self._window_step
+        if steps > 0:  # the all-reduced figures are the same on every rank, and so is the cadence from them
+            self.preemption.observe((averaged.wait + averaged.busy) / steps)
+        self._window_step = self.state.step
         if lr is not None:
             self.tracker.log_metrics(averaged.metrics("train/", self.ctx.world_size, lr), step=self.state.step)
         window.reset()

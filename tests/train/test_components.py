@@ -197,3 +197,38 @@ def test_checkpoint_cadence_is_every_n_steps_or_only_epoch_ends() -> None:
     every_3 = CheckpointManager(torch.nn.Linear(1, 1), None, every_steps=3)  # type: ignore[arg-type]
     assert [s for s in range(1, 10) if every_3.due(s)] == [3, 6, 9]
     assert not any(CheckpointManager(torch.nn.Linear(1, 1), None).due(s) for s in range(1, 10))  # type: ignore[arg-type]
+
+
+def test_preemption_cadence_follows_the_ranks_step_time_or_a_fixed_count() -> None:
+    """Null (the default): every step until a step time is known, then about every
+    ``preemption_check_every_s`` seconds counted from the last check; a count: every N steps; 0: never."""
+    from pipeline.trainer.config import TrainerConfig
+    from pipeline.trainer.preemption import PreemptionCadence
+
+    cfg = TrainerConfig()
+    assert (cfg.preemption_check_every_steps, cfg.preemption_check_every_s) == (None, 2.0)
+    auto = PreemptionCadence(None, 2.0)
+    assert [s for s in range(1, 5) if auto.due(s)] == [1, 2, 3, 4]
+    auto.observe(0.25)  # 8 steps in 2 s: the next check 8 steps after the last (step 4)
+    assert [s for s in range(5, 30) if auto.due(s)] == [12, 20, 28]
+    auto.observe(0.7)  # slower steps: every 2
+    assert [s for s in range(30, 37) if auto.due(s)] == [30, 32, 34, 36]
+    auto.observe(5.0)  # a step longer than the interval: every step
+    assert [s for s in range(37, 40) if auto.due(s)] == [37, 38, 39]
+    auto.observe(0.0)  # no time measured (an empty window): the cadence stays
+    assert [s for s in range(40, 42) if auto.due(s)] == [40, 41]
+
+    fixed = PreemptionCadence(3, 2.0)
+    fixed.observe(0.01)  # a fixed count ignores the step time
+    assert [s for s in range(1, 10) if fixed.due(s)] == [3, 6, 9]
+    assert not any(PreemptionCadence(0, 2.0).due(s) for s in range(1, 10))
+
+
+def test_preemption_cadence_settings_are_checked() -> None:
+    from pipeline.config import ConfigError
+    from pipeline.trainer.config import TrainerConfig
+
+    with pytest.raises(ConfigError, match="trainer.preemption_check_every_steps must be >= 0"):
+        TrainerConfig(preemption_check_every_steps=-1)
+    with pytest.raises(ConfigError, match="trainer.preemption_check_every_s must be > 0"):
+        TrainerConfig(preemption_check_every_s=0.0)
