@@ -42,14 +42,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Recorded by `python benchmarks/plan.py --measure` on this project's 2-core CPU machine (docs/benchmarks.md,
-# "Plan"; 2026-12-01 14:53 UTC, idle): CPU seconds per training sample (2 views cut from one decoded clip,
-# augment.clips_per_sample 1, K400 recipe) on the synthetic 1280x720 -> 320p clips: Decord, and the actor's
-# rendering, with the augmentation in the actor (False) or on the device (True: crop, resize, flip),
-# measured taking turns on the same samples.
-MEASURED_CPU_S = {False: (0.0652, 0.0994), True: (0.0652, 0.0288)}  # augment.on_device: (Decord, rendering)
+# "Plan"; 2026-12-02 00:13 UTC, nothing else running): CPU seconds per training sample (2 views cut from one
+# decoded clip, augment.clips_per_sample 1, K400 recipe) on the synthetic 1280x720 -> 320p clips: Decord, and
+# the actor's rendering, with the augmentation in the actor (False) or on the device (True: the actor only cuts
+# out each view's box), measured taking turns on the same samples.
+MEASURED_CPU_S = {False: (0.0625, 0.0712), True: (0.0625, 0.0062)}  # augment.on_device: (Decord, rendering)
 # With augment.on_device a row holds its view's box cut out of the decoded frames, not the rendered view:
-# bytes per view, the mean over the same --measure run.
-MEASURED_CROP_BYTES = 0
+# bytes per view, the mean over the same --measure run (2.408 MB for a rendered 16 x 224^2 view).
+MEASURED_CROP_BYTES = 2_634_000
 
 # bf16 dense tensor-core peak, TFLOP/s (without sparsity): NVIDIA A100 datasheet (SXM, 312) and NVIDIA
 # H100 datasheet (SXM5, 1979 "with sparsity" = 989 dense).
