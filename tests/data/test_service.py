@@ -107,17 +107,42 @@ def test_evaluation_views_count_and_video_ids(kinetics_shards: Path, clips: int,
     assert total.complete and total.samples == len(labels) and total.views == len(labels) * views
 
 
+@pytest.fixture(scope="module")
+def corrupt_epoch0(corrupt_shards: tuple[Path, list[str]], ray_cluster: None) -> tuple[list, list]:
+    """Epoch 0 of the training split with 2 damaged samples, read by two workers, the augmentation in the actors."""
+    batches, stats, _ = run_epoch(build_dataset(small_config(str(corrupt_shards[0])), "train", train=True), 2, epoch=0)
+    return batches, stats
+
+
+def _check_corrupt_epoch(batches: list, stats: list, root: Path, damaged: list[str]) -> None:
+    total = EpochStats.merge(stats)
+    assert total.failed == 2 and total.samples == 10 and total.complete
+    # Samples that fail to decode still have their keys: the epoch is checked for identity too.
+    assert total.unkeyed == 0 and total.fingerprint == total.expected_digest == keys_digest(shard_keys(root, "train"))
+    assert sorted(key for key, _ in total.failures) == sorted(damaged)
+    ids = {k for k, _ in delivered(batches[0]) + delivered(batches[1])}
+    assert ids == set(shard_keys(root, "train")) - set(damaged)
+    assert len(batches[0]) == len(batches[1])
+
+
+def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: tuple[Path, list[str]],
+                                                               corrupt_epoch0: tuple[list, list]) -> None:  # fmt: skip
+    _check_corrupt_epoch(*corrupt_epoch0, *corrupt_shards)
+
+
 def test_augmentation_on_the_device_gives_the_views_the_actors_give(
-    kinetics_shards: Path, train_epoch0: tuple[list, list]
+    corrupt_shards: tuple[Path, list[str]], corrupt_epoch0: tuple[list, list]
 ) -> None:
-    """``augment.on_device`` end to end: each view's crop at its own size (a ragged column) through Ray Data
-    and the loader, then resized, flipped and augmented as the training step does: the same pixels as
-    the actors' own augmentation of the same (seed, epoch, key, view)."""
-    cfg = small_config(str(kinetics_shards))
+    """``augment.on_device`` end to end: each view's crop at its own size (a ragged column, in which a failed
+    sample's rows carry empty crops) through Ray Data and two workers' loaders, then resized, flipped and
+    augmented as the training step does: the same accounting, and the same pixels as the actors' own
+    augmentation of the same (seed, epoch, key, view)."""
+    root, damaged = corrupt_shards
+    cfg = small_config(str(root))
     cfg.augment.on_device = True
     batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0)
-    _check_disjoint_halves(batches, stats, shard_keys(kinetics_shards, "train"), views=2)
-    reference, _ = train_epoch0
+    _check_corrupt_epoch(batches, stats, root, damaged)
+    reference, _ = corrupt_epoch0
     sizes = set()
     for rank in range(2):
         assert len(batches[rank]) == len(reference[rank])
@@ -129,23 +154,6 @@ def test_augmentation_on_the_device_gives_the_views_the_actors_give(
                                          cfg.augment.mean, cfg.augment.std)  # fmt: skip
             np.testing.assert_array_equal(augment_on_device(video, params), expected["video"])
     assert len(sizes) > 2 and all(size[0] == 8 and size[3] == 3 for size in sizes)
-
-
-@pytest.mark.parametrize("on_device", [False, True])
-def test_corrupt_samples_inside_shards_are_skipped_and_counted(corrupt_shards: tuple[Path, list[str]],
-                                                               on_device: bool) -> None:  # fmt: skip
-    root, damaged = corrupt_shards
-    cfg = small_config(str(root))
-    cfg.augment.on_device = on_device  # with it, a failed sample's rows carry empty crops in the ragged column
-    batches, stats, _ = run_epoch(build_dataset(cfg, "train", train=True), 2, epoch=0)
-    total = EpochStats.merge(stats)
-    assert total.failed == 2 and total.samples == 10 and total.complete
-    # Samples that fail to decode still have their keys: the epoch is checked for identity too.
-    assert total.unkeyed == 0 and total.fingerprint == total.expected_digest == keys_digest(shard_keys(root, "train"))
-    assert sorted(key for key, _ in total.failures) == sorted(damaged)
-    ids = {k for k, _ in delivered(batches[0]) + delivered(batches[1])}
-    assert ids == set(shard_keys(root, "train")) - set(damaged)
-    assert len(batches[0]) == len(batches[1])
 
 
 def test_the_same_seed_reproduces_the_same_batches(kinetics_shards: Path, train_epoch0: tuple[list, list]) -> None:
