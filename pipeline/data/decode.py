@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,14 +145,12 @@ def split_crops(packed: np.ndarray, views: int, frames: int, slots: int, crop: i
     problem = augment_problem(records, crop)
     if problem:
         raise ValueError(f"the decode process sent invalid augmentation parameters: {problem}")
-    sizes = [frames * int(h) * int(w) * 3 for h, w, _ in records["crop"].tolist()]
+    shapes = [(frames, h, w, 3) for h, w, _ in records["crop"].tolist()]
+    sizes = [math.prod(shape) for shape in shapes]
     if head + sum(sizes) != len(packed):
         raise ValueError(f"the decode process sent {len(packed) - head} bytes of pixels for crops of {sum(sizes)}")
-    crops, offset = [], head
-    for size, (h, w, _) in zip(sizes, records["crop"].tolist()):
-        crops.append(packed[offset : offset + size].reshape(frames, h, w, 3))
-        offset += size
-    return crops, records
+    ends = np.cumsum([head, *sizes]).tolist()
+    return [packed[start:end].reshape(shape) for start, end, shape in zip(ends, ends[1:], shapes)], records
 
 
 def sample_meta(text: str) -> dict[str, Any]:
@@ -250,10 +249,11 @@ class Decoder:
             kill_process_if_planted(self._faults.kill_decoder_actor, [str(k) for k in batch["key"]], "decoder actor")
         n, views, crop = len(batch["kind"]), self.views, self.cfg.augment.crop_size
         rows = n * views
+        no_crop = np.zeros((self.frames, 0, 0, 3), np.uint8)  # a pad or failed row's crop, with on_device
         if self.on_device:  # each view its crop, of its own size: a ragged column (Ray Data's variable-shaped tensors)
             video = np.empty(rows, dtype=object)
-            for row in range(rows):  # one by one: numpy would broadcast a list of equal arrays into the slots
-                video[row] = np.zeros((self.frames, 0, 0, 3), np.uint8)
+            for row in range(rows):  # one by one: numpy would try to broadcast a list of equal arrays into the slots
+                video[row] = no_crop
         else:
             video = np.zeros((rows, 3, self.frames, crop, crop), np.uint8)
         status = np.full(rows, OK, np.int8)
@@ -288,10 +288,7 @@ class Decoder:
                 message = failure_reason(exc)
                 log.warning("skipping sample %s: %s", key, message)
                 status[block], errors[block] = FAILED, [message] * views
-                if self.on_device:
-                    for row in range(i * views, (i + 1) * views):
-                        video[row] = np.zeros((self.frames, 0, 0, 3), np.uint8)
-                else:
+                if not self.on_device:  # (with it, a sample's crops are set only once all of them are checked)
                     video[block] = 0
         repeat = lambda column: np.repeat(np.asarray(batch[column]), views)  # noqa: E731
         augment = {"rand_augment": np.ascontiguousarray(records["ops"]), "erase": np.ascontiguousarray(records["erase"]),

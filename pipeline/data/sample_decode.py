@@ -72,8 +72,8 @@ class SampleDecoder:
 
     def _render(self, views: Iterable[tuple[torch.Tensor, ViewSpec]], fx: float, fy: float) -> np.ndarray:
         """Each (frames, spec) as a view: rendered in full, or with ``on_device`` only its box cut out
-        (``pack_crops``). ``views`` is consumed lazily: one view's frames at a time are held beside the
-        decoded ones."""
+        (``pack_crops``). Rendering consumes ``views`` lazily, one view's frames at a time beside the
+        decoded ones; cutting out holds every view's crop (a view of its frames) until they are packed."""
         aug = self.cfg.augment
         if not self.on_device:
             return np.stack([render_view(frames, fx, fy, spec, aug.crop_size, aug.mean, aug.std).numpy()
